@@ -1,0 +1,213 @@
+"""The /v1 API blueprint: what devices and operators call.
+
+Every handler checks everything it can before it writes, and writes in one
+transaction, so a rejected request leaves the store as it found it. An update is
+acknowledged (202) only after its blob is fsynced and its row committed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import secrets
+import sqlite3
+import time
+import uuid
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from coordinator import rounds
+from coordinator.errors import ApiError
+from coordinator.store import Store
+from edgefl import wire
+from edgefl.models import model_spec
+
+bp = Blueprint("api", __name__, url_prefix="/v1")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HEADER_SLACK_BYTES = 1 << 20
+_MAX_EXAMPLES = 10**9
+_rng = random.Random()
+
+
+def get_store() -> Store:
+    return current_app.extensions["edgefl.store"]
+
+
+def get_db() -> sqlite3.Connection:
+    if "db" not in g:
+        g.db = get_store().connect()
+    return g.db
+
+
+@bp.teardown_app_request
+def _close_db(_exc) -> None:
+    db = g.pop("db", None)
+    if db is not None:
+        db.close()
+
+
+def _authenticated_device() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing_token", "Send the device token as 'Authorization: Bearer <token>'.")
+    row = get_db().execute(
+        "SELECT id FROM devices WHERE token_hash = ?", (_token_hash(token.strip()),)
+    ).fetchone()
+    if row is None:
+        raise ApiError(401, "unknown_token", "This token belongs to no registered device.")
+    return row["id"]
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _require_run(db: sqlite3.Connection):
+    config = rounds.run_config(db)
+    if config is None:
+        raise ApiError(503, "no_run", "No run has started yet; try again shortly.", {"Retry-After": "1"})
+    return config
+
+
+@bp.post("/devices")
+def register_device():
+    token = secrets.token_urlsafe(32)
+    device_id = uuid.uuid4().hex
+    db = get_db()
+    with get_store().transaction(db):
+        db.execute(
+            "INSERT INTO devices (id, token_hash, created_at) VALUES (?, ?, ?)",
+            (device_id, _token_hash(token), time.time()),
+        )
+    return jsonify(device_id=device_id, token=token), 201
+
+
+@bp.post("/checkin")
+def checkin():
+    device_id = _authenticated_device()
+    db = get_db()
+    _require_run(db)
+    with get_store().transaction(db):
+        answer = rounds.checkin(db, device_id, time.time(), _rng)
+    response = jsonify(answer)
+    if answer["status"] == "wait":
+        response.headers["Retry-After"] = str(math.ceil(answer["retry_after"]))
+    return response
+
+
+@bp.get("/checkpoints/<sha256>")
+def get_checkpoint(sha256: str):
+    db = get_db()
+    row = db.execute("SELECT size FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone() if _SHA256.match(sha256) else None
+    if row is None:
+        raise ApiError(404, "unknown_checkpoint", f"No checkpoint has sha256 {sha256[:80]}.")
+    etag = f'"{sha256}"'
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return Response(status=304, headers=headers)
+    data = get_store().blobs.get(sha256)
+    with get_store().transaction(db):
+        rounds.count_bytes_down(db, sha256, len(data))
+    return Response(data, mimetype="application/octet-stream", headers=headers)
+
+
+@bp.post("/rounds/<int:round_id>/updates")
+def upload_update(round_id: int):
+    device_id = _authenticated_device()
+    db = get_db()
+    config = _require_run(db)
+    rejection = rounds.upload_rejection(db, round_id, device_id)
+    if rejection:
+        raise ApiError(rejection.status, rejection.code, rejection.detail)
+
+    spec = model_spec(config.model)
+    limit = sum(s.nbytes for s in spec) + _HEADER_SLACK_BYTES
+    if request.content_length is None:
+        raise ApiError(411, "length_required", "Send the update with a Content-Length header.")
+    if request.content_length > limit:
+        raise ApiError(413, "update_too_large", f"An update for model {config.model} is at most {limit} bytes.")
+    body = request.get_data(cache=False)
+    try:
+        arrays, metadata = wire.decode(body, spec)
+    except wire.WireError as exc:
+        raise ApiError(400 if exc.code == "malformed" else 422, exc.code, exc.detail) from None
+    num_examples, metrics = _update_metadata(metadata)
+
+    store = get_store()
+    blob_sha256 = store.blobs.put(body)
+    try:
+        with store.transaction(db):
+            rejection = rounds.upload_rejection(db, round_id, device_id)
+            if rejection:
+                raise ApiError(rejection.status, rejection.code, rejection.detail)
+            reports = rounds.record_update(
+                db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time()
+            )
+    except BaseException:
+        if not db.execute("SELECT 1 FROM updates WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
+            store.blobs.delete(blob_sha256)
+        raise
+    return jsonify(round_id=round_id, accepted=True, reports=reports), 202
+
+
+def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:
+    raw = metadata.get("num_examples", "")
+    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_EXAMPLES:
+        raise ApiError(400, "bad_num_examples", "Metadata num_examples must be a whole number from 1 to 10^9.")
+    try:
+        metrics = json.loads(metadata.get("metrics", "{}"))
+    except json.JSONDecodeError:
+        metrics = None
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for k, v in metrics.items()
+    ):
+        raise ApiError(400, "bad_metrics", "Metadata metrics must be a JSON object of finite numbers.")
+    return int(raw), metrics
+
+
+@bp.get("/status")
+def status():
+    db = get_db()
+    config = rounds.run_config(db)
+    if config is None:
+        return jsonify(run=None)
+    run = db.execute("SELECT * FROM run WHERE id = 1").fetchone()
+    latest = rounds.latest_checkpoint(db)
+    history = rounds.history(db)
+    active = rounds.active_round(db)
+    current = None
+    if active is not None:
+        current = next(r for r in history if r["id"] == active["id"])
+        current = {**current, "target_reports": config.target_reports, "seconds_left": max(0.0, active["deadline_at"] - time.time())}
+    (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
+    return jsonify(
+        run={"status": run["status"], "config": json.loads(run["config"]), "created_at": run["created_at"], "finished_at": run["finished_at"]},
+        model={"version": latest["version"], "sha256": latest["sha256"], "size": latest["size"], "url": f"/v1/checkpoints/{latest['sha256']}"},
+        round=current,
+        devices=devices,
+        history=[_summary(r) for r in history if r["status"] == "committed"],
+    )
+
+
+def _summary(r: dict) -> dict:
+    metrics = r["metrics"] or {}
+    return {
+        "round": r["number"],
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics.get("loss"),
+        "selected": r["selected"],
+        "reported": r["reported"],
+        "bytes_down": r["bytes_down"],
+        "bytes_up": r["bytes_up"],
+        "seconds": r["committed_at"] - r["opened_at"],
+    }
+
+
+@bp.get("/rounds")
+def list_rounds():
+    return jsonify(rounds=rounds.history(get_db()))

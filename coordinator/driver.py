@@ -1,0 +1,150 @@
+"""The round driver: opens rounds, closes them, aggregates, evaluates and commits.
+
+It runs beside the WSGI server (off the request path) and keeps all of its progress in
+the store, so a coordinator restarted at any point picks up where the store says: a
+round left ``aggregating`` is aggregated again from its durable updates, and only the
+final commit (checkpoint row + round status, one transaction) makes a new model visible.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from contextlib import closing
+from typing import Callable
+
+import numpy as np
+
+from coordinator import rounds
+from coordinator.aggregation import FedAvgServer
+from coordinator.store import Store
+from edgefl import wire
+from edgefl.config import RunConfig
+from edgefl.datasets import load_dataset
+from edgefl.models import weight_names
+from edgefl.training import KerasLearner
+
+log = logging.getLogger("edgefl.coordinator")
+
+
+class RoundDriver:
+    def __init__(
+        self,
+        store: Store,
+        config: RunConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_commit: Callable[[dict], None] | None = None,
+    ):
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.on_commit = on_commit
+        self.learner = KerasLearner(config.model)
+        self.names = weight_names(self.learner.model)
+        self.spec = wire.spec_of(self.names, self.learner.model.get_weights())
+        self.server = FedAvgServer(self.spec, server_optimizer=config.server_optimizer, server_lr=config.server_lr)
+        self.test = load_dataset(config.dataset).test
+
+    def ensure_run(self) -> None:
+        """Create the run with its initial checkpoint, or check an existing run's config."""
+        with closing(self.store.connect()) as db:
+            existing = rounds.run_config(db)
+            if existing is not None:
+                if existing != self.config:
+                    raise ValueError(
+                        f"{self.store.instance_dir} already holds a run with another configuration "
+                        f"({existing.to_json()}); use a new instance directory or the same settings"
+                    )
+                return
+            initial = self._initial_weights()
+            checkpoint = wire.encode(self.names, initial, {"version": "0", "model": self.config.model})
+            sha = self.store.blobs.put(checkpoint)
+            state_sha = self.store.blobs.put(self.server.state_to_bytes(self.server.initialize()))
+            with self.store.transaction(db):
+                rounds.start_run(db, self.config, sha, len(checkpoint), state_sha, self.clock())
+
+    def _initial_weights(self) -> list[np.ndarray]:
+        from edgefl.models import build_model
+
+        return build_model(self.config.model, seed=self.config.seed).get_weights()
+
+    def step(self) -> bool:
+        """Advance the run by at most one transition; True if something changed."""
+        with closing(self.store.connect()) as db:
+            if rounds.run_status(db) != "running":
+                return False
+            now = self.clock()
+            current = rounds.active_round(db)
+            if current is None:
+                with self.store.transaction(db):
+                    rounds.begin_round(db, self.config, now)
+                return True
+            if current["status"] == "open":
+                reports = rounds.report_count(db, current["id"])
+                decision = rounds.decide(self.config, reports, current["deadline_at"], now)
+                if decision is None:
+                    return False
+                with self.store.transaction(db):
+                    if decision == "abandon":
+                        log.warning("round %d abandoned with %d reports", current["number"], reports)
+                        rounds.set_status(db, current["id"], "abandoned", now)
+                        rounds.begin_round(db, self.config, now)
+                        return True
+                    rounds.set_status(db, current["id"], "aggregating", now)
+            self._aggregate(db, rounds.active_round(db))
+            return True
+
+    def _aggregate(self, db: sqlite3.Connection, current: sqlite3.Row) -> None:
+        started = self.clock()
+        base = db.execute("SELECT * FROM checkpoints WHERE version = ?", (current["base_version"],)).fetchone()
+        weights, _ = wire.decode(self.store.blobs.get(base["sha256"]), self.spec)
+        state = self.server.state_from_bytes(self.store.blobs.get(base["server_state_sha256"]))
+        updates = rounds.round_updates(db, current["id"])
+        deltas = [wire.decode(self.store.blobs.get(u["blob_sha256"]), self.spec)[0] for u in updates]
+        counts = [u["num_examples"] for u in updates]
+        output = self.server.next(state, weights, deltas, counts)
+        aggregated = self.clock()
+        evaluation = self.learner.evaluate(output.weights, self.test.x, self.test.y)
+        evaluated = self.clock()
+
+        number = current["number"]
+        checkpoint = wire.encode(self.names, output.weights, {"version": str(number), "model": self.config.model})
+        sha = self.store.blobs.put(checkpoint)
+        state_sha = self.store.blobs.put(self.server.state_to_bytes(output.state))
+        total = sum(counts)
+        metrics = {
+            **evaluation,
+            "num_examples": total,
+            "train_loss": _weighted(updates, "train_loss", total),
+            "train_accuracy": _weighted(updates, "train_accuracy", total),
+            "aggregation_s": aggregated - started,
+            "evaluation_s": evaluated - aggregated,
+        }
+        with self.store.transaction(db):
+            rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
+            if number >= self.config.rounds:
+                rounds.finish_run(db, self.clock())
+        log.info("round %d committed: accuracy %.4f loss %.4f", number, evaluation["accuracy"], evaluation["loss"])
+        if self.on_commit:
+            self.on_commit({"round": number, **metrics})
+
+    def run(self, stop: threading.Event, *, poll_s: float = 0.05) -> None:
+        """Step until ``stop`` is set; errors are logged and retried, never fatal."""
+        while not stop.is_set():
+            try:
+                if self.step():
+                    continue
+            except Exception:
+                log.exception("round driver step failed; retrying")
+                stop.wait(1.0)
+            stop.wait(poll_s)
+
+
+def _weighted(updates: list[sqlite3.Row], key: str, total: int) -> float | None:
+    values = [(json.loads(u["metrics"]).get(key), u["num_examples"]) for u in updates]
+    if total == 0 or any(v is None for v, _ in values):
+        return None
+    return sum(v * n for v, n in values) / total

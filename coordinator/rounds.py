@@ -1,0 +1,253 @@
+"""The round state machine, as statements over the store.
+
+A run holds numbered rounds; round N trains model version N-1 into version N. A round
+is ``open`` (selecting and collecting), then ``aggregating`` and ``committed``, or
+``abandoned`` when its deadline passes with too few reports (a new round then retries
+the same model). Every function takes a connection and the current time, so the state
+machine is driven the same way by the API, the round driver and the tests.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from dataclasses import asdict, dataclass
+
+from edgefl.config import RunConfig
+
+ACTIVE = ("open", "aggregating")
+RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a selected device is told to do (sent as JSON)."""
+
+    round_id: int
+    round_number: int
+    model: str
+    checkpoint_sha256: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seconds_left: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    status: int
+    code: str
+    detail: str
+
+
+def run_config(db: sqlite3.Connection) -> RunConfig | None:
+    row = db.execute("SELECT config FROM run WHERE id = 1").fetchone()
+    return RunConfig.from_json(row["config"]) if row else None
+
+
+def run_status(db: sqlite3.Connection) -> str | None:
+    row = db.execute("SELECT status FROM run WHERE id = 1").fetchone()
+    return row["status"] if row else None
+
+
+def latest_checkpoint(db: sqlite3.Connection) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM checkpoints ORDER BY version DESC LIMIT 1").fetchone()
+
+
+def active_round(db: sqlite3.Connection) -> sqlite3.Row | None:
+    return db.execute(
+        "SELECT * FROM rounds WHERE status IN ('open', 'aggregating') ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+
+
+def start_run(
+    db: sqlite3.Connection, config: RunConfig, checkpoint_sha256: str, size: int, state_sha256: str, now: float
+) -> None:
+    db.execute(
+        "INSERT INTO run (id, config, status, created_at) VALUES (1, ?, 'running', ?)",
+        (config.to_json(), now),
+    )
+    add_checkpoint(db, 0, checkpoint_sha256, size, state_sha256, None, now)
+
+
+def add_checkpoint(
+    db: sqlite3.Connection, version: int, sha256: str, size: int, state_sha256: str, round_id: int | None, now: float
+) -> None:
+    db.execute(
+        "INSERT INTO checkpoints (version, sha256, size, server_state_sha256, round_id, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (version, sha256, size, state_sha256, round_id, now),
+    )
+
+
+def begin_round(db: sqlite3.Connection, config: RunConfig, now: float) -> int:
+    base = latest_checkpoint(db)
+    cursor = db.execute(
+        "INSERT INTO rounds (number, status, base_version, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?)",
+        (base["version"] + 1, base["version"], now, now + config.round_timeout_s),
+    )
+    return cursor.lastrowid
+
+
+def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Random) -> dict:
+    """Select the device into the open round's cohort, or tell it when to come back."""
+    if run_status(db) == "finished":
+        return {"status": "finished"}
+    config = run_config(db)
+    current = active_round(db)
+    if current is None or current["status"] != "open":
+        return _retry(rng)
+    round_id = current["id"]
+    if db.execute(
+        "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+    ).fetchone():
+        return _retry(rng)
+    assigned = db.execute(
+        "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+    ).fetchone()
+    if not assigned:
+        (selected,) = db.execute(
+            "SELECT COUNT(*) FROM assignments WHERE round_id = ?", (round_id,)
+        ).fetchone()
+        if selected >= config.cohort_size:
+            return _retry(rng)
+        db.execute(
+            "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
+            (round_id, device_id, now),
+        )
+    checkpoint = db.execute(
+        "SELECT sha256 FROM checkpoints WHERE version = ?", (current["base_version"],)
+    ).fetchone()
+    task = Task(
+        round_id=round_id,
+        round_number=current["number"],
+        model=config.model,
+        checkpoint_sha256=checkpoint["sha256"],
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.client_lr,
+        seconds_left=max(0.0, current["deadline_at"] - now),
+    )
+    return {"status": "task", "task": task.to_json()}
+
+
+def _retry(rng: random.Random) -> dict:
+    return {"status": "wait", "retry_after": round(RETRY_AFTER_S * (0.5 + rng.random() / 2), 3)}
+
+
+def upload_rejection(db: sqlite3.Connection, round_id: int, device_id: str) -> Rejection | None:
+    """Why this device may not upload to this round now, or None if it may."""
+    row = db.execute("SELECT status FROM rounds WHERE id = ?", (round_id,)).fetchone()
+    if row is None:
+        return Rejection(404, "unknown_round", f"There is no round {round_id}.")
+    if row["status"] != "open":
+        return Rejection(409, "round_closed", f"Round {round_id} is {row['status']} and takes no more updates.")
+    if not db.execute(
+        "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+    ).fetchone():
+        return Rejection(403, "not_selected", f"This device was not selected for round {round_id}.")
+    if db.execute(
+        "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+    ).fetchone():
+        return Rejection(409, "duplicate_update", f"This device already uploaded an update for round {round_id}.")
+    return None
+
+
+def record_update(
+    db: sqlite3.Connection,
+    round_id: int,
+    device_id: str,
+    blob_sha256: str,
+    num_examples: int,
+    size: int,
+    metrics: dict,
+    now: float,
+) -> int:
+    db.execute(
+        "INSERT INTO updates (round_id, device_id, blob_sha256, num_examples, size, metrics, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (round_id, device_id, blob_sha256, num_examples, size, json.dumps(metrics), now),
+    )
+    return report_count(db, round_id)
+
+
+def report_count(db: sqlite3.Connection, round_id: int) -> int:
+    return db.execute("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,)).fetchone()[0]
+
+
+def decide(config: RunConfig, reports: int, deadline_at: float, now: float) -> str | None:
+    """'aggregate', 'abandon', or None to keep collecting."""
+    if reports >= config.target_reports:
+        return "aggregate"
+    if now >= deadline_at:
+        return "aggregate" if reports >= config.min_reports else "abandon"
+    return None
+
+
+def set_status(db: sqlite3.Connection, round_id: int, status: str, now: float) -> None:
+    column = "committed_at" if status == "committed" else "closed_at"
+    db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
+
+
+def round_updates(db: sqlite3.Connection, round_id: int) -> list[sqlite3.Row]:
+    return db.execute(
+        "SELECT * FROM updates WHERE round_id = ? ORDER BY device_id", (round_id,)
+    ).fetchall()
+
+
+def commit_round(
+    db: sqlite3.Connection,
+    round_row: sqlite3.Row,
+    checkpoint_sha256: str,
+    size: int,
+    state_sha256: str,
+    metrics: dict,
+    now: float,
+) -> None:
+    add_checkpoint(db, round_row["number"], checkpoint_sha256, size, state_sha256, round_row["id"], now)
+    db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (json.dumps(metrics), round_row["id"]))
+    set_status(db, round_row["id"], "committed", now)
+
+
+def finish_run(db: sqlite3.Connection, now: float) -> None:
+    db.execute("UPDATE run SET status = 'finished', finished_at = ? WHERE id = 1", (now,))
+
+
+def count_bytes_down(db: sqlite3.Connection, sha256: str, size: int) -> None:
+    """Charge a checkpoint download to the open round that trains from it."""
+    db.execute(
+        "UPDATE rounds SET bytes_down = bytes_down + ? WHERE status = 'open' AND base_version IN"
+        " (SELECT version FROM checkpoints WHERE sha256 = ?)",
+        (size, sha256),
+    )
+
+
+def history(db: sqlite3.Connection) -> list[dict]:
+    """Every round, oldest first, with its participation and metrics."""
+    rows = db.execute(
+        "SELECT r.*,"
+        " (SELECT COUNT(*) FROM assignments a WHERE a.round_id = r.id) AS selected,"
+        " (SELECT COUNT(*) FROM updates u WHERE u.round_id = r.id) AS reported,"
+        " (SELECT COALESCE(SUM(size), 0) FROM updates u WHERE u.round_id = r.id) AS bytes_up"
+        " FROM rounds r ORDER BY r.id"
+    ).fetchall()
+    return [
+        {
+            "id": r["id"],
+            "number": r["number"],
+            "status": r["status"],
+            "selected": r["selected"],
+            "reported": r["reported"],
+            "bytes_down": r["bytes_down"],
+            "bytes_up": r["bytes_up"],
+            "opened_at": r["opened_at"],
+            "deadline_at": r["deadline_at"],
+            "closed_at": r["closed_at"],
+            "committed_at": r["committed_at"],
+            "metrics": json.loads(r["metrics"]) if r["metrics"] else None,
+        }
+        for r in rows
+    ]

@@ -1,0 +1,72 @@
+"""``edgefl serve``: the WSGI server, the round driver and TFF's worker, started and
+stopped together.
+
+Waitress serves the Flask app on 127.0.0.1; the round driver runs in a thread; TFF's
+worker_binary is owned by ``TffRuntime``. SIGTERM and SIGINT stop all three. Once bound,
+the server writes ``server.json`` (url, pid) into the instance directory, so a
+launcher that asked for port 0 learns the port without parsing logs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edgefl.config import RunConfig
+
+log = logging.getLogger("edgefl.coordinator")
+
+
+class _Stop(Exception):
+    pass
+
+
+def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 8) -> None:
+    import waitress
+
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+    from coordinator.tff_runtime import TffRuntime
+
+    instance = Path(instance)
+    instance.mkdir(parents=True, exist_ok=True)
+    app = create_app({"INSTANCE": str(instance)})
+    store = app.extensions["edgefl.store"]
+    runtime = TffRuntime(log_path=instance / "worker_binary.log")
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server = None
+    driver_thread = None
+    info_path = instance / "server.json"
+    try:
+        runtime.start()
+        driver = RoundDriver(store, config)
+        driver.ensure_run()
+        server = waitress.create_server(app, host=host, port=port, threads=threads, channel_timeout=120)
+        url = f"http://{host}:{server.effective_port}"
+        driver_thread = threading.Thread(target=driver.run, args=(stop,), name="round-driver", daemon=True)
+        driver_thread.start()
+        info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        log.info("serving %s (instance %s, TFF worker pid %s)", url, instance, runtime.pid)
+        print(f"edgefl coordinator listening on {url}", flush=True)
+        server.run()
+    except _Stop as why:
+        log.info("stopping on %s", why)
+    finally:
+        stop.set()
+        if server is not None:
+            server.close()
+        if driver_thread is not None:
+            driver_thread.join(timeout=30)
+        runtime.stop()
+        info_path.unlink(missing_ok=True)
+        sys.stdout.flush()

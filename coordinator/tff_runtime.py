@@ -1,0 +1,126 @@
+"""Owns the life of TFF's C++ ``worker_binary``, the process that runs TFF computations.
+
+TFF 0.87 executes every computation in a ``worker_binary`` child that its own context
+starts lazily and stops only in a ``__del__`` that may never run; a worker left behind
+keeps its parent's stdout open and hangs test runners and CI pipes. Here the worker is
+started explicitly, writes to a log file, is told by the kernel to die with its parent
+(PR_SET_PDEATHSIG, so even a SIGKILLed coordinator leaves nothing behind), and is
+stopped by ``stop()``, by ``atexit`` and by the server's SIGTERM handler. The execution
+context is assembled from public ``tff.framework`` pieces around that worker.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_STARTUP_TIMEOUT_S = 60.0
+_GRPC_MAX_MESSAGE_BYTES = 2_000_000_000
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_binary_path() -> Path:
+    import tensorflow_federated as tff
+
+    return Path(tff.__file__).parent / "data" / "worker_binary"
+
+
+class TffRuntime:
+    """One worker_binary and the TFF execution context that talks to it."""
+
+    def __init__(self, *, log_path: Path | str | None = None):
+        self._log_path = Path(log_path) if log_path else None
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> None:
+        """Start the worker and install a TFF context bound to it (idempotent)."""
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                return
+            import grpc
+            import tensorflow_federated as tff
+
+            port = _free_port()
+            log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+            try:
+                self._process = subprocess.Popen(
+                    [str(worker_binary_path()), f"--port={port}"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
+                    close_fds=True,
+                )
+            finally:
+                if log is not subprocess.DEVNULL:
+                    log.close()
+            atexit.register(self.stop)
+            options = [
+                ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
+            ]
+            channel = grpc.insecure_channel(f"localhost:{port}", options)
+            stub = tff.framework.RemoteExecutorGrpcStub(channel)
+            deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+            while not stub.is_ready:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self._stop_locked()
+                    raise RuntimeError("TFF worker_binary did not start; see its log")
+                time.sleep(0.05)
+
+            def executor_fn(cardinalities):
+                executor = tff.framework.RemoteExecutor(stub)
+                executor.set_cardinalities({tff.CLIENTS: 0, **cardinalities})
+                return executor
+
+            context = tff.framework.SyncExecutionContext(
+                executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_fn),
+                compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+                transform_args=tff.tensorflow.transform_args,
+                transform_result=tff.tensorflow.transform_result,
+            )
+            tff.framework.set_default_context(context)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> "TffRuntime":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

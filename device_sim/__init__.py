@@ -1,0 +1,1 @@
+"""Simulated edge devices: separate OS processes that speak the /v1 protocol."""

@@ -1,0 +1,142 @@
+"""``edgefl devices``: a fleet of device processes, and the entry point of each one.
+
+Every device is its own OS process (``python -m device_sim ...``), so devices crash,
+stall and get killed independently, the way phones do. Children are told by the kernel
+to die with the fleet (PR_SET_PDEATHSIG), and SIGINT/SIGTERM to the fleet is passed on,
+so stopping the fleet never leaves a device behind.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from device_sim.device import DeviceSpec, run_device
+from edgefl.client import CoordinatorUnreachable, ProtocolError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "device_sim",
+        "--coordinator", spec.coordinator,
+        "--index", str(spec.index),
+        "--num-devices", str(spec.num_devices),
+        "--dataset", spec.dataset,
+        "--partition", spec.partition,
+        "--seed", str(spec.seed),
+        "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
+    ]
+    log_file = open(log_dir / f"device-{spec.index:04d}.log", "ab")
+    try:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+    finally:
+        log_file.close()
+
+
+def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
+    """Start every device, wait for all, print one line per device; 0 if all succeeded."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes: dict[int, subprocess.Popen] = {}
+
+    def _forward(signum, _frame):
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    failures = 0
+    try:
+        for spec in specs:
+            processes[spec.index] = spawn_device(spec, log_dir)
+        print(f"started {len(specs)} device processes (logs in {log_dir})", file=out, flush=True)
+        pending = dict(processes)
+        while pending:
+            for index, process in list(pending.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del pending[index]
+                summary_path = log_dir / f"device-{index:04d}.json"
+                if code == 0 and summary_path.exists():
+                    s = json.loads(summary_path.read_text())
+                    print(
+                        f"device {index}: {s['rounds_trained']} rounds, {s['num_examples']} examples,"
+                        f" {s['bytes_down'] / 1e6:.1f} MB down, {s['bytes_up'] / 1e6:.1f} MB up",
+                        file=out,
+                        flush=True,
+                    )
+                else:
+                    failures += 1
+                    print(f"device {index}: exited with code {code}; see {log_dir / f'device-{index:04d}.log'}", file=out, flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        failures += 1
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 1 if failures else 0
+
+
+def device_main(argv: list[str] | None = None) -> int:
+    """Entry point of one device process."""
+    parser = argparse.ArgumentParser(prog="python -m device_sim")
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--num-devices", type=int, required=True)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--partition", default="dirichlet:0.5")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--summary", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from edgefl.training import limit_threads
+
+    limit_threads(1)
+    spec = DeviceSpec(
+        coordinator=args.coordinator,
+        index=args.index,
+        num_devices=args.num_devices,
+        dataset=args.dataset,
+        partition=args.partition,
+        seed=args.seed,
+    )
+    try:
+        summary = run_device(spec)
+    except (CoordinatorUnreachable, ProtocolError) as exc:
+        logging.getLogger("edgefl.device").error("device %d stopped: %s", args.index, exc)
+        return 1
+    if args.summary:
+        args.summary.write_text(json.dumps(asdict(summary)))
+    return 0

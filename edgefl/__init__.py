@@ -1,0 +1,1 @@
+"""edgefl's shared kernel: models, data, partitions, wire format, training, the CLI."""

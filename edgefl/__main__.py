@@ -1,0 +1,5 @@
+import sys
+
+from edgefl.cli import main
+
+sys.exit(main())

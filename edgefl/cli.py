@@ -1,0 +1,245 @@
+"""The ``edgefl`` command: serve, devices, export, status, demo.
+
+Each subcommand imports its room (coordinator, device_sim, export) only when run, so
+``edgefl --help`` and a mistyped flag answer at once. Every failure a user can cause
+ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_run_config(parser: argparse.ArgumentParser) -> None:
+    from edgefl.config import RunConfig
+
+    d = RunConfig()
+    g = parser.add_argument_group("run configuration")
+    g.add_argument("--model", default=d.model, help=f"model to train (default {d.model}; also cnn_small)")
+    g.add_argument("--dataset", default=d.dataset, help=f"dataset whose test split the coordinator holds (default {d.dataset})")
+    g.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds to run (default {d.rounds})")
+    g.add_argument("--target-reports", type=int, default=d.target_reports, help=f"updates that close a round (default {d.target_reports})")
+    g.add_argument("--min-reports", type=int, default=d.min_reports, help=f"updates a round needs by its deadline (default {d.min_reports})")
+    g.add_argument("--over-selection", type=float, default=d.over_selection, help=f"cohort = target x this (default {d.over_selection})")
+    g.add_argument("--round-timeout", type=float, default=d.round_timeout_s, help=f"seconds before a round's deadline (default {d.round_timeout_s:g})")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"local epochs per round (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"local batch size (default {d.batch_size})")
+    g.add_argument("--client-lr", type=float, default=d.client_lr, help=f"device SGD learning rate (default {d.client_lr})")
+    g.add_argument("--server-lr", type=float, default=d.server_lr, help=f"server SGD learning rate (default {d.server_lr}: FedAvg)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial model (default {d.seed})")
+
+
+def run_config_from(args: argparse.Namespace):
+    from edgefl.config import RunConfig
+
+    try:
+        return RunConfig(
+            model=args.model,
+            dataset=args.dataset,
+            rounds=args.rounds,
+            target_reports=args.target_reports,
+            min_reports=args.min_reports,
+            over_selection=args.over_selection,
+            round_timeout_s=args.round_timeout,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            client_lr=args.client_lr,
+            server_lr=args.server_lr,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _add_fleet_args(parser: argparse.ArgumentParser, *, count_default: int) -> None:
+    parser.add_argument("--count", type=int, default=count_default, help=f"device processes to start (default {count_default})")
+    parser.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA or classes:K (default dirichlet:0.5)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the partition (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgefl", description="Federated learning with real devices, TFF averaging and TFLite export.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the coordinator (WSGI server + round driver)")
+    serve.add_argument("--instance", type=Path, default=Path("runs/coordinator"), help="directory of the database and blobs (default runs/coordinator)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port, 0 for any free one (default 8080)")
+    serve.add_argument("--threads", type=int, default=8, help="WSGI worker threads (default 8)")
+    _add_run_config(serve)
+
+    devices = sub.add_parser("devices", help="start simulated devices, one OS process each")
+    devices.add_argument("--coordinator", default=DEFAULT_URL, help=f"coordinator URL (default {DEFAULT_URL})")
+    _add_fleet_args(devices, count_default=10)
+    devices.add_argument("--num-devices", type=int, help="size of the population the data is split over (default: --count)")
+    devices.add_argument("--first-index", type=int, default=0, help="index of the first device in that population (default 0)")
+    devices.add_argument("--dataset", default="digits", help="dataset the devices' shards come from (default digits)")
+    devices.add_argument("--log-dir", type=Path, default=Path("runs/devices"), help="per-device logs (default runs/devices)")
+
+    export = sub.add_parser("export", help="convert the newest global model to .tflite files and a model card")
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("--coordinator", default=DEFAULT_URL, help=f"take the newest checkpoint from this coordinator (default {DEFAULT_URL})")
+    source.add_argument("--checkpoint", type=Path, help="take a checkpoint file (safetensors) instead")
+    export.add_argument("--model", default="cnn", help="model of --checkpoint (default cnn)")
+    export.add_argument("--dataset", default="digits", help="held-out data to check and calibrate on (default digits)")
+    export.add_argument("--out", type=Path, default=Path("runs/export"), help="output directory (default runs/export)")
+
+    status = sub.add_parser("status", help="show a coordinator's run and its metric history")
+    status.add_argument("--coordinator", default=DEFAULT_URL, help=f"coordinator URL (default {DEFAULT_URL})")
+    status.add_argument("--json", action="store_true", help="print the raw JSON status")
+
+    demo = sub.add_parser("demo", help="a whole run: coordinator, devices, rounds, export, report")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="directory for everything the demo writes (default runs/demo)")
+    _add_fleet_args(demo, count_default=10)
+    _add_run_config(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    from edgefl.client import CoordinatorUnreachable, ProtocolError
+
+    try:
+        return _COMMANDS[args.command](args) or 0
+    except CliError as exc:
+        print(f"edgefl {args.command}: error: {exc}", file=sys.stderr)
+    except CoordinatorUnreachable as exc:
+        print(f"edgefl {args.command}: error: coordinator unreachable: {exc}", file=sys.stderr)
+    except ProtocolError as exc:
+        print(f"edgefl {args.command}: error: the coordinator refused: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"edgefl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+def _serve(args) -> int:
+    import logging
+
+    from coordinator.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = run_config_from(args)
+    try:
+        serve(instance=args.instance, config=config, host=args.host, port=args.port, threads=args.threads)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _devices(args) -> int:
+    from device_sim.device import DeviceSpec
+    from device_sim.fleet import run_fleet
+    from edgefl.partition import PartitionSpec
+
+    num_devices = args.num_devices or args.count
+    if args.count < 1 or args.first_index < 0 or args.first_index + args.count > num_devices:
+        raise CliError(f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices}")
+    try:
+        PartitionSpec.parse(args.partition)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    _check_reachable(args.coordinator)
+    specs = [
+        DeviceSpec(
+            coordinator=args.coordinator,
+            index=i,
+            num_devices=num_devices,
+            dataset=args.dataset,
+            partition=args.partition,
+            seed=args.data_seed,
+        )
+        for i in range(args.first_index, args.first_index + args.count)
+    ]
+    return run_fleet(specs, args.log_dir)
+
+
+def _check_reachable(url: str) -> dict:
+    from edgefl.client import CoordinatorClient
+
+    return CoordinatorClient(url, give_up_after_s=5).status()
+
+
+def _export(args) -> int:
+    from edgefl import wire
+    from edgefl.client import CoordinatorClient
+    from edgefl.models import MODEL_NAMES, model_spec
+
+    if args.checkpoint is not None:
+        if args.model not in MODEL_NAMES:
+            raise CliError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if not args.checkpoint.is_file():
+            raise CliError(f"no checkpoint file at {args.checkpoint}")
+        data = args.checkpoint.read_bytes()
+        model, round_number = args.model, None
+    else:
+        client = CoordinatorClient(args.coordinator, give_up_after_s=5)
+        status = client.status()
+        if not status.get("run"):
+            raise CliError(f"the coordinator at {args.coordinator} has no checkpoint yet")
+        model, round_number = status["run"]["config"]["model"], status["model"]["version"]
+        data = client.download_checkpoint(status["model"]["sha256"])
+    import hashlib
+
+    try:
+        weights, metadata = wire.decode(data, model_spec(model))
+    except wire.WireError as exc:
+        raise CliError(f"the checkpoint does not fit model {model}: {exc.detail}") from None
+    if round_number is None and metadata.get("version", "").isdigit():
+        round_number = int(metadata["version"])
+    from export import MODEL_CARD, export_checkpoint
+
+    card = export_checkpoint(
+        weights=weights,
+        model_name=model,
+        dataset=args.dataset,
+        out_dir=args.out,
+        checkpoint_sha256=hashlib.sha256(data).hexdigest(),
+        round_number=round_number,
+    )
+    print(f"model {model}, round {round_number}, Keras accuracy {card['evaluation']['keras_accuracy']:.4f}")
+    for f in card["files"]:
+        print(
+            f"  {args.out / f['file']}: {f['bytes'] / 1e6:.2f} MB, accuracy {f['accuracy']:.4f},"
+            f" top-1 agreement with Keras {f['top1_agreement']:.4f}"
+        )
+    print(f"  {args.out / MODEL_CARD}")
+    return 0
+
+
+def _status(args) -> int:
+    from edgefl.client import CoordinatorClient
+    from edgefl.report import format_status
+
+    status = CoordinatorClient(args.coordinator, give_up_after_s=5).status()
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _demo(args) -> int:
+    from edgefl.demo import run_demo
+
+    return run_demo(args, run_config_from(args))
+
+
+_COMMANDS = {"serve": _serve, "devices": _devices, "export": _export, "status": _status, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""A client of the /v1 protocol (devices, export, the CLI), with the retries a phone on a bad network needs.
+
+Connection errors, timeouts and 5xx answers are retried with capped exponential
+backoff and full jitter (honouring Retry-After), so a coordinator restart or a burst of
+load costs a device time, not its work. 4xx answers are final and raised as
+``ProtocolError`` with the server's error code.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+
+import requests
+
+_BACKOFF_BASE_S = 0.2
+_BACKOFF_CAP_S = 5.0
+_TIMEOUT_S = (5.0, 60.0)
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+
+
+class CoordinatorUnreachable(Exception):
+    pass
+
+
+@dataclass
+class Traffic:
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class CoordinatorClient:
+    def __init__(self, base_url: str, *, give_up_after_s: float = 120.0, rng: random.Random | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.give_up_after_s = give_up_after_s
+        self.token: str | None = None
+        self.device_id: str | None = None
+        self.traffic = Traffic()
+        self._session = requests.Session()
+        self._rng = rng or random.Random()
+
+    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        deadline = time.monotonic() + self.give_up_after_s
+        attempt = 0
+        while True:
+            wait = None
+            try:
+                response = self._session.request(
+                    method, self.base_url + path, headers=headers, timeout=_TIMEOUT_S, **kwargs
+                )
+                if response.status_code < 500:
+                    break
+                retry_after = response.headers.get("Retry-After", "")
+                wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
+                problem = f"HTTP {response.status_code}"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                problem = type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise CoordinatorUnreachable(
+                    f"{method} {self.base_url}{path} failed for {self.give_up_after_s:.0f}s (last: {problem})"
+                )
+            backoff = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt) * self._rng.random()
+            time.sleep(min(wait if wait is not None else backoff, max(0.0, deadline - time.monotonic())))
+            attempt += 1
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                code, detail = body.get("error", "error"), body.get("detail", "")
+            except ValueError:
+                code, detail = "error", response.text[:200]
+            raise ProtocolError(response.status_code, code, detail)
+        return response
+
+    def register(self) -> str:
+        body = self._request("POST", "/v1/devices").json()
+        self.device_id, self.token = body["device_id"], body["token"]
+        return self.device_id
+
+    def checkin(self) -> dict:
+        return self._request("POST", "/v1/checkin").json()
+
+    def download_checkpoint(self, sha256: str) -> bytes:
+        data = self._request("GET", f"/v1/checkpoints/{sha256}").content
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ProtocolError(200, "corrupt_checkpoint", f"checkpoint {sha256[:12]} does not hash to its name")
+        self.traffic.bytes_down += len(data)
+        return data
+
+    def upload_update(self, round_id: int, body: bytes) -> dict:
+        response = self._request(
+            "POST",
+            f"/v1/rounds/{round_id}/updates",
+            data=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        self.traffic.bytes_up += len(body)
+        return response.json()
+
+    def status(self) -> dict:
+        return self._request("GET", "/v1/status").json()

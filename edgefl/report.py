@@ -1,0 +1,80 @@
+"""Human-facing views of a run's status JSON: a round table, a progress line, a plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+_COLUMNS = ("round", "accuracy", "loss", "devices", "MB down", "MB up", "seconds")
+
+
+def round_row(entry: dict) -> tuple[str, ...]:
+    return (
+        str(entry["round"]),
+        f"{entry['accuracy']:.4f}",
+        f"{entry['loss']:.4f}",
+        f"{entry['reported']}/{entry['selected']}",
+        f"{entry['bytes_down'] / 1e6:.1f}",
+        f"{entry['bytes_up'] / 1e6:.1f}",
+        f"{entry['seconds']:.2f}",
+    )
+
+
+def rounds_table(history: list[dict]) -> str:
+    rows = [_COLUMNS] + [round_row(e) for e in history]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def progress_line(entry: dict, total_rounds: int) -> str:
+    return (
+        f"round {entry['round']:>3}/{total_rounds}  accuracy {entry['accuracy']:.4f}  loss {entry['loss']:.4f}"
+        f"  devices {entry['reported']}/{entry['selected']}  {entry['seconds']:.2f}s"
+    )
+
+
+def format_status(status: dict) -> str:
+    run = status.get("run")
+    if not run:
+        return "no run yet"
+    config = run["config"]
+    lines = [
+        f"run: {run['status']}, model {config['model']} on {config['dataset']},"
+        f" {len(status['history'])}/{config['rounds']} rounds, {status['devices']} devices registered",
+        f"model: version {status['model']['version']}, sha256 {status['model']['sha256'][:16]}…",
+    ]
+    current = status.get("round")
+    if current:
+        lines.append(
+            f"round {current['number']}: {current['status']}, {current['reported']}/{current['target_reports']}"
+            f" reports, {current['selected']} selected, {current['seconds_left']:.0f}s to deadline"
+        )
+    if status["history"]:
+        lines += ["", rounds_table(status["history"])]
+    return "\n".join(lines)
+
+
+def plot_history(history: list[dict], path: Path, *, title: str = "edgefl run") -> Path:
+    """Accuracy, loss and participation per round, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [e["round"] for e in history]
+    fig, (ax_acc, ax_loss, ax_dev) = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax_acc.plot(rounds, [e["accuracy"] for e in history], marker="o")
+    ax_acc.set(title="test accuracy", xlabel="round", ylim=(0, 1))
+    ax_loss.plot(rounds, [e["loss"] for e in history], marker="o", color="tab:red")
+    ax_loss.set(title="test loss", xlabel="round")
+    ax_dev.bar(rounds, [e["selected"] for e in history], color="lightgray", label="selected")
+    ax_dev.bar(rounds, [e["reported"] for e in history], color="tab:green", label="reported")
+    ax_dev.set(title="devices", xlabel="round")
+    ax_dev.legend(loc="lower right")
+    for ax in (ax_acc, ax_loss, ax_dev):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

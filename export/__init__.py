@@ -1,0 +1,63 @@
+"""``edgefl export``: a global checkpoint becomes .tflite files and a model card."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgefl.datasets import load_dataset
+from edgefl.models import INPUT_SHAPE, NUM_CLASSES, build_model
+from export.tflite import VARIANTS, check_variant, convert
+
+MODEL_CARD = "model_card.json"
+
+
+def export_checkpoint(
+    *,
+    weights: Sequence[np.ndarray],
+    model_name: str,
+    dataset: str,
+    out_dir: Path,
+    checkpoint_sha256: str,
+    round_number: int | None,
+    variants: Sequence[str] = VARIANTS,
+) -> dict:
+    """Write one .tflite per variant and ``model_card.json``; return the card."""
+    import tensorflow as tf
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test = load_dataset(dataset).test
+    model = build_model(model_name)
+    model.set_weights(list(weights))
+    keras_logits = model.predict(test.x, batch_size=256, verbose=0)
+    reports = []
+    for kind in variants:
+        tflite_model = convert(model, kind, test.x)
+        file_name = f"{model_name}_{kind}.tflite"
+        (out_dir / file_name).write_bytes(tflite_model)
+        reports.append(check_variant(kind, file_name, tflite_model, test.x, test.y, keras_logits))
+    card = {
+        "model": model_name,
+        "parameters": int(model.count_params()),
+        "round": round_number,
+        "checkpoint_sha256": checkpoint_sha256,
+        "input": {
+            "shape": [1, *INPUT_SHAPE],
+            "dtype": "float32",
+            "scaling": "grey level in [0, 1], 0 = background; the digit fills about 20x20 pixels centred in 28x28",
+        },
+        "output": {"shape": [1, NUM_CLASSES], "dtype": "float32", "meaning": "logits; argmax is the label"},
+        "labels": [str(i) for i in range(NUM_CLASSES)],
+        "evaluation": {
+            "dataset": dataset,
+            "split": "test (held out by the coordinator; never on a device)",
+            "examples": len(test),
+            "keras_accuracy": float((keras_logits.argmax(1) == test.y).mean()),
+        },
+        "files": [r.to_json() for r in reports],
+        "tensorflow": tf.__version__,
+    }
+    (out_dir / MODEL_CARD).write_text(json.dumps(card, indent=2))
+    return card

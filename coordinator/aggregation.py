@@ -65,9 +65,13 @@ class FedAvgServer:
         output = self.aggregator.next(
             state.aggregator, [list(d) for d in deltas], [float(n) for n in num_examples]
         )
+        import tensorflow as tf
+
         mean_delta = [np.asarray(m, dtype=np.float32) for m in output.result]
         optimizer_state, new_weights = self.optimizer.next(
-            state.optimizer, list(weights), [-m for m in mean_delta]
+            state.optimizer,
+            [tf.constant(w, tf.float32) for w in weights],
+            [tf.constant(-m, tf.float32) for m in mean_delta],
         )
         new_weights = [np.asarray(w, dtype=np.float32) for w in new_weights]
         return ServerOutput(ServerState(output.state, optimizer_state), new_weights, mean_delta)

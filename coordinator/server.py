@@ -53,7 +53,12 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
         driver.ensure_run()
         server = waitress.create_server(app, host=host, port=port, threads=threads, channel_timeout=120)
         url = f"http://{host}:{server.effective_port}"
-        driver_thread = threading.Thread(target=driver.run, args=(stop,), name="round-driver", daemon=True)
+
+        def drive() -> None:
+            runtime.install()
+            driver.run(stop)
+
+        driver_thread = threading.Thread(target=drive, name="round-driver", daemon=True)
         driver_thread.start()
         info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
         log.info("serving %s (instance %s, TFF worker pid %s)", url, instance, runtime.pid)

@@ -11,7 +11,6 @@ context is assembled from public ``tff.framework`` pieces around that worker.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import signal
 import socket
 import subprocess
@@ -19,13 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from edgefl.processes import die_with_parent
+
 _STARTUP_TIMEOUT_S = 60.0
 _GRPC_MAX_MESSAGE_BYTES = 2_000_000_000
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -46,6 +42,7 @@ class TffRuntime:
     def __init__(self, *, log_path: Path | str | None = None):
         self._log_path = Path(log_path) if log_path else None
         self._process: subprocess.Popen | None = None
+        self._context = None
         self._lock = threading.Lock()
 
     @property
@@ -55,52 +52,60 @@ class TffRuntime:
     def start(self) -> None:
         """Start the worker and install a TFF context bound to it (idempotent)."""
         with self._lock:
-            if self._process is not None and self._process.poll() is None:
-                return
-            import grpc
-            import tensorflow_federated as tff
+            if self._process is None or self._process.poll() is not None:
+                self._launch_locked()
+        self.install()
 
-            port = _free_port()
-            log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
-            try:
-                self._process = subprocess.Popen(
-                    [str(worker_binary_path()), f"--port={port}"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
-                    close_fds=True,
-                )
-            finally:
-                if log is not subprocess.DEVNULL:
-                    log.close()
-            atexit.register(self.stop)
-            options = [
-                ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
-            ]
-            channel = grpc.insecure_channel(f"localhost:{port}", options)
-            stub = tff.framework.RemoteExecutorGrpcStub(channel)
-            deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-            while not stub.is_ready:
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    self._stop_locked()
-                    raise RuntimeError("TFF worker_binary did not start; see its log")
-                time.sleep(0.05)
+    def _launch_locked(self) -> None:
+        import grpc
+        import tensorflow_federated as tff
 
-            def executor_fn(cardinalities):
-                executor = tff.framework.RemoteExecutor(stub)
-                executor.set_cardinalities({tff.CLIENTS: 0, **cardinalities})
-                return executor
-
-            context = tff.framework.SyncExecutionContext(
-                executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_fn),
-                compiler_fn=tff.backends.native.desugar_and_transform_to_native,
-                transform_args=tff.tensorflow.transform_args,
-                transform_result=tff.tensorflow.transform_result,
+        port = _free_port()
+        log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+        try:
+            self._process = subprocess.Popen(
+                [str(worker_binary_path()), f"--port={port}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(signal.SIGKILL),
+                close_fds=True,
             )
-            tff.framework.set_default_context(context)
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()
+        atexit.register(self.stop)
+        options = [
+            ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
+        ]
+        channel = grpc.insecure_channel(f"localhost:{port}", options)
+        stub = tff.framework.RemoteExecutorGrpcStub(channel)
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        while not stub.is_ready:
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self._stop_locked()
+                raise RuntimeError("TFF worker_binary did not start; see its log")
+            time.sleep(0.05)
+
+        def executor_fn(cardinalities):
+            executor = tff.framework.RemoteExecutor(stub)
+            executor.set_cardinalities({tff.CLIENTS: 0, **cardinalities})
+            return executor
+
+        self._context = tff.framework.SyncExecutionContext(
+            executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_fn),
+            compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+            transform_args=tff.tensorflow.transform_args,
+            transform_result=tff.tensorflow.transform_result,
+        )
+
+    def install(self) -> None:
+        """Make this runtime TFF's context in the calling thread (TFF's stack is thread-local)."""
+        import tensorflow_federated as tff
+
+        tff.framework.set_default_context(self._context)
 
     def stop(self) -> None:
         with self._lock:

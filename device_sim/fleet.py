@@ -8,7 +8,6 @@ so stopping the fleet never leaves a device behind.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -21,13 +20,7 @@ from pathlib import Path
 
 from device_sim.device import DeviceSpec, run_device
 from edgefl.client import CoordinatorUnreachable, ProtocolError
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
+from edgefl.processes import die_with_parent
 
 def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
     command = [
@@ -47,7 +40,7 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
     finally:

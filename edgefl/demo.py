@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig
+from edgefl.processes import die_with_parent, raise_on_sigterm
 from edgefl.report import plot_history, progress_line, rounds_table
 
 _SERVER_START_TIMEOUT_S = 180
@@ -78,12 +79,13 @@ def run_demo(args, config: RunConfig) -> int:
     )
     server = fleet = None
     started = time.monotonic()
+    raise_on_sigterm()
     try:
         server_log = logs / "coordinator.log"
         with open(server_log, "wb") as log_file:
             server = subprocess.Popen(
                 _edgefl("serve", "--instance", str(instance), "--port", "0", *_config_flags(config)),
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
             )
         print("starting the coordinator (TensorFlow, TFF and its worker)...", flush=True)
         url = _wait_for_server(instance, server, server_log)
@@ -95,7 +97,7 @@ def run_demo(args, config: RunConfig) -> int:
                     "devices", "--coordinator", url, "--count", str(args.count), "--partition", args.partition,
                     "--data-seed", str(args.data_seed), "--dataset", config.dataset, "--log-dir", str(logs / "devices"),
                 ),
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
             )
         status = _follow(CoordinatorClient(url, give_up_after_s=30), config, server, fleet)
         try:

@@ -48,7 +48,7 @@ def encode(
 ) -> bytes:
     from safetensors.numpy import save
 
-    tensors = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in zip(names, arrays)}
+    tensors = {n: np.require(a, dtype=np.float32, requirements="C") for n, a in zip(names, arrays)}
     return save(tensors, metadata=dict(metadata) if metadata else None)
 
 

@@ -131,7 +131,7 @@ class RoundDriver:
         if self.on_commit:
             self.on_commit({"round": number, **metrics})
 
-    def run(self, stop: threading.Event, *, poll_s: float = 0.05) -> None:
+    def run(self, stop: threading.Event, *, poll_s: float = 0.02) -> None:
         """Step until ``stop`` is set; errors are logged and retried, never fatal."""
         while not stop.is_set():
             try:

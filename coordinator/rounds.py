@@ -15,8 +15,11 @@ from dataclasses import asdict, dataclass
 
 from edgefl.config import RunConfig
 
-ACTIVE = ("open", "aggregating")
-RETRY_AFTER_S = 1.0
+# Pace steering: a device the next round will need soon (the current one is being
+# aggregated, or the device already reported in it) polls again quickly; one that found
+# the cohort full backs off longer. Jitter spreads both so devices never arrive in step.
+SOON_RETRY_S = 0.2
+LATER_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,12 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
     config = run_config(db)
     current = active_round(db)
     if current is None or current["status"] != "open":
-        return _retry(rng)
+        return _retry(rng, SOON_RETRY_S)
     round_id = current["id"]
     if db.execute(
         "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
     ).fetchone():
-        return _retry(rng)
+        return _retry(rng, SOON_RETRY_S)
     assigned = db.execute(
         "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
     ).fetchone()
@@ -113,7 +116,7 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
             "SELECT COUNT(*) FROM assignments WHERE round_id = ?", (round_id,)
         ).fetchone()
         if selected >= config.cohort_size:
-            return _retry(rng)
+            return _retry(rng, LATER_RETRY_S)
         db.execute(
             "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
             (round_id, device_id, now),
@@ -134,8 +137,8 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
     return {"status": "task", "task": task.to_json()}
 
 
-def _retry(rng: random.Random) -> dict:
-    return {"status": "wait", "retry_after": round(RETRY_AFTER_S * (0.5 + rng.random() / 2), 3)}
+def _retry(rng: random.Random, base_s: float) -> dict:
+    return {"status": "wait", "retry_after": round(base_s * (0.5 + rng.random() / 2), 3)}
 
 
 def upload_rejection(db: sqlite3.Connection, round_id: int, device_id: str) -> Rejection | None:

@@ -66,6 +66,7 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
             time.sleep(answer["retry_after"])
             continue
         task = answer["task"]
+        t_task = time.monotonic()
         if learner is None:
             learner = KerasLearner(task["model"])
             model_spec = wire.spec_of(learner.names, learner.model.get_weights())
@@ -73,6 +74,7 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
         if cached is None or cached[0] != sha:
             weights, _ = wire.decode(client.download_checkpoint(sha), model_spec)
             cached = (sha, weights)
+        t_downloaded = time.monotonic()
         result = learner.client_update(
             cached[1],
             shard.x,
@@ -82,6 +84,7 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
             learning_rate=task["learning_rate"],
             seed=hash((spec.seed, spec.index, task["round_id"])) & 0xFFFFFFFF,
         )
+        t_trained = time.monotonic()
         body = wire.encode(
             learner.names,
             result.delta,
@@ -90,6 +93,11 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
         try:
             client.upload_update(task["round_id"], body)
             summary.rounds_trained += 1
+            log.info(
+                "device %d: round %d done: checkpoint %.3fs, training %.3fs, upload %.3fs",
+                spec.index, task["round_number"], t_downloaded - t_task, t_trained - t_downloaded,
+                time.monotonic() - t_trained,
+            )
         except ProtocolError as exc:
             if exc.status != 409:
                 raise

@@ -1,0 +1,131 @@
+"""A federation of real processes: ``edgefl serve`` plus ``edgefl devices``, as a user
+would start them, followed through ``GET /v1/status`` and stopped together.
+
+Used by the demo, the benchmark and the end-to-end tests, so all three exercise the
+same commands and none of them can leave a process behind: children die with their
+parent (PR_SET_PDEATHSIG) and are stopped on leaving the context, whatever happened.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from edgefl.client import CoordinatorClient
+from edgefl.config import RunConfig
+from edgefl.processes import die_with_parent
+
+_SERVER_START_TIMEOUT_S = 180
+
+
+def edgefl_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgefl", *args]
+
+
+def config_flags(config: RunConfig) -> list[str]:
+    return [
+        "--model", config.model, "--dataset", config.dataset, "--rounds", str(config.rounds),
+        "--target-reports", str(config.target_reports), "--min-reports", str(config.min_reports),
+        "--over-selection", str(config.over_selection), "--round-timeout", str(config.round_timeout_s),
+        "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
+        "--client-lr", str(config.client_lr), "--server-lr", str(config.server_lr), "--seed", str(config.seed),
+    ]
+
+
+def stop_process(process: subprocess.Popen | None, timeout_s: float = 30) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_logged(command: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+        )
+
+
+@dataclass
+class Federation:
+    url: str
+    server: subprocess.Popen
+    fleet: subprocess.Popen | None
+    instance: Path
+    logs: Path
+
+    @property
+    def client(self) -> CoordinatorClient:
+        return CoordinatorClient(self.url, give_up_after_s=30)
+
+    def follow(self, on_round: Callable[[dict], None] | None = None, *, timeout_s: float = 3600) -> dict:
+        """Wait for the run to finish, calling ``on_round`` once per committed round."""
+        client = self.client
+        shown = 0
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"the coordinator exited with code {self.server.returncode} mid-run")
+            status = client.status()
+            for entry in status["history"][shown:]:
+                if on_round:
+                    on_round(entry)
+            shown = len(status["history"])
+            if status["run"]["status"] == "finished":
+                return status
+            if self.fleet is not None and self.fleet.poll() not in (None, 0):
+                raise RuntimeError(f"the device fleet exited with code {self.fleet.returncode} mid-run")
+            time.sleep(0.25)
+        raise RuntimeError(f"the run did not finish within {timeout_s:.0f}s")
+
+
+def wait_for_server(instance: Path, server: subprocess.Popen, log_path: Path) -> str:
+    info = instance / "server.json"
+    deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"the coordinator exited with code {server.returncode}: {tail[0]}")
+        if info.exists():
+            try:
+                return json.loads(info.read_text())["url"]
+            except (json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the coordinator did not start within {_SERVER_START_TIMEOUT_S}s; see {log_path}")
+
+
+@contextmanager
+def federation(
+    out: Path, config: RunConfig, *, count: int, partition: str, data_seed: int, start_devices: bool = True
+) -> Iterator[Federation]:
+    """Start a coordinator on a free port (and ``count`` devices), stop them on exit."""
+    instance, logs = out / "coordinator", out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server = fleet = None
+    try:
+        server_log = logs / "coordinator.log"
+        server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", *config_flags(config)), server_log)
+        url = wait_for_server(instance, server, server_log)
+        if start_devices:
+            fleet = start_logged(
+                edgefl_command(
+                    "devices", "--coordinator", url, "--count", str(count), "--partition", partition,
+                    "--data-seed", str(data_seed), "--dataset", config.dataset, "--log-dir", str(logs / "devices"),
+                ),
+                logs / "devices.log",
+            )
+        yield Federation(url, server, fleet, instance, logs)
+    finally:
+        stop_process(fleet)
+        stop_process(server)

@@ -36,16 +36,20 @@ class RoundDriver:
         config: RunConfig,
         *,
         clock: Callable[[], float] = time.time,
-        on_commit: Callable[[dict], None] | None = None,
+        learner: KerasLearner | None = None,
+        server: FedAvgServer | None = None,
     ):
+        """``learner`` and ``server`` may be passed in to share their traced TF/TFF
+        functions (tests do); by default they are built for ``config``."""
         self.store = store
         self.config = config
         self.clock = clock
-        self.on_commit = on_commit
-        self.learner = KerasLearner(config.model)
+        self.learner = learner or KerasLearner(config.model)
         self.names = weight_names(self.learner.model)
         self.spec = wire.spec_of(self.names, self.learner.model.get_weights())
-        self.server = FedAvgServer(self.spec, server_optimizer=config.server_optimizer, server_lr=config.server_lr)
+        self.server = server or FedAvgServer(
+            self.spec, server_optimizer=config.server_optimizer, server_lr=config.server_lr
+        )
         self.test = load_dataset(config.dataset).test
 
     def ensure_run(self) -> None:
@@ -128,8 +132,6 @@ class RoundDriver:
             if number >= self.config.rounds:
                 rounds.finish_run(db, self.clock())
         log.info("round %d committed: accuracy %.4f loss %.4f", number, evaluation["accuracy"], evaluation["loss"])
-        if self.on_commit:
-            self.on_commit({"round": number, **metrics})
 
     def run(self, stop: threading.Event, *, poll_s: float = 0.02) -> None:
         """Step until ``stop`` is set; errors are logged and retried, never fatal."""

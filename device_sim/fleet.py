@@ -41,7 +41,7 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent(),
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ},
         )
     finally:
         log_file.close()

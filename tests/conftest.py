@@ -6,7 +6,7 @@ import os
 import psutil
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def descendants() -> list[psutil.Process]:
@@ -32,3 +32,43 @@ def _tff_context_in_this_thread(request):
     if "tff_runtime" in request.fixturenames:
         request.getfixturevalue("tff_runtime").install()
     yield
+
+
+@pytest.fixture(scope="session")
+def small_parts(tff_runtime):
+    """A Keras learner and TFF server for cnn_small, traced once per session."""
+    from coordinator.aggregation import FedAvgServer
+    from edgefl.models import model_spec
+    from edgefl.training import KerasLearner
+
+    return KerasLearner("cnn_small"), FedAvgServer(model_spec("cnn_small"))
+
+
+class Clock:
+    """A clock the test moves; it starts at the real time, which the API uses."""
+
+    def __init__(self):
+        import time
+
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def coordinator(tmp_path, small_parts):
+    """A coordinator app on a fresh instance with a started run, and its round driver.
+
+    The driver runs only when a test calls ``driver.step()``, on a clock the test moves.
+    """
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+    from edgefl.config import RunConfig
+
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True})
+    config = RunConfig(model="cnn_small", rounds=2, target_reports=2, min_reports=1, over_selection=1.5, round_timeout_s=60)
+    learner, server = small_parts
+    driver = RoundDriver(app.extensions["edgefl.store"], config, clock=Clock(), learner=learner, server=server)
+    driver.ensure_run()
+    return app, driver

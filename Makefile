@@ -1,0 +1,33 @@
+# edgefl: `make demo` and `make test` create .venv and install the pinned set first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "edgefl needs Python 3.11 (TensorFlow Federated 0.87 supports < 3.12); set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --no-deps -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/edgefl demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/e2e_vs_tff.py
+
+# Re-resolve requirements.txt from requirements.in (see the overrides there).
+lock:
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile requirements.in --override overrides.txt --python-version 3.11 -o requirements.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

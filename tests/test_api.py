@@ -1,0 +1,303 @@
+"""The /v1 API through Flask's test client, over a real store and TFF aggregator.
+
+Every bad request must answer 4xx JSON {"error", "detail"} and leave the store (rows
+and blobs) exactly as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from edgefl import wire
+from edgefl.models import model_spec
+
+SPEC = model_spec("cnn_small")
+
+
+@pytest.fixture
+def app(coordinator):
+    return coordinator[0]
+
+
+@pytest.fixture
+def driver(coordinator):
+    return coordinator[1]
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def store(app):
+    return app.extensions["edgefl.store"]
+
+
+def register(client) -> dict:
+    response = client.post("/v1/devices")
+    assert response.status_code == 201
+    return {"Authorization": f"Bearer {response.json['token']}"}
+
+
+def take_task(client, headers) -> dict:
+    response = client.post("/v1/checkin", headers=headers)
+    assert response.status_code == 200, response.json
+    assert response.json["status"] == "task", response.json
+    return response.json["task"]
+
+
+def update_body(num_examples="10", metrics='{"train_loss": 1.5}', scale=0.01, seed=0, arrays=None, names=None):
+    rng = np.random.default_rng(seed)
+    arrays = arrays or [rng.normal(scale=scale, size=s.shape).astype(np.float32) for s in SPEC]
+    metadata = {"num_examples": num_examples, "metrics": metrics} if num_examples is not None else {}
+    return wire.encode(names or [s.name for s in SPEC], arrays, metadata)
+
+
+def upload(client, headers, round_id, body):
+    return client.post(
+        f"/v1/rounds/{round_id}/updates", data=body, headers={**headers, "Content-Type": "application/octet-stream"}
+    )
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)[:300]
+    assert response.is_json
+    assert response.json["error"] == code
+    assert isinstance(response.json["detail"], str) and response.json["detail"].endswith(".")
+
+
+@pytest.fixture
+def open_round(client, driver):
+    assert driver.step()  # opens round 1
+    headers = register(client)
+    return headers, take_task(client, headers)
+
+
+def test_register_returns_an_id_and_a_token_stored_hashed(client, store):
+    response = client.post("/v1/devices")
+    assert response.status_code == 201
+    token = response.json["token"]
+    rows = store.snapshot()["rows"]["devices"]
+    assert len(rows) == 1 and token not in json.dumps(rows)
+    assert rows[0][1] == hashlib.sha256(token.encode()).hexdigest()
+
+
+def test_checkin_before_a_round_opens_says_wait(client):
+    response = client.post("/v1/checkin", headers=register(client))
+    assert response.json["status"] == "wait" and response.json["retry_after"] > 0
+    assert "Retry-After" in response.headers
+
+
+def test_task_names_the_round_and_the_checkpoint(client, open_round):
+    headers, task = open_round
+    assert task["round_number"] == 1 and task["model"] == "cnn_small"
+    assert (task["epochs"], task["batch_size"], task["learning_rate"]) == (1, 10, 0.05)
+    assert take_task(client, headers) == {**task, "seconds_left": pytest.approx(task["seconds_left"], abs=2)}
+
+
+def test_cohort_is_target_times_over_selection(client, open_round):
+    # target 2 x 1.5 = cohort of 3: the fixture's device plus two more; the fourth waits.
+    take_task(client, register(client))
+    take_task(client, register(client))
+    response = client.post("/v1/checkin", headers=register(client))
+    assert response.json["status"] == "wait"
+
+
+def test_checkpoint_is_served_by_hash_with_an_etag(client, store, open_round):
+    _, task = open_round
+    sha = task["checkpoint_sha256"]
+    response = client.get(f"/v1/checkpoints/{sha}")
+    assert response.status_code == 200
+    assert hashlib.sha256(response.data).hexdigest() == sha
+    assert response.headers["ETag"] == f'"{sha}"'
+    weights, metadata = wire.decode(response.data, SPEC)
+    assert metadata["version"] == "0"
+    again = client.get(f"/v1/checkpoints/{sha}", headers={"If-None-Match": f'"{sha}"'})
+    assert again.status_code == 304 and again.data == b""
+    history = client.get("/v1/rounds").json["rounds"]
+    assert history[0]["bytes_down"] == len(response.data)
+
+
+@pytest.mark.parametrize(
+    "name, code",
+    [("0" * 64, "unknown_checkpoint"), ("not-a-hash", "unknown_checkpoint"), ("../../edgefl.sqlite3", "not_found")],
+)
+def test_unknown_checkpoints_are_404(client, open_round, name, code):
+    assert_error(client.get(f"/v1/checkpoints/{name}"), 404, code)
+
+
+def test_update_blobs_are_not_served_as_checkpoints(client, store, open_round):
+    headers, task = open_round
+    body = update_body()
+    assert upload(client, headers, task["round_id"], body).status_code == 202
+    assert_error(client.get(f"/v1/checkpoints/{hashlib.sha256(body).hexdigest()}"), 404, "unknown_checkpoint")
+
+
+def test_accepted_update_is_durable_before_202(client, store, open_round):
+    headers, task = open_round
+    body = update_body(num_examples="37")
+    response = upload(client, headers, task["round_id"], body)
+    assert response.status_code == 202
+    assert response.json == {"round_id": task["round_id"], "accepted": True, "reports": 1}
+    rows = store.snapshot()["rows"]["updates"]
+    sha = hashlib.sha256(body).hexdigest()
+    assert len(rows) == 1 and rows[0][2] == sha and rows[0][3] == 37
+    assert store.blobs.get(sha) == body
+
+
+def _bad_uploads():
+    spec_arrays = lambda: [np.zeros(s.shape, np.float32) for s in SPEC]  # noqa: E731
+    nan = spec_arrays()
+    nan[2][0, 0, 0, 0] = np.nan
+    inf = spec_arrays()
+    inf[-1][3] = np.inf
+    wrong_shape = spec_arrays()
+    wrong_shape[1] = np.zeros(17, np.float32)
+    names = [s.name for s in SPEC]
+    return {
+        "garbage": (b"this is not safetensors", 400, "malformed"),
+        "empty": (b"", 400, "malformed"),
+        "wrong names": (update_body(names=["x" + n for n in names]), 422, "wrong_tensors"),
+        "missing tensor": (wire.encode(names[:-1], spec_arrays()[:-1], {"num_examples": "3"}), 422, "wrong_tensors"),
+        "wrong shape": (update_body(arrays=wrong_shape), 422, "wrong_shape"),
+        "nan": (update_body(arrays=nan), 422, "non_finite"),
+        "inf": (update_body(arrays=inf), 422, "non_finite"),
+        "no num_examples": (update_body(num_examples=None), 400, "bad_num_examples"),
+        "zero examples": (update_body(num_examples="0"), 400, "bad_num_examples"),
+        "negative examples": (update_body(num_examples="-5"), 400, "bad_num_examples"),
+        "metrics not json": (update_body(metrics="{oops"), 400, "bad_metrics"),
+        "metrics nan": (update_body(metrics='{"loss": NaN}'), 400, "bad_metrics"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_uploads()))
+def test_bad_update_bodies_are_refused_and_change_nothing(client, store, open_round, case):
+    headers, task = open_round
+    body, status, code = _bad_uploads()[case]
+    before = store.snapshot()
+    assert_error(upload(client, headers, task["round_id"], body), status, code)
+    assert store.snapshot() == before
+
+
+def test_wrong_dtype_is_refused(client, store, open_round):
+    from safetensors.numpy import save
+
+    headers, task = open_round
+    tensors = {s.name: np.zeros(s.shape, np.float64) for s in SPEC}
+    before = store.snapshot()
+    assert_error(upload(client, headers, task["round_id"], save(tensors, {"num_examples": "1"})), 422, "wrong_dtype")
+    assert store.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "auth, code", [(None, "missing_token"), ("Bearer nope", "unknown_token"), ("Basic abc", "missing_token")]
+)
+def test_credentials_are_required(client, store, open_round, auth, code):
+    _, task = open_round
+    headers = {"Authorization": auth} if auth else {}
+    before = store.snapshot()
+    assert_error(upload(client, headers, task["round_id"], update_body()), 401, code)
+    assert_error(client.post("/v1/checkin", headers=headers), 401, code)
+    assert store.snapshot() == before
+
+
+def test_a_device_not_selected_cannot_upload(client, store, open_round):
+    _, task = open_round
+    stranger = register(client)
+    before = store.snapshot()
+    assert_error(upload(client, stranger, task["round_id"], update_body()), 403, "not_selected")
+    assert store.snapshot() == before
+
+
+def test_second_upload_in_a_round_is_a_conflict(client, store, open_round):
+    headers, task = open_round
+    assert upload(client, headers, task["round_id"], update_body(seed=1)).status_code == 202
+    before = store.snapshot()
+    assert_error(upload(client, headers, task["round_id"], update_body(seed=2)), 409, "duplicate_update")
+    assert store.snapshot() == before
+
+
+def test_unknown_round_is_404(client, store, open_round):
+    headers, _ = open_round
+    before = store.snapshot()
+    assert_error(upload(client, headers, 999, update_body()), 404, "unknown_round")
+    assert store.snapshot() == before
+
+
+def test_oversized_upload_is_413_before_reading(client, store, open_round):
+    headers, task = open_round
+    before = store.snapshot()
+    huge = b"\x00" * (sum(s.nbytes for s in SPEC) + 2 * 1024 * 1024)
+    assert_error(upload(client, headers, task["round_id"], huge), 413, "update_too_large")
+    assert store.snapshot() == before
+
+
+def test_unknown_routes_and_methods_answer_json(client):
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert_error(client.get("/v1/checkin"), 405, "method_not_allowed")
+
+
+def test_a_round_aggregates_commits_and_late_uploads_conflict(client, store, driver, open_round):
+    headers_a, task = open_round
+    headers_b = register(client)
+    assert take_task(client, headers_b)["round_id"] == task["round_id"]
+    rng = np.random.default_rng(5)
+    deltas = [[rng.normal(scale=0.01, size=s.shape).astype(np.float32) for s in SPEC] for _ in range(2)]
+    names = [s.name for s in SPEC]
+    for headers, delta, n in ((headers_a, deltas[0], "30"), (headers_b, deltas[1], "10")):
+        assert upload(client, headers, task["round_id"], wire.encode(names, delta, {"num_examples": n})).status_code == 202
+    base, _ = wire.decode(client.get(f"/v1/checkpoints/{task['checkpoint_sha256']}").data, SPEC)
+
+    assert driver.step()  # target of 2 reached: aggregate and commit
+    status = client.get("/v1/status").json
+    assert status["model"]["version"] == 1
+    assert len(status["history"]) == 1 and status["history"][0]["reported"] == 2
+    new, metadata = wire.decode(client.get(status["model"]["url"]).data, SPEC)
+    assert metadata["version"] == "1"
+    for b, n, d0, d1 in zip(base, new, *deltas):
+        np.testing.assert_allclose(n, b + (30 * d0 + 10 * d1) / 40, rtol=1e-5, atol=1e-6)
+    assert 0.0 <= status["history"][0]["accuracy"] <= 1.0
+
+    third = register(client)  # selected into nothing: round 1 is over, round 2 is not open yet
+    before = store.snapshot()
+    assert_error(upload(client, headers_a, task["round_id"], update_body(seed=9)), 409, "round_closed")
+    assert_error(upload(client, third, task["round_id"], update_body(seed=9)), 409, "round_closed")
+    assert store.snapshot() == before
+
+
+def test_deadline_with_too_few_reports_abandons_and_retries_the_same_model(client, driver, open_round):
+    _, task = open_round
+    driver.clock.now += 61
+    assert driver.step()
+    rounds = client.get("/v1/rounds").json["rounds"]
+    assert [r["status"] for r in rounds] == ["abandoned", "open"]
+    assert rounds[1]["number"] == 1
+    retry = take_task(client, register(client))
+    assert retry["checkpoint_sha256"] == task["checkpoint_sha256"] and retry["round_id"] != task["round_id"]
+
+
+def test_deadline_with_min_reports_aggregates_what_arrived(client, driver, open_round):
+    headers, task = open_round
+    assert upload(client, headers, task["round_id"], update_body()).status_code == 202
+    assert not driver.step()  # 1 of 2 reports, deadline not reached: keep collecting
+    driver.clock.now += 61
+    assert driver.step()
+    history = client.get("/v1/status").json["history"]
+    assert len(history) == 1 and history[0]["reported"] == 1
+
+
+def test_run_finishes_after_its_rounds(client, driver):
+    devices = [register(client) for _ in range(2)]
+    for _ in range(2):
+        driver.step()
+        for headers in devices:
+            task = take_task(client, headers)
+            assert upload(client, headers, task["round_id"], update_body(seed=task["round_id"])).status_code == 202
+        driver.step()
+    status = client.get("/v1/status").json
+    assert status["run"]["status"] == "finished" and status["model"]["version"] == 2
+    assert client.post("/v1/checkin", headers=devices[0]).json == {"status": "finished"}

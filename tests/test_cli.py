@@ -1,0 +1,69 @@
+"""The edgefl command as a user meets it: help, and one-line errors with non-zero exits."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def edgefl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgefl", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *, contains: str, code: int = 1):
+    assert result.returncode == code, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "error" in lines[0] and contains in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["devices"], ["export"], ["status"], ["demo"]])
+def test_help(command):
+    result = edgefl(*command, "--help")
+    assert result.returncode == 0 and "usage: edgefl" in result.stdout
+
+
+def test_bad_flag_is_one_line_and_exit_2():
+    assert_one_line_error(edgefl("serve", "--no-such-flag"), contains="--no-such-flag", code=2)
+    assert_one_line_error(edgefl("devices", "--count", "many"), contains="--count", code=2)
+
+
+def test_bad_values_are_one_line():
+    assert_one_line_error(edgefl("serve", "--model", "resnet", "--port", "0"), contains="model must be one of")
+    assert_one_line_error(edgefl("serve", "--min-reports", "5", "--target-reports", "2"), contains="min_reports")
+    assert_one_line_error(edgefl("devices", "--partition", "dirichlet:-1"), contains="bad partition")
+
+
+@pytest.mark.parametrize("command", [["status"], ["export"], ["devices", "--count", "1"]])
+def test_unreachable_coordinator_is_one_line(command):
+    result = edgefl(*command, "--coordinator", closed_port_url())
+    assert_one_line_error(result, contains="unreachable")
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    result = edgefl("export", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, contains="no checkpoint file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_model_is_one_line(tmp_path):
+    import numpy as np
+
+    from edgefl import wire
+
+    path = tmp_path / "small.safetensors"
+    path.write_bytes(wire.encode(["w"], [np.zeros(3, np.float32)]))
+    result = edgefl("export", "--checkpoint", str(path), "--model", "cnn", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, contains="does not fit model cnn")

@@ -1,0 +1,111 @@
+"""End to end: the real coordinator and real device processes on 127.0.0.1.
+
+Each test records every process it caused to exist (coordinator, devices, TFF's
+worker_binary) while they run, and asserts afterwards that none of them survives.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from edgefl.config import RunConfig
+from edgefl.launcher import edgefl_command, federation, start_logged, stop_process, wait_for_server
+
+pytestmark = pytest.mark.e2e
+
+
+def descendant_pids() -> dict[int, str]:
+    found = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            found[process.pid] = process.name()
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def assert_all_gone(pids: dict[int, str], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = {p: n for p, n in alive.items() if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        time.sleep(0.2)
+    assert not alive, f"still running: {alive}"
+
+
+def test_real_processes_learn_export_and_leave_nothing(tmp_path):
+    config = RunConfig(
+        model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300,
+        epochs=2, batch_size=10, client_lr=0.1,
+    )
+    seen: dict[int, str] = {}
+    with federation(tmp_path, config, count=4, partition="dirichlet:0.5", data_seed=0) as fed:
+        seen.update(descendant_pids())
+        status = fed.follow(lambda _entry: seen.update(descendant_pids()), timeout_s=600)
+        seen.update(descendant_pids())
+        assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "logs" / "devices.log").read_text()
+        exported = subprocess.run(
+            edgefl_command("export", "--coordinator", fed.url, "--out", str(tmp_path / "tflite")),
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        )
+        assert exported.returncode == 0, exported.stderr
+
+    names = set(seen.values())
+    assert "worker_binary" in names, names
+    assert sum(1 for n in seen.values() if n.startswith("python")) >= 1 + 1 + 4  # serve, fleet, devices
+    assert_all_gone(seen)
+
+    history = status["history"]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert all(h["reported"] == 4 for h in history)
+    assert history[-1]["accuracy"] > history[0]["accuracy"]
+    assert history[-1]["accuracy"] > 0.5
+    assert all(h["bytes_up"] > 0 and h["bytes_down"] > 0 for h in history)
+
+    card = json.loads((tmp_path / "tflite" / "model_card.json").read_text())
+    assert card["round"] == 3 and card["checkpoint_sha256"] == status["model"]["sha256"]
+    assert {f["kind"] for f in card["files"]} == {"float32", "int8"}
+    for f in card["files"]:
+        assert f["top1_agreement"] >= 0.99, f
+        assert (tmp_path / "tflite" / f["file"]).stat().st_size == f["bytes"]
+    int8, fp32 = sorted(card["files"], key=lambda f: f["bytes"])
+    assert int8["bytes"] < 0.5 * fp32["bytes"]
+
+    # Devices upload deltas and counts, never examples: no device data on the coordinator.
+    logs = (tmp_path / "logs" / "devices").glob("device-*.json")
+    summaries = [json.loads(p.read_text()) for p in logs]
+    assert len(summaries) == 4 and all(s["rounds_trained"] == 3 for s in summaries)
+
+
+def test_killing_the_coordinator_takes_tffs_worker_with_it(tmp_path):
+    instance, log = tmp_path / "instance", tmp_path / "serve.log"
+    server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", "--model", "cnn_small"), log)
+    try:
+        wait_for_server(instance, server, log)
+        workers = {p.pid: p.name() for p in psutil.Process(server.pid).children() if p.name() == "worker_binary"}
+        assert len(workers) == 1
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        assert_all_gone(workers)
+    finally:
+        stop_process(server)
+
+
+def test_sigterm_stops_the_coordinator_and_its_worker(tmp_path):
+    instance, log = tmp_path / "instance", tmp_path / "serve.log"
+    server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", "--model", "cnn_small"), log)
+    try:
+        wait_for_server(instance, server, log)
+        children = {p.pid: p.name() for p in psutil.Process(server.pid).children(recursive=True)}
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        assert_all_gone(children)
+        assert not (instance / "server.json").exists()
+    finally:
+        stop_process(server)

@@ -27,7 +27,7 @@ bench: install
 # Re-resolve requirements.txt from requirements.in (see the overrides there).
 lock:
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile requirements.in --override overrides.txt --python-version 3.11 -o requirements.txt
+	$(BIN)/uv pip compile requirements.in --override overrides.txt --python-version 3.11 --python-platform x86_64-manylinux_2_31 -o requirements.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

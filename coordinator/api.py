@@ -16,7 +16,7 @@ import sqlite3
 import time
 import uuid
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request, send_file
 
 from coordinator import rounds
 from coordinator.errors import ApiError
@@ -105,14 +105,15 @@ def get_checkpoint(sha256: str):
     row = db.execute("SELECT size FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone() if _SHA256.match(sha256) else None
     if row is None:
         raise ApiError(404, "unknown_checkpoint", f"No checkpoint has sha256 {sha256[:80]}.")
-    etag = f'"{sha256}"'
-    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
-    if etag in request.headers.get("If-None-Match", ""):
-        return Response(status=304, headers=headers)
-    data = get_store().blobs.get(sha256)
-    with get_store().transaction(db):
-        rounds.count_bytes_down(db, sha256, len(data))
-    return Response(data, mimetype="application/octet-stream", headers=headers)
+    response = send_file(
+        get_store().blobs.path(sha256), mimetype="application/octet-stream", etag=sha256, conditional=True, max_age=31536000
+    )
+    response.cache_control.public = True
+    response.cache_control.immutable = True
+    if response.status_code == 200:
+        with get_store().transaction(db):
+            rounds.count_bytes_down(db, sha256, row["size"])
+    return response
 
 
 @bp.post("/rounds/<int:round_id>/updates")

@@ -28,7 +28,7 @@ class _Stop(Exception):
 def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 8) -> None:
     import waitress
 
-    from coordinator import create_app
+    from coordinator import DEFAULT_MAX_UPLOAD_BYTES, create_app
     from coordinator.driver import RoundDriver
     from coordinator.tff_runtime import TffRuntime
 
@@ -51,7 +51,18 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
         runtime.start()
         driver = RoundDriver(store, config)
         driver.ensure_run()
-        server = waitress.create_server(app, host=host, port=port, threads=threads, channel_timeout=120)
+        server = waitress.create_server(
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            channel_timeout=120,
+            # Deltas and checkpoints are megabytes: read in large chunks and keep bodies
+            # in memory instead of waitress's default 8 KB reads and temp-file spooling.
+            recv_bytes=1 << 18,
+            inbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
+            outbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
+        )
         url = f"http://{host}:{server.effective_port}"
 
         def drive() -> None:

@@ -5,7 +5,8 @@ starts lazily and stops only in a ``__del__`` that may never run; a worker left 
 keeps its parent's stdout open and hangs test runners and CI pipes. Here the worker is
 started explicitly, writes to a log file, is told by the kernel to die with its parent
 (PR_SET_PDEATHSIG, so even a SIGKILLed coordinator leaves nothing behind), and is
-stopped by ``stop()``, by ``atexit`` and by the server's SIGTERM handler. The execution
+stopped by ``stop()``, by ``atexit`` and by the server's SIGTERM handler. Start it
+from the main thread (see ``edgefl.processes``). The execution
 context is assembled from public ``tff.framework`` pieces around that worker.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgefl.processes import die_with_parent
+from edgefl.processes import orphan_proof
 
 _STARTUP_TIMEOUT_S = 60.0
 _GRPC_MAX_MESSAGE_BYTES = 2_000_000_000
@@ -64,11 +65,10 @@ class TffRuntime:
         log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         try:
             self._process = subprocess.Popen(
-                [str(worker_binary_path()), f"--port={port}"],
+                orphan_proof([str(worker_binary_path()), f"--port={port}"], signal.SIGKILL),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(signal.SIGKILL),
                 close_fds=True,
             )
         finally:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from device_sim.device import DeviceSpec, run_device
 from edgefl.client import CoordinatorUnreachable, ProtocolError
-from edgefl.processes import die_with_parent
+from edgefl.processes import orphan_proof
 
 def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
-    command = [
+    command = orphan_proof([
         sys.executable, "-m", "device_sim",
         "--coordinator", spec.coordinator,
         "--index", str(spec.index),
@@ -32,7 +32,7 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
         "--partition", spec.partition,
         "--seed", str(spec.seed),
         "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
-    ]
+    ])
     log_file = open(log_dir / f"device-{spec.index:04d}.log", "ab")
     try:
         return subprocess.Popen(
@@ -40,7 +40,6 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(),
             env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ},
         )
     finally:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig
-from edgefl.processes import die_with_parent
+from edgefl.processes import orphan_proof
 
 _SERVER_START_TIMEOUT_S = 180
 
@@ -52,7 +52,7 @@ def stop_process(process: subprocess.Popen | None, timeout_s: float = 30) -> Non
 def start_logged(command: list[str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+            orphan_proof(command), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
         )
 
 

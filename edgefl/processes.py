@@ -1,24 +1,35 @@
 """Child processes that cannot outlive their parent.
 
 A device, a coordinator or TFF's worker left running after its parent died keeps
-ports, memory and inherited pipes (which hang test runners and CI). Passing
-``die_with_parent(sig)`` as ``preexec_fn`` asks the kernel (PR_SET_PDEATHSIG) to send
-``sig`` to the child when its parent dies, even by SIGKILL.
+ports, memory and inherited pipes (which hang test runners and CI). ``orphan_proof``
+prefixes a command with a tiny exec wrapper that asks the kernel (PR_SET_PDEATHSIG) to
+signal the child when its parent dies, even by SIGKILL, and then execs the command, so
+the child keeps the PID ``Popen`` reports. Unlike ``preexec_fn`` this is safe in a
+multi-threaded parent (TensorFlow and gRPC always are): nothing runs between fork and
+exec but CPython's own exec path.
+
+The kernel sends the signal when the *thread* that spawned the child exits, so spawn
+long-lived children from a thread that lives as long as they should (the main thread).
 """
 from __future__ import annotations
 
-import ctypes
+import os
 import signal
-from typing import Callable
+import sys
 
-_PR_SET_PDEATHSIG = 1
+_EXEC_WITH_PDEATHSIG = """
+import ctypes, os, sys
+parent, sig = int(sys.argv[1]), int(sys.argv[2])
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+    sys.exit(1)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
-    def _preexec() -> None:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
-
-    return _preexec
+def orphan_proof(command: list[str], sig: int = signal.SIGTERM) -> list[str]:
+    """``command``, wrapped so that it receives ``sig`` when this process dies."""
+    return [sys.executable, "-S", "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), str(int(sig)), *command]
 
 
 def raise_on_sigterm() -> None:

@@ -20,9 +20,12 @@ from edgefl.launcher import edgefl_command, federation, start_logged, stop_proce
 pytestmark = pytest.mark.e2e
 
 
-def descendant_pids() -> dict[int, str]:
+def descendant_pids(exclude: dict[int, str] | None = None) -> dict[int, str]:
+    """This test process's descendants, less ``exclude`` (what other fixtures started)."""
     found = {}
     for process in psutil.Process().children(recursive=True):
+        if exclude and process.pid in exclude:
+            continue
         try:
             found[process.pid] = process.name()
         except psutil.NoSuchProcess:
@@ -44,11 +47,12 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
         model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300,
         epochs=2, batch_size=10, client_lr=0.1,
     )
+    before = descendant_pids()
     seen: dict[int, str] = {}
     with federation(tmp_path, config, count=4, partition="dirichlet:0.5", data_seed=0) as fed:
-        seen.update(descendant_pids())
-        status = fed.follow(lambda _entry: seen.update(descendant_pids()), timeout_s=600)
-        seen.update(descendant_pids())
+        seen.update(descendant_pids(before))
+        status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
+        seen.update(descendant_pids(before))
         assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "logs" / "devices.log").read_text()
         exported = subprocess.run(
             edgefl_command("export", "--coordinator", fed.url, "--out", str(tmp_path / "tflite")),

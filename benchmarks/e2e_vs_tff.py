@@ -46,6 +46,7 @@ def run_edgefl(config: RunConfig, devices: int, partition_spec: str, data_seed: 
         "accuracy": [e["accuracy"] for e in history],
         "loss": [e["loss"] for e in history],
         "seconds": [e["seconds"] for e in history],
+        "aggregation_seconds": [e["aggregation_seconds"] for e in history],
         "wall_seconds_including_startup": wall,
     }
 
@@ -113,7 +114,11 @@ def run_tff(config: RunConfig, devices: int, partition_spec: str, data_seed: int
 
 def summarize(result: dict) -> dict:
     steady = result["seconds"][1:] or result["seconds"]
+    extra = {}
+    if "aggregation_seconds" in result:
+        extra["steady_mean_aggregation_seconds"] = statistics.mean(result["aggregation_seconds"][1:] or result["aggregation_seconds"])
     return {
+        **extra,
         "final_accuracy": result["accuracy"][-1],
         "first_round_seconds": result["seconds"][0],
         "steady_mean_seconds_per_round": statistics.mean(steady),

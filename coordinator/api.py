@@ -147,43 +147,55 @@ def upload_update(round_id: int):
                 db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time()
             )
     except BaseException:
-        if not db.execute("SELECT 1 FROM updates WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
-            store.blobs.delete(blob_sha256)
+        with store.transaction(db):  # under the write lock, so no upload of the same bytes commits meanwhile
+            if not db.execute("SELECT 1 FROM updates WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
+                store.blobs.delete(blob_sha256)
         raise
     return jsonify(round_id=round_id, accepted=True, reports=reports), 202
 
 
 def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:
     raw = metadata.get("num_examples", "")
-    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_EXAMPLES:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_EXAMPLES:
         raise ApiError(400, "bad_num_examples", "Metadata num_examples must be a whole number from 1 to 10^9.")
     try:
         metrics = json.loads(metadata.get("metrics", "{}"))
     except json.JSONDecodeError:
         metrics = None
     if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
         for k, v in metrics.items()
     ):
         raise ApiError(400, "bad_metrics", "Metadata metrics must be a JSON object of finite numbers.")
     return int(raw), metrics
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 @bp.get("/status")
 def status():
     db = get_db()
-    config = rounds.run_config(db)
-    if config is None:
-        return jsonify(run=None)
-    run = db.execute("SELECT * FROM run WHERE id = 1").fetchone()
-    latest = rounds.latest_checkpoint(db)
-    history = rounds.history(db)
-    active = rounds.active_round(db)
+    db.execute("BEGIN")  # one snapshot: the round driver may commit between the reads
+    try:
+        config = rounds.run_config(db)
+        if config is None:
+            return jsonify(run=None)
+        run = db.execute("SELECT * FROM run WHERE id = 1").fetchone()
+        latest = rounds.latest_checkpoint(db)
+        history = rounds.history(db)
+        active = rounds.active_round(db)
+        (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
+    finally:
+        db.execute("COMMIT")
     current = None
     if active is not None:
         current = next(r for r in history if r["id"] == active["id"])
         current = {**current, "target_reports": config.target_reports, "seconds_left": max(0.0, active["deadline_at"] - time.time())}
-    (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
     return jsonify(
         run={"status": run["status"], "config": json.loads(run["config"]), "created_at": run["created_at"], "finished_at": run["finished_at"]},
         model={"version": latest["version"], "sha256": latest["sha256"], "size": latest["size"], "url": f"/v1/checkpoints/{latest['sha256']}"},
@@ -204,6 +216,7 @@ def _summary(r: dict) -> dict:
         "bytes_down": r["bytes_down"],
         "bytes_up": r["bytes_up"],
         "seconds": r["committed_at"] - r["opened_at"],
+        "aggregation_seconds": metrics.get("aggregation_s"),
     }
 
 

@@ -20,9 +20,6 @@ class BlobStore:
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
-    def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
-
     def put(self, data: bytes) -> str:
         sha256 = hashlib.sha256(data).hexdigest()
         target = self.path(sha256)

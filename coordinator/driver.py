@@ -87,11 +87,11 @@ class RoundDriver:
                     rounds.begin_round(db, self.config, now)
                 return True
             if current["status"] == "open":
-                reports = rounds.report_count(db, current["id"])
-                decision = rounds.decide(self.config, reports, current["deadline_at"], now)
-                if decision is None:
-                    return False
-                with self.store.transaction(db):
+                with self.store.transaction(db):  # no upload can commit between count and decision
+                    reports = rounds.report_count(db, current["id"])
+                    decision = rounds.decide(self.config, reports, current["deadline_at"], now)
+                    if decision is None:
+                        return False
                     if decision == "abandon":
                         log.warning("round %d abandoned with %d reports", current["number"], reports)
                         rounds.set_status(db, current["id"], "abandoned", now)

@@ -3,8 +3,9 @@
 A run holds numbered rounds; round N trains model version N-1 into version N. A round
 is ``open`` (selecting and collecting), then ``aggregating`` and ``committed``, or
 ``abandoned`` when its deadline passes with too few reports (a new round then retries
-the same model). Every function takes a connection and the current time, so the state
-machine is driven the same way by the API, the round driver and the tests.
+the same model). Every function takes a connection (and, where time matters, the current
+time), so the state machine is driven the same way by the API, the round driver and the
+tests.
 """
 from __future__ import annotations
 

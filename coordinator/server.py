@@ -1,7 +1,8 @@
 """``edgefl serve``: the WSGI server, the round driver and TFF's worker, started and
 stopped together.
 
-Waitress serves the Flask app on 127.0.0.1; the round driver runs in a thread; TFF's
+Waitress serves the Flask app (on 127.0.0.1 unless told otherwise); the round driver
+runs in a thread; TFF's
 worker_binary is owned by ``TffRuntime``. SIGTERM and SIGINT stop all three. Once bound,
 the server writes ``server.json`` (url, pid) into the instance directory, so a
 launcher that asked for port 0 learns the port without parsing logs.

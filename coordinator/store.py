@@ -1,10 +1,10 @@
 """The coordinator's durable state: SQL rows (SQLite, WAL) beside content-addressed blobs.
 
 Rows say what happened (devices, rounds, who was selected, which updates arrived, the
-checkpoint of each model version, metrics); blobs hold the bytes. The SQL is plain
-(no SQLite-only features beyond the connection setup) so the same statements can run
-on PostgreSQL. Write paths take ``BEGIN IMMEDIATE`` so concurrent writers queue instead
-of failing on upgrade.
+checkpoint of each model version, metrics); blobs hold the bytes. The schema and the
+queries are plain SQL; what is SQLite's own is the connection setup here, the ``?``
+placeholders and ``BEGIN IMMEDIATE`` (write paths take it so concurrent writers queue
+instead of failing on upgrade).
 """
 from __future__ import annotations
 

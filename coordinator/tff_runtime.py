@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgefl.processes import orphan_proof
+from edgefl.processes import orphan_proof, stop_process
 
 _STARTUP_TIMEOUT_S = 60.0
 _GRPC_MAX_MESSAGE_BYTES = 2_000_000_000
@@ -44,7 +44,9 @@ class TffRuntime:
         self._log_path = Path(log_path) if log_path else None
         self._process: subprocess.Popen | None = None
         self._context = None
+        self._channel = None
         self._lock = threading.Lock()
+        atexit.register(self.stop)
 
     @property
     def pid(self) -> int | None:
@@ -74,14 +76,13 @@ class TffRuntime:
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()
-        atexit.register(self.stop)
         options = [
             ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
         ]
-        channel = grpc.insecure_channel(f"localhost:{port}", options)
-        stub = tff.framework.RemoteExecutorGrpcStub(channel)
+        self._channel = grpc.insecure_channel(f"localhost:{port}", options)
+        stub = tff.framework.RemoteExecutorGrpcStub(self._channel)
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while not stub.is_ready:
             if self._process.poll() is not None or time.monotonic() > deadline:
@@ -113,14 +114,10 @@ class TffRuntime:
 
     def _stop_locked(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        stop_process(process, timeout_s=5)
 
     def __enter__(self) -> "TffRuntime":
         self.start()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from edgefl.client import CoordinatorClient, ProtocolError
 from edgefl import wire
 from edgefl.datasets import Split, load_dataset
+from edgefl.models import model_spec
 from edgefl.partition import partition
 
 log = logging.getLogger("edgefl.device")
@@ -69,10 +70,10 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
         t_task = time.monotonic()
         if learner is None:
             learner = KerasLearner(task["model"])
-            model_spec = wire.spec_of(learner.names, learner.model.get_weights())
+            weight_spec = model_spec(task["model"])
         sha = task["checkpoint_sha256"]
         if cached is None or cached[0] != sha:
-            weights, _ = wire.decode(client.download_checkpoint(sha), model_spec)
+            weights, _ = wire.decode(client.download_checkpoint(sha), weight_spec)
             cached = (sha, weights)
         t_downloaded = time.monotonic()
         result = learner.client_update(
@@ -99,6 +100,9 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
                 time.monotonic() - t_trained,
             )
         except ProtocolError as exc:
+            if exc.code == "duplicate_update":  # our earlier attempt was stored; its 202 was lost
+                summary.rounds_trained += 1
+                continue
             if exc.status != 409:
                 raise
             summary.late_uploads += 1

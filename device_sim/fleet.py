@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -20,10 +19,10 @@ from pathlib import Path
 
 from device_sim.device import DeviceSpec, run_device
 from edgefl.client import CoordinatorUnreachable, ProtocolError
-from edgefl.processes import orphan_proof
+from edgefl.processes import start_logged, stop_process
 
 def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
-    command = orphan_proof([
+    command = [
         sys.executable, "-m", "device_sim",
         "--coordinator", spec.coordinator,
         "--index", str(spec.index),
@@ -32,18 +31,8 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
         "--partition", spec.partition,
         "--seed", str(spec.seed),
         "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
-    ])
-    log_file = open(log_dir / f"device-{spec.index:04d}.log", "ab")
-    try:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ},
-        )
-    finally:
-        log_file.close()
+    ]
+    return start_logged(command, log_dir / f"device-{spec.index:04d}.log")
 
 
 def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
@@ -90,11 +79,7 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
             if process.poll() is None:
                 process.terminate()
         for process in processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout_s=10)
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 1 if failures else 0

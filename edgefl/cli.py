@@ -2,13 +2,15 @@
 
 Each subcommand imports its room (coordinator, device_sim, export) only when run, so
 ``edgefl --help`` and a mistyped flag answer at once. Every failure a user can cause
-ends in one line on stderr and a non-zero exit, never a traceback.
+ends in one line on stderr and a non-zero exit: the usual mistakes (flags, values,
+URLs, unreachable coordinators, missing files) are checked or caught here.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -138,23 +140,25 @@ def _serve(args) -> int:
     config = run_config_from(args)
     try:
         serve(instance=args.instance, config=config, host=args.host, port=args.port, threads=args.threads)
-    except ValueError as exc:
+    except (ValueError, RuntimeError, sqlite3.DatabaseError) as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot serve on {args.host}:{args.port} with instance {args.instance}: {exc.strerror or exc}") from None
     return 0
 
 
 def _devices(args) -> int:
     from device_sim.device import DeviceSpec
     from device_sim.fleet import run_fleet
-    from edgefl.partition import PartitionSpec
+    from edgefl.datasets import load_dataset
+    from edgefl.partition import partition
 
     num_devices = args.num_devices or args.count
     if args.count < 1 or args.first_index < 0 or args.first_index + args.count > num_devices:
         raise CliError(f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices}")
     try:
-        PartitionSpec.parse(args.partition)
+        # What every device will compute, computed once here so a bad spec fails in one line.
+        partition(load_dataset(args.dataset).train.y, args.partition, num_devices, args.data_seed)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     _check_reachable(args.coordinator)
@@ -181,8 +185,11 @@ def _check_reachable(url: str) -> dict:
 def _export(args) -> int:
     from edgefl import wire
     from edgefl.client import CoordinatorClient
+    from edgefl.datasets import DATASET_NAMES
     from edgefl.models import MODEL_NAMES, model_spec
 
+    if args.dataset not in DATASET_NAMES:
+        raise CliError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
     if args.checkpoint is not None:
         if args.model not in MODEL_NAMES:
             raise CliError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")

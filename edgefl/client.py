@@ -65,6 +65,8 @@ class CoordinatorClient:
                 problem = f"HTTP {response.status_code}"
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem = type(exc).__name__
+            except requests.RequestException as exc:  # a malformed URL: retrying cannot help
+                raise ProtocolError(0, "bad_url", f"cannot request {self.base_url}{path}: {exc}") from None
             if time.monotonic() >= deadline:
                 raise CoordinatorUnreachable(
                     f"{method} {self.base_url}{path} failed for {self.give_up_after_s:.0f}s (last: {problem})"
@@ -81,13 +83,20 @@ class CoordinatorClient:
             raise ProtocolError(response.status_code, code, detail)
         return response
 
+    def _json(self, method: str, path: str) -> dict:
+        response = self._request(method, path)
+        try:
+            return response.json()
+        except ValueError:
+            raise ProtocolError(response.status_code, "not_json", f"{path} did not answer JSON") from None
+
     def register(self) -> str:
-        body = self._request("POST", "/v1/devices").json()
+        body = self._json("POST", "/v1/devices")
         self.device_id, self.token = body["device_id"], body["token"]
         return self.device_id
 
     def checkin(self) -> dict:
-        return self._request("POST", "/v1/checkin").json()
+        return self._json("POST", "/v1/checkin")
 
     def download_checkpoint(self, sha256: str) -> bytes:
         data = self._request("GET", f"/v1/checkpoints/{sha256}").content
@@ -107,4 +116,4 @@ class CoordinatorClient:
         return response.json()
 
     def status(self) -> dict:
-        return self._request("GET", "/v1/status").json()
+        return self._json("GET", "/v1/status")

@@ -2,8 +2,8 @@
 
 The embedded default is scikit-learn's bundled digits (1,797 real 8x8 scans), so that a
 run needs no download. Each 8x8 scan is upsampled to 20x20 and centred in a 28x28 frame,
-the way MNIST centres its 20x20 digits. NumPy/SciPy only: a device that runs the LiteRT
-runtime loads its shard without importing TensorFlow.
+the way MNIST centres its 20x20 digits. NumPy, SciPy and scikit-learn only, no
+TensorFlow, so a device can load its shard without importing TensorFlow.
 """
 from __future__ import annotations
 

@@ -16,14 +16,19 @@ from edgefl.launcher import edgefl_command, federation
 from edgefl.processes import raise_on_sigterm
 from edgefl.report import plot_history, progress_line, rounds_table
 
+_MARKER = ".edgefl-demo"
+
 
 def run_demo(args, config: RunConfig) -> int:
     from edgefl.cli import CliError
 
     out = args.out
     if out.exists():
+        if not (out / _MARKER).is_file() and (not out.is_dir() or any(out.iterdir())):
+            raise CliError(f"{out} exists and is not an earlier demo's output; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / _MARKER).write_text("written by edgefl demo; the next demo with this --out replaces it\n")
     raise_on_sigterm()
     started = time.monotonic()
     print(

@@ -8,7 +8,6 @@ parent (PR_SET_PDEATHSIG) and are stopped on leaving the context, whatever happe
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Callable, Iterator
 
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig
-from edgefl.processes import orphan_proof
+from edgefl.processes import start_logged, stop_process
 
 _SERVER_START_TIMEOUT_S = 180
 
@@ -38,31 +37,11 @@ def config_flags(config: RunConfig) -> list[str]:
     ]
 
 
-def stop_process(process: subprocess.Popen | None, timeout_s: float = 30) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def start_logged(command: list[str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "wb") as log_file:
-        return subprocess.Popen(
-            orphan_proof(command), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
-        )
-
-
 @dataclass
 class Federation:
     url: str
     server: subprocess.Popen
     fleet: subprocess.Popen | None
-    instance: Path
-    logs: Path
 
     @property
     def client(self) -> CoordinatorClient:
@@ -125,7 +104,7 @@ def federation(
                 ),
                 logs / "devices.log",
             )
-        yield Federation(url, server, fleet, instance, logs)
+        yield Federation(url, server, fleet)
     finally:
         stop_process(fleet)
         stop_process(server)

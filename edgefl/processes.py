@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 _EXEC_WITH_PDEATHSIG = """
 import ctypes, os, sys
@@ -39,3 +41,23 @@ def raise_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _handler)
+
+
+def start_logged(command: list[str], log_path: Path, sig: int = signal.SIGTERM) -> subprocess.Popen:
+    """Start ``command`` orphan-proof, stdin closed, stdout and stderr appended to ``log_path``."""
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            orphan_proof(command, sig), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
+
+
+def stop_process(process: subprocess.Popen | None, timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,9 +1,9 @@
 """The client update and evaluation, as functions of (weights, data, hyper-parameters).
 
 After TFF's simple_fedavg: the client update takes the global weights and returns a
-delta, an example count and metrics, and does no I/O, so it can be tested and reused by
-the device, the benchmark and export alike. A ``KerasLearner`` only caches one model and
-its compiled step per process; every call starts from the weights it is given.
+delta, an example count and metrics, and does no I/O, so the device, the coordinator's
+evaluation, the benchmark and the tests share it. A ``KerasLearner`` only caches one
+model and its compiled steps per process; every call starts from the weights it is given.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class KerasLearner:
                 tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             )
             correct = tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == y, tf.float32))
-            return loss, correct, tf.argmax(logits, 1)
+            return loss, correct
 
         self._sgd_step = sgd_step
         self._eval_step = eval_step
@@ -90,24 +90,13 @@ class KerasLearner:
         return ClientResult(delta, len(y), metrics)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        metrics, _ = self.evaluate_with_predictions(weights, x, y)
-        return metrics
-
-    def evaluate_with_predictions(
-        self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray
-    ) -> tuple[dict[str, float], np.ndarray]:
         self.model.set_weights(weights)
         loss_sum = correct_sum = 0.0
-        predictions = []
         for start in range(0, len(y), _EVAL_BATCH):
-            loss, correct, predicted = self._eval_step(
-                x[start : start + _EVAL_BATCH], y[start : start + _EVAL_BATCH]
-            )
+            loss, correct = self._eval_step(x[start : start + _EVAL_BATCH], y[start : start + _EVAL_BATCH])
             loss_sum += float(loss)
             correct_sum += float(correct)
-            predictions.append(predicted.numpy())
-        metrics = {"loss": loss_sum / len(y), "accuracy": correct_sum / len(y)}
-        return metrics, np.concatenate(predictions)
+        return {"loss": loss_sum / len(y), "accuracy": correct_sum / len(y)}
 
 
 def limit_threads(threads: int = 1) -> None:

@@ -52,8 +52,8 @@ def encode(
     return save(tensors, metadata=dict(metadata) if metadata else None)
 
 
-def read_header(data: bytes) -> tuple[dict, dict[str, str]]:
-    """The tensor entries and metadata of a safetensors payload, without its data."""
+def read_header(data: bytes) -> tuple[dict, dict[str, str], int]:
+    """The tensor entries, metadata and data offset of a safetensors payload."""
     if len(data) < 8:
         raise WireError("malformed", "Body is not a safetensors payload: shorter than its 8-byte header length.")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -70,14 +70,14 @@ def read_header(data: bytes) -> tuple[dict, dict[str, str]]:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise WireError("malformed", "The safetensors __metadata__ must map strings to strings.")
-    return header, metadata
+    return header, metadata, 8 + header_len
 
 
 def decode(
     data: bytes, spec: Sequence[TensorSpec]
 ) -> tuple[list[np.ndarray], dict[str, str]]:
     """Arrays in ``spec`` order and the metadata, or a ``WireError`` saying what is wrong."""
-    header, metadata = read_header(data)
+    header, metadata, start = read_header(data)
     expected = {s.name: s for s in spec}
     missing = sorted(set(expected) - set(header))
     unknown = sorted(set(header) - set(expected))
@@ -88,7 +88,7 @@ def decode(
         if unknown:
             parts.append(f"unexpected {', '.join(unknown[:5])}")
         raise WireError("wrong_tensors", f"Tensor names differ from the model's: {'; '.join(parts)}.")
-    body_len = len(data) - 8 - _header_len(data)
+    body_len = len(data) - start
     spans = []
     for name, entry in header.items():
         want = expected[name]
@@ -114,7 +114,6 @@ def decode(
     if spans[0][0] != 0 or spans[-1][1] != body_len or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
         raise WireError("malformed", "Tensor data does not exactly fill the body (gaps, overlaps or trailing bytes).")
 
-    start = 8 + _header_len(data)
     arrays = []
     for s in spec:
         begin, end = header[s.name]["data_offsets"]
@@ -124,7 +123,3 @@ def decode(
             raise WireError("non_finite", f"{s.name} contains NaN or Inf values.")
         arrays.append(array.reshape(s.shape))
     return arrays, metadata
-
-
-def _header_len(data: bytes) -> int:
-    return struct.unpack("<Q", data[:8])[0]

@@ -169,6 +169,8 @@ def _bad_uploads():
         "no num_examples": (update_body(num_examples=None), 400, "bad_num_examples"),
         "zero examples": (update_body(num_examples="0"), 400, "bad_num_examples"),
         "negative examples": (update_body(num_examples="-5"), 400, "bad_num_examples"),
+        "unicode digits": (update_body(num_examples="\u00b2"), 400, "bad_num_examples"),
+        "metric too large for a float": (update_body(metrics='{"n": 1' + "0" * 400 + "}"), 400, "bad_metrics"),
         "metrics not json": (update_body(metrics="{oops"), 400, "bad_metrics"),
         "metrics nan": (update_body(metrics='{"loss": NaN}'), 400, "bad_metrics"),
     }

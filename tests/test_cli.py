@@ -67,3 +67,19 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path):
     path.write_bytes(wire.encode(["w"], [np.zeros(3, np.float32)]))
     result = edgefl("export", "--checkpoint", str(path), "--model", "cnn", "--out", str(tmp_path / "out"))
     assert_one_line_error(result, contains="does not fit model cnn")
+
+
+def test_demo_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    assert_one_line_error(edgefl("demo", "--out", str(tmp_path)), contains="not an earlier demo")
+    assert precious.read_text() == "keep me"
+
+
+def test_malformed_coordinator_url_is_one_line():
+    assert_one_line_error(edgefl("status", "--coordinator", "127.0.0.1:8080"), contains="bad_url")
+
+
+def test_impossible_partition_is_one_line_before_any_device_starts():
+    result = edgefl("devices", "--partition", "classes:11", "--coordinator", closed_port_url())
+    assert_one_line_error(result, contains="classes:11")

@@ -73,7 +73,8 @@ class Store:
     """Opens connections to the database and owns the blob directory of one instance."""
 
     def __init__(self, instance_dir: Path | str):
-        self.instance_dir = Path(instance_dir)
+        # Absolute: Flask resolves relative file paths against the app's package directory.
+        self.instance_dir = Path(instance_dir).resolve()
         self.instance_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.instance_dir / "edgefl.sqlite3"
         self.blobs = BlobStore(self.instance_dir / "blobs")

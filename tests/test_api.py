@@ -303,3 +303,19 @@ def test_run_finishes_after_its_rounds(client, driver):
     status = client.get("/v1/status").json
     assert status["run"]["status"] == "finished" and status["model"]["version"] == 2
     assert client.post("/v1/checkin", headers=devices[0]).json == {"status": "finished"}
+
+
+def test_a_relative_instance_directory_serves_checkpoints(tmp_path, monkeypatch, small_parts):
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+    from edgefl.config import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    app = create_app({"INSTANCE": "relative/instance", "TESTING": True})
+    learner, server = small_parts
+    RoundDriver(app.extensions["edgefl.store"], RunConfig(model="cnn_small"), learner=learner, server=server).ensure_run()
+    monkeypatch.chdir("/")
+    client = app.test_client()
+    sha = client.get("/v1/status").json["model"]["sha256"]
+    response = client.get(f"/v1/checkpoints/{sha}")
+    assert response.status_code == 200 and hashlib.sha256(response.data).hexdigest() == sha

@@ -87,7 +87,9 @@ class RoundDriver:
                     rounds.begin_round(db, self.config, now)
                 return True
             if current["status"] == "open":
-                with self.store.transaction(db):  # no upload can commit between count and decision
+                if rounds.decide(self.config, rounds.report_count(db, current["id"]), current["deadline_at"], now) is None:
+                    return False  # the common case, decided without taking the write lock
+                with self.store.transaction(db):  # decide again: no upload can commit in between now
                     reports = rounds.report_count(db, current["id"])
                     decision = rounds.decide(self.config, reports, current["deadline_at"], now)
                     if decision is None:

@@ -30,6 +30,7 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
         "--dataset", spec.dataset,
         "--partition", spec.partition,
         "--seed", str(spec.seed),
+        "--threads", str(spec.threads),
         "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
     ]
     return start_logged(command, log_dir / f"device-{spec.index:04d}.log")
@@ -94,13 +95,14 @@ def device_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from edgefl.training import limit_threads
 
-    limit_threads(1)
+    limit_threads(args.threads)
     spec = DeviceSpec(
         coordinator=args.coordinator,
         index=args.index,
@@ -108,6 +110,7 @@ def device_main(argv: list[str] | None = None) -> int:
         dataset=args.dataset,
         partition=args.partition,
         seed=args.seed,
+        threads=args.threads,
     )
     try:
         summary = run_device(spec)

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--first-index", type=int, default=0, help="index of the first device in that population (default 0)")
     devices.add_argument("--dataset", default="digits", help="dataset the devices' shards come from (default digits)")
     devices.add_argument("--log-dir", type=Path, default=Path("runs/devices"), help="per-device logs (default runs/devices)")
+    devices.add_argument("--threads", type=int, default=2, help="TensorFlow threads per device process (default 2)")
 
     export = sub.add_parser("export", help="convert the newest global model to .tflite files and a model card")
     source = export.add_mutually_exclusive_group()
@@ -154,6 +155,8 @@ def _devices(args) -> int:
     from edgefl.partition import partition
 
     num_devices = args.num_devices or args.count
+    if args.threads < 1:
+        raise CliError("--threads must be at least 1")
     if args.count < 1 or args.first_index < 0 or args.first_index + args.count > num_devices:
         raise CliError(f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices}")
     try:
@@ -170,6 +173,7 @@ def _devices(args) -> int:
             dataset=args.dataset,
             partition=args.partition,
             seed=args.data_seed,
+            threads=args.threads,
         )
         for i in range(args.first_index, args.first_index + args.count)
     ]

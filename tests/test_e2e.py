@@ -59,6 +59,12 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
         )
         assert exported.returncode == 0, exported.stderr
+        shown = subprocess.run(
+            edgefl_command("status", "--coordinator", fed.url), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "run: finished, model cnn_small on digits, 3/3 rounds, 4 devices registered" in shown.stdout
+        assert len([line for line in shown.stdout.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]) == 3
 
     names = set(seen.values())
     assert "worker_binary" in names, names

@@ -21,6 +21,7 @@ from device_sim.device import DeviceSpec, run_device
 from edgefl.client import CoordinatorUnreachable, ProtocolError
 from edgefl.processes import start_logged, stop_process
 
+
 def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "device_sim",

@@ -70,7 +70,7 @@ def plot_history(history: list[dict], path: Path, *, title: str = "edgefl run") 
     ax_dev.bar(rounds, [e["selected"] for e in history], color="lightgray", label="selected")
     ax_dev.bar(rounds, [e["reported"] for e in history], color="tab:green", label="reported")
     ax_dev.set(title="devices", xlabel="round")
-    ax_dev.legend(loc="lower right")
+    ax_dev.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     for ax in (ax_acc, ax_loss, ax_dev):
         ax.grid(alpha=0.3)
     fig.suptitle(title)

@@ -56,7 +56,7 @@ def run_tff(config: RunConfig, devices: int, partition_spec: str, data_seed: int
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    from coordinator.tff_runtime import TffRuntime
+    from edgefl.tff_runtime import TffRuntime
     from edgefl.models import build_model
     from edgefl.training import KerasLearner
 

@@ -2,26 +2,27 @@
 
 The clients' deltas are combined by a ``tff.aggregators`` process (``MeanFactory``,
 weighted by example counts) and the model moves by a ``tff.learning.optimizers`` step
-on the negated mean delta (SGD at learning rate 1.0 is plain FedAvg). Like TFF's own
-processes, ``next`` is a pure function of (state, weights, client values): the round
-driver owns I/O and persistence, and the state round-trips through bytes so it can be
-stored beside each checkpoint.
+on the negated mean delta (SGD at learning rate 1.0 is plain FedAvg). Both are written
+as one TFF round computation, the shape TFF's ``simple_fedavg`` gives its server, and
+compiled to MapReduce form (``coordinator.mapreduce``): each update is folded into an
+accumulator on its own, so a cohort costs one accumulator of memory, and the round's
+arithmetic is exactly the TFF factory's. ``next`` is a pure function of (state,
+weights, updates): the round driver owns I/O and persistence, and the state
+round-trips through bytes so it can be stored beside each checkpoint.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from coordinator.mapreduce import MapReduceRound
 from edgefl import wire
 from edgefl.wire import TensorSpec
 
-
-@dataclass(frozen=True)
-class ServerState:
-    aggregator: Any
-    optimizer: Any
+ServerState = tuple  # the aggregator's and the optimizer's state tensors, in TFF's order
 
 
 @dataclass(frozen=True)
@@ -31,67 +32,98 @@ class ServerOutput:
     mean_delta: list[np.ndarray]
 
 
-class FedAvgServer:
-    """A TFF aggregation process and server optimizer built for one model's weights.
+def build_round(spec: Sequence[TensorSpec], server_optimizer: str, server_lr: float):
+    """The federated ``initialize`` and round computations, before compilation.
 
-    Building traces TFF computations (about a second), so one instance serves a run.
-    Executing them needs a TFF context (see ``coordinator.tff_runtime``).
+    The round takes ``<model, aggregator, optimizer>@SERVER`` and each client's
+    ``<delta, weight>`` and returns the next state and the mean delta.
     """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    if server_optimizer != "sgd":
+        raise ValueError(f"unknown server optimizer {server_optimizer!r}")
+    model_type = tff.types.to_type([tff.TensorType(np.float32, s.shape) for s in spec])  # a Python list
+    aggregator = tff.aggregators.MeanFactory().create(model_type, tff.TensorType(np.float32))
+    optimizer = tff.learning.optimizers.build_sgdm(learning_rate=server_lr)
+
+    @tff.tensorflow.computation
+    def optimizer_initialize():
+        return optimizer.initialize([tf.TensorSpec(s.shape, tf.float32) for s in spec])
+
+    @tff.tensorflow.computation(optimizer_initialize.type_signature.result, model_type, model_type)
+    def optimizer_next(state, weights, mean_delta):
+        return optimizer.next(state, weights, [tf.negative(m) for m in mean_delta])
+
+    @tff.federated_computation
+    def initialize():
+        return tff.federated_zip(
+            collections.OrderedDict(
+                aggregator=aggregator.initialize(),
+                optimizer=tff.federated_eval(optimizer_initialize, tff.SERVER),
+            )
+        )
+
+    state_type = tff.FederatedType(
+        tff.StructType(
+            [
+                ("model", model_type),
+                ("aggregator", aggregator.initialize.type_signature.result.member),
+                ("optimizer", optimizer_initialize.type_signature.result),
+            ]
+        ),
+        tff.SERVER,
+    )
+    client_type = tff.FederatedType(
+        tff.StructType([("delta", model_type), ("weight", tff.TensorType(np.float32))]), tff.CLIENTS
+    )
+
+    @tff.federated_computation(state_type, client_type)
+    def next_round(state, clients):
+        aggregate = aggregator.next(state.aggregator, clients.delta, clients.weight)
+        optimizer_state, model = tff.federated_map(optimizer_next, (state.optimizer, state.model, aggregate.result))
+        new_state = tff.federated_zip(
+            collections.OrderedDict(model=model, aggregator=aggregate.state, optimizer=optimizer_state)
+        )
+        return new_state, aggregate.result
+
+    return initialize, next_round
+
+
+class FedAvgServer:
+    """FedAvg's server for one model's weights, compiled once (about a second)."""
 
     def __init__(self, spec: Sequence[TensorSpec], *, server_optimizer: str = "sgd", server_lr: float = 1.0):
-        import tensorflow_federated as tff
-
-        if server_optimizer != "sgd":
-            raise ValueError(f"unknown server optimizer {server_optimizer!r}")
         self.spec = tuple(spec)
-        value_type = tff.types.to_type([tff.TensorType(np.float32, s.shape) for s in self.spec])
-        self.aggregator = tff.aggregators.MeanFactory().create(value_type, tff.TensorType(np.float32))
-        self.optimizer = tff.learning.optimizers.build_sgdm(learning_rate=server_lr)
+        self.round = MapReduceRound(*build_round(self.spec, server_optimizer, server_lr))
+        self.state_spec = wire.spec_of(
+            [leaf.path for leaf in self.round.initialize.results],
+            [np.zeros(leaf.shape, leaf.dtype) for leaf in self.round.initialize.results],
+        )
 
     def initialize(self) -> ServerState:
-        import tensorflow as tf
-
-        specs = [tf.TensorSpec(s.shape, tf.float32) for s in self.spec]
-        return ServerState(self.aggregator.initialize(), self.optimizer.initialize(specs))
+        return tuple(np.asarray(x) for x in self.round.initialize())
 
     def next(
         self,
         state: ServerState,
         weights: Sequence[np.ndarray],
-        deltas: Sequence[Sequence[np.ndarray]],
-        num_examples: Sequence[int],
+        updates: Iterable[tuple[Sequence[np.ndarray], int]],
     ) -> ServerOutput:
-        """One server round: weighted mean of ``deltas``, then an optimizer step."""
-        output = self.aggregator.next(
-            state.aggregator, [list(d) for d in deltas], [float(n) for n in num_examples]
-        )
-        import tensorflow as tf
-
-        mean_delta = [np.asarray(m, dtype=np.float32) for m in output.result]
-        optimizer_state, new_weights = self.optimizer.next(
-            state.optimizer,
-            [tf.constant(w, tf.float32) for w in weights],
-            [tf.constant(-m, tf.float32) for m in mean_delta],
-        )
-        new_weights = [np.asarray(w, dtype=np.float32) for w in new_weights]
-        return ServerOutput(ServerState(output.state, optimizer_state), new_weights, mean_delta)
+        """One server round over ``(delta, num_examples)`` pairs, taken one at a time."""
+        round_state = [*weights, *state]
+        broadcast = self.round.prepare(*round_state)
+        accumulator = self.round.zero()
+        for delta, num_examples in updates:
+            work = self.round.client_work(broadcast, [*delta, np.float32(num_examples)])
+            accumulator = self.round.accumulate(*accumulator, *work)
+        new_state, mean_delta = self.round.finish(round_state, accumulator)
+        n = len(self.spec)
+        return ServerOutput(tuple(new_state[n:]), new_state[:n], mean_delta)
 
     def state_to_bytes(self, state: ServerState) -> bytes:
-        import tensorflow as tf
-
-        leaves = [np.asarray(x, dtype=np.float32) for x in tf.nest.flatten((state.aggregator, state.optimizer))]
-        return wire.encode([f"state/{i:04d}" for i in range(len(leaves))], leaves)
+        return wire.encode([s.name for s in self.state_spec], state)
 
     def state_from_bytes(self, data: bytes) -> ServerState:
-        """Rebuild a stored state on the structure of a fresh one."""
-        import tensorflow as tf
-
-        fresh = self.initialize()
-        structure = (fresh.aggregator, fresh.optimizer)
-        leaves = tf.nest.flatten(structure)
-        spec = [TensorSpec(f"state/{i:04d}", np.shape(x)) for i, x in enumerate(leaves)]
-        arrays, _ = wire.decode(data, spec)
-        restored = [np.asarray(a, dtype=np.asarray(x).dtype) for a, x in zip(arrays, leaves)]
-        aggregator, optimizer = tf.nest.pack_sequence_as(structure, restored)
-        return ServerState(aggregator, optimizer)
-
+        arrays, _ = wire.decode(data, self.state_spec)
+        return tuple(arrays)

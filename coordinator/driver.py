@@ -109,9 +109,11 @@ class RoundDriver:
         weights, _ = wire.decode(self.store.blobs.get(base["sha256"]), self.spec)
         state = self.server.state_from_bytes(self.store.blobs.get(base["server_state_sha256"]))
         updates = rounds.round_updates(db, current["id"])
-        deltas = [wire.decode(self.store.blobs.get(u["blob_sha256"]), self.spec)[0] for u in updates]
-        counts = [u["num_examples"] for u in updates]
-        output = self.server.next(state, weights, deltas, counts)
+        output = self.server.next(
+            state,
+            weights,
+            ((wire.decode(self.store.blobs.get(u["blob_sha256"]), self.spec)[0], u["num_examples"]) for u in updates),
+        )
         aggregated = self.clock()
         evaluation = self.learner.evaluate(output.weights, self.test.x, self.test.y)
         evaluated = self.clock()
@@ -120,7 +122,7 @@ class RoundDriver:
         checkpoint = wire.encode(self.names, output.weights, {"version": str(number), "model": self.config.model})
         sha = self.store.blobs.put(checkpoint)
         state_sha = self.store.blobs.put(self.server.state_to_bytes(output.state))
-        total = sum(counts)
+        total = sum(u["num_examples"] for u in updates)
         metrics = {
             **evaluation,
             "num_examples": total,

@@ -1,9 +1,7 @@
-"""``edgefl serve``: the WSGI server, the round driver and TFF's worker, started and
-stopped together.
+"""``edgefl serve``: the WSGI server and the round driver, started and stopped together.
 
 Waitress serves the Flask app (on 127.0.0.1 unless told otherwise); the round driver
-runs in a thread; TFF's
-worker_binary is owned by ``TffRuntime``. SIGTERM and SIGINT stop all three. Once bound,
+runs in a thread. SIGTERM and SIGINT stop both. Once bound,
 the server writes ``server.json`` (url, pid) into the instance directory, so a
 launcher that asked for port 0 learns the port without parsing logs.
 """
@@ -31,13 +29,11 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
 
     from coordinator import DEFAULT_MAX_UPLOAD_BYTES, create_app
     from coordinator.driver import RoundDriver
-    from coordinator.tff_runtime import TffRuntime
 
     instance = Path(instance)
     instance.mkdir(parents=True, exist_ok=True)
     app = create_app({"INSTANCE": str(instance)})
     store = app.extensions["edgefl.store"]
-    runtime = TffRuntime(log_path=instance / "worker_binary.log")
     stop = threading.Event()
 
     def _on_signal(signum, _frame):
@@ -49,7 +45,6 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
     driver_thread = None
     info_path = instance / "server.json"
     try:
-        runtime.start()
         driver = RoundDriver(store, config)
         driver.ensure_run()
         server = waitress.create_server(
@@ -66,14 +61,10 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
         )
         url = f"http://{host}:{server.effective_port}"
 
-        def drive() -> None:
-            runtime.install()
-            driver.run(stop)
-
-        driver_thread = threading.Thread(target=drive, name="round-driver", daemon=True)
+        driver_thread = threading.Thread(target=driver.run, args=(stop,), name="round-driver", daemon=True)
         driver_thread.start()
         info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-        log.info("serving %s (instance %s, TFF worker pid %s)", url, instance, runtime.pid)
+        log.info("serving %s (instance %s)", url, instance)
         print(f"edgefl coordinator listening on {url}", flush=True)
         server.run()
     except _Stop as why:
@@ -84,6 +75,5 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
             server.close()
         if driver_thread is not None:
             driver_thread.join(timeout=30)
-        runtime.stop()
         info_path.unlink(missing_ok=True)
         sys.stdout.flush()

@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 _MAX_HEADER_BYTES = 1 << 20
-_DTYPES = {"F32": np.float32}
+_DTYPES = {"F32": np.dtype(np.float32), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64)}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_DTYPES[self.dtype]).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.dtype].itemsize
 
 
 class WireError(ValueError):
@@ -39,8 +40,17 @@ class WireError(ValueError):
         self.detail = detail
 
 
+def _wire_dtype(array: np.ndarray) -> np.dtype:
+    """Integers travel as they are (optimizer and DP state have counters); any other
+    value is a float32 weight."""
+    dtype = np.asarray(array).dtype
+    return dtype if dtype in _CODES else _DTYPES["F32"]
+
+
 def spec_of(names: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(n, tuple(int(d) for d in a.shape)) for n, a in zip(names, arrays))
+    return tuple(
+        TensorSpec(n, tuple(int(d) for d in np.shape(a)), _CODES[_wire_dtype(a)]) for n, a in zip(names, arrays)
+    )
 
 
 def encode(
@@ -48,7 +58,7 @@ def encode(
 ) -> bytes:
     from safetensors.numpy import save
 
-    tensors = {n: np.require(a, dtype=np.float32, requirements="C") for n, a in zip(names, arrays)}
+    tensors = {n: np.require(a, dtype=_wire_dtype(a), requirements="C") for n, a in zip(names, arrays)}
     return save(tensors, metadata=dict(metadata) if metadata else None)
 
 
@@ -111,13 +121,14 @@ def decode(
             raise WireError("malformed", f"{name} has data offsets that do not fit its shape or the body.")
         spans.append(tuple(offsets))
     spans.sort()
-    if spans[0][0] != 0 or spans[-1][1] != body_len or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    ends = [0] + [end for _, end in spans]
+    if [begin for begin, _ in spans] != ends[:-1] or ends[-1] != body_len:
         raise WireError("malformed", "Tensor data does not exactly fill the body (gaps, overlaps or trailing bytes).")
 
     arrays = []
     for s in spec:
         begin, end = header[s.name]["data_offsets"]
-        dtype = np.dtype(_DTYPES[s.dtype])
+        dtype = _DTYPES[s.dtype]
         array = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
         if not np.isfinite(array).all():
             raise WireError("non_finite", f"{s.name} contains NaN or Inf values.")

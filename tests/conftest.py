@@ -16,7 +16,7 @@ def descendants() -> list[psutil.Process]:
 @pytest.fixture(scope="session")
 def tff_runtime(tmp_path_factory):
     """TFF's worker_binary for the whole session; the session fails if it outlives stop()."""
-    from coordinator.tff_runtime import TffRuntime
+    from edgefl.tff_runtime import TffRuntime
 
     runtime = TffRuntime(log_path=tmp_path_factory.mktemp("tff") / "worker_binary.log")
     runtime.start()
@@ -35,7 +35,7 @@ def _tff_context_in_this_thread(request):
 
 
 @pytest.fixture(scope="session")
-def small_parts(tff_runtime):
+def small_parts():
     """A Keras learner and TFF server for cnn_small, traced once per session."""
     from coordinator.aggregation import FedAvgServer
     from edgefl.models import model_spec

@@ -1,11 +1,13 @@
 """Owns the life of TFF's C++ ``worker_binary``, the process that runs TFF computations.
 
-TFF 0.87 executes every computation in a ``worker_binary`` child that its own context
+The coordinator does not need it (its aggregation runs compiled, see
+``coordinator.mapreduce``); TFF's own simulation in the benchmark and the tests that
+check compiled rounds against TFF's executor do. TFF 0.87 executes every computation in a ``worker_binary`` child that its own context
 starts lazily and stops only in a ``__del__`` that may never run; a worker left behind
 keeps its parent's stdout open and hangs test runners and CI pipes. Here the worker is
 started explicitly, writes to a log file, is told by the kernel to die with its parent
 (PR_SET_PDEATHSIG, so even a SIGKILLed coordinator leaves nothing behind), and is
-stopped by ``stop()``, by ``atexit`` and by the server's SIGTERM handler. Start it
+stopped by ``stop()`` and by ``atexit``. Start it
 from the main thread (see ``edgefl.processes``). The execution
 context is assembled from public ``tff.framework`` pieces around that worker.
 """

@@ -13,7 +13,7 @@ round-trips through bytes so it can be stored beside each checkpoint.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -23,6 +23,20 @@ from edgefl import wire
 from edgefl.wire import TensorSpec
 
 ServerState = tuple  # the aggregator's and the optimizer's state tensors, in TFF's order
+
+
+@dataclass(frozen=True)
+class RoundFold:
+    """A round in progress: what it started from and the sum of what has arrived.
+
+    The accumulator is one model's worth of tensors however many updates it holds, so
+    the driver can fold each update as it arrives and close a round in milliseconds.
+    """
+
+    round_state: tuple
+    broadcast: tuple
+    accumulator: tuple
+    updates: int
 
 
 @dataclass(frozen=True)
@@ -104,22 +118,33 @@ class FedAvgServer:
     def initialize(self) -> ServerState:
         return tuple(np.asarray(x) for x in self.round.initialize())
 
+    def begin(self, state: ServerState, weights: Sequence[np.ndarray]) -> "RoundFold":
+        """A round's fold over no updates yet, from the model and the server state."""
+        round_state = (*weights, *state)
+        return RoundFold(round_state, tuple(self.round.prepare(*round_state)), tuple(self.round.zero()), 0)
+
+    def fold(self, fold: "RoundFold", delta: Sequence[np.ndarray], num_examples: int) -> "RoundFold":
+        """``fold`` with one more client's update in it (TFF's work, then accumulate)."""
+        work = self.round.client_work(fold.broadcast, [*delta, np.float32(num_examples)])
+        return replace(fold, accumulator=tuple(self.round.accumulate(*fold.accumulator, *work)), updates=fold.updates + 1)
+
+    def finish(self, fold: "RoundFold") -> ServerOutput:
+        """TFF's report and update: the next weights, server state and mean delta."""
+        new_state, mean_delta = self.round.finish(fold.round_state, fold.accumulator)
+        n = len(self.spec)
+        return ServerOutput(tuple(new_state[n:]), new_state[:n], mean_delta)
+
     def next(
         self,
         state: ServerState,
         weights: Sequence[np.ndarray],
         updates: Iterable[tuple[Sequence[np.ndarray], int]],
     ) -> ServerOutput:
-        """One server round over ``(delta, num_examples)`` pairs, taken one at a time."""
-        round_state = [*weights, *state]
-        broadcast = self.round.prepare(*round_state)
-        accumulator = self.round.zero()
+        """One whole server round over ``(delta, num_examples)`` pairs, taken one at a time."""
+        fold = self.begin(state, weights)
         for delta, num_examples in updates:
-            work = self.round.client_work(broadcast, [*delta, np.float32(num_examples)])
-            accumulator = self.round.accumulate(*accumulator, *work)
-        new_state, mean_delta = self.round.finish(round_state, accumulator)
-        n = len(self.spec)
-        return ServerOutput(tuple(new_state[n:]), new_state[:n], mean_delta)
+            fold = self.fold(fold, delta, num_examples)
+        return self.finish(fold)
 
     def state_to_bytes(self, state: ServerState) -> bytes:
         return wire.encode([s.name for s in self.state_spec], state)

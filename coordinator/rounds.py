@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 
 from edgefl.config import RunConfig
 
-# Pace steering: a device the next round will need soon (the current one is being
-# aggregated, or the device already reported in it) polls again quickly; one that found
-# the cohort full backs off longer. Jitter spreads both so devices never arrive in step.
-SOON_RETRY_S = 0.2
+# Pace steering: a device the next round will need soon polls again quickly; one that
+# already reported in the open round comes back about when the last round's length says
+# this one will close; one that found the cohort full backs off longer. Jitter spreads
+# all three so devices never arrive in step.
+SOON_RETRY_S = 0.1
 LATER_RETRY_S = 2.0
 
 
@@ -108,7 +109,8 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
     if db.execute(
         "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
     ).fetchone():
-        return _retry(rng, SOON_RETRY_S)
+        expected_left = current["opened_at"] + _last_round_seconds(db) - now
+        return _retry(rng, min(max(expected_left, SOON_RETRY_S), LATER_RETRY_S))
     assigned = db.execute(
         "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
     ).fetchone()
@@ -136,6 +138,13 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
         seconds_left=max(0.0, current["deadline_at"] - now),
     )
     return {"status": "task", "task": task.to_json()}
+
+
+def _last_round_seconds(db: sqlite3.Connection) -> float:
+    row = db.execute(
+        "SELECT committed_at - opened_at FROM rounds WHERE status = 'committed' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    return row[0] if row else 0.0
 
 
 def _retry(rng: random.Random, base_s: float) -> dict:
@@ -196,9 +205,10 @@ def set_status(db: sqlite3.Connection, round_id: int, status: str, now: float) -
     db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
 
 
-def round_updates(db: sqlite3.Connection, round_id: int) -> list[sqlite3.Row]:
+def round_updates(db: sqlite3.Connection, round_id: int, after_id: int = 0) -> list[sqlite3.Row]:
+    """The round's updates in arrival order (the order they are folded in), after ``after_id``."""
     return db.execute(
-        "SELECT * FROM updates WHERE round_id = ? ORDER BY device_id", (round_id,)
+        "SELECT * FROM updates WHERE round_id = ? AND id > ? ORDER BY id", (round_id, after_id)
     ).fetchall()
 
 

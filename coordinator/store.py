@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS assignments (
     PRIMARY KEY (round_id, device_id)
 );
 CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY,
     round_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
     blob_sha256 TEXT NOT NULL,
@@ -62,7 +63,7 @@ CREATE TABLE IF NOT EXISTS updates (
     size INTEGER NOT NULL,
     metrics TEXT NOT NULL,
     received_at REAL NOT NULL,
-    PRIMARY KEY (round_id, device_id)
+    UNIQUE (round_id, device_id)
 );
 """
 

@@ -145,7 +145,7 @@ def test_accepted_update_is_durable_before_202(client, store, open_round):
     assert response.json == {"round_id": task["round_id"], "accepted": True, "reports": 1}
     rows = store.snapshot()["rows"]["updates"]
     sha = hashlib.sha256(body).hexdigest()
-    assert len(rows) == 1 and rows[0][2] == sha and rows[0][3] == 37
+    assert len(rows) == 1 and rows[0][3] == sha and rows[0][4] == 37
     assert store.blobs.get(sha) == body
 
 
@@ -264,11 +264,63 @@ def test_a_round_aggregates_commits_and_late_uploads_conflict(client, store, dri
         np.testing.assert_allclose(n, b + (30 * d0 + 10 * d1) / 40, rtol=1e-5, atol=1e-6)
     assert 0.0 <= status["history"][0]["accuracy"] <= 1.0
 
-    third = register(client)  # selected into nothing: round 1 is over, round 2 is not open yet
+    third = register(client)  # selected into nothing: round 1 is over
     before = store.snapshot()
     assert_error(upload(client, headers_a, task["round_id"], update_body(seed=9)), 409, "round_closed")
     assert_error(upload(client, third, task["round_id"], update_body(seed=9)), 409, "round_closed")
     assert store.snapshot() == before
+
+
+def test_a_driver_restarted_mid_round_refolds_and_commits_the_same_model(client, store, driver, open_round):
+    """Updates folded before a restart live only in memory; the new driver refolds them
+    from the store in arrival order and commits exactly the uninterrupted result."""
+    from coordinator.driver import RoundDriver
+
+    headers_a, task = open_round
+    headers_b = register(client)
+    take_task(client, headers_b)
+    names = [s.name for s in SPEC]
+    rng = np.random.default_rng(6)
+    deltas = [[rng.normal(scale=0.01, size=s.shape).astype(np.float32) for s in SPEC] for _ in range(2)]
+    assert upload(client, headers_a, task["round_id"], wire.encode(names, deltas[0], {"num_examples": "7"})).status_code == 202
+    assert not driver.step()  # folds the first update, keeps collecting
+    assert upload(client, headers_b, task["round_id"], wire.encode(names, deltas[1], {"num_examples": "21"})).status_code == 202
+    base, _ = wire.decode(client.get(f"/v1/checkpoints/{task['checkpoint_sha256']}").data, SPEC)
+    state = driver.server.initialize()
+    expected = driver.server.next(state, base, [(deltas[0], 7), (deltas[1], 21)]).weights
+
+    restarted = RoundDriver(store, driver.config, clock=driver.clock, learner=driver.learner, server=driver.server)
+    restarted.ensure_run()
+    assert restarted.step()
+    status = client.get("/v1/status").json
+    new, _ = wire.decode(client.get(status["model"]["url"]).data, SPEC)
+    for got, want in zip(new, expected):
+        np.testing.assert_array_equal(got, want)
+    assert status["history"][0]["reported"] == 2
+
+
+def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(client, store, driver, open_round):
+    import random
+    from contextlib import closing
+
+    from coordinator import rounds
+
+    headers_a, task = open_round
+    headers_b = register(client)
+    take_task(client, headers_b)
+    driver.clock.now += 1.5  # round 1 takes 1.5 s
+    for headers, seed in ((headers_a, 1), (headers_b, 2)):
+        assert upload(client, headers, task["round_id"], update_body(seed=seed)).status_code == 202
+    assert driver.step()  # commits round 1 and opens round 2
+    second = take_task(client, headers_a)
+    assert upload(client, headers_a, second["round_id"], update_body(seed=3)).status_code == 202
+    with closing(store.connect()) as db:
+        (device_id,) = db.execute("SELECT device_id FROM updates WHERE round_id = ?", (second["round_id"],)).fetchone()
+        opened_at = rounds.active_round(db)["opened_at"]
+        waits = [rounds.checkin(db, device_id, opened_at + 0.5, random.Random(i))["retry_after"] for i in range(50)]
+        late = rounds.checkin(db, device_id, opened_at + 5.0, random.Random(0))["retry_after"]
+    assert all(0.5 <= w <= 1.0 for w in waits) and max(waits) - min(waits) > 0.2  # ~1 s left, jittered
+    assert late <= rounds.SOON_RETRY_S  # overdue: poll soon
 
 
 def test_deadline_with_too_few_reports_abandons_and_retries_the_same_model(client, driver, open_round):

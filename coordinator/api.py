@@ -143,6 +143,8 @@ def upload_update(round_id: int):
             rejection = rounds.upload_rejection(db, round_id, device_id)
             if rejection:
                 raise ApiError(rejection.status, rejection.code, rejection.detail)
+            if not store.blobs.exists(blob_sha256):  # identical bytes of a finished round, discarded meanwhile
+                store.blobs.put(body)
             reports = rounds.record_update(
                 db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time()
             )
@@ -151,6 +153,7 @@ def upload_update(round_id: int):
             if not db.execute("SELECT 1 FROM updates WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
                 store.blobs.delete(blob_sha256)
         raise
+    current_app.extensions["edgefl.update_arrived"].set()
     return jsonify(round_id=round_id, accepted=True, reports=reports), 202
 
 
@@ -201,7 +204,7 @@ def status():
         model={"version": latest["version"], "sha256": latest["sha256"], "size": latest["size"], "url": f"/v1/checkpoints/{latest['sha256']}"},
         round=current,
         devices=devices,
-        history=[_summary(r) for r in history if r["status"] == "committed"],
+        history=[_summary(r) for r in history if r["evaluated_at"] is not None],
     )
 
 

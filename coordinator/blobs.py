@@ -43,6 +43,9 @@ class BlobStore:
             os.close(dir_fd)
         return sha256
 
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 

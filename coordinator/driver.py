@@ -4,7 +4,9 @@ It runs beside the WSGI server (off the request path) and keeps all of its progr
 the store, so a coordinator restarted at any point picks up where the store says: a
 round left ``aggregating`` is aggregated again from its durable updates, and only the
 final commit (checkpoint row, round status and the next round, one transaction) makes a
-new model visible. While a round is open, each durable update is folded into the
+new model visible. The committed model is evaluated on the held-out split after that,
+while devices already train the next round (a round's metrics appear in the status
+once evaluated; a restart evaluates what was left unevaluated). While a round is open, each durable update is folded into the
 round's accumulator as it arrives, in arrival order; the fold lives in memory and is
 rebuilt from the store in the same order after a restart, so closing a round costs
 only TFF's report and update.
@@ -68,6 +70,7 @@ class RoundDriver:
                         f"{self.store.instance_dir} already holds a run with another configuration "
                         f"({existing.to_json()}); use a new instance directory or the same settings"
                     )
+                self._discard_updates(db)  # what a crash after a commit left behind
                 return
             initial = self._initial_weights()
             checkpoint = wire.encode(self.names, initial, {"version": "0", "model": self.config.model})
@@ -87,6 +90,10 @@ class RoundDriver:
             if rounds.run_status(db) != "running":
                 return False
             now = self.clock()
+            pending = rounds.unevaluated_round(db)
+            if pending is not None:
+                self._evaluate(db, pending)
+                return True
             current = rounds.active_round(db)
             if current is None:
                 with self.store.transaction(db):
@@ -105,8 +112,11 @@ class RoundDriver:
                         log.warning("round %d abandoned with %d reports", current["number"], reports)
                         rounds.set_status(db, current["id"], "abandoned", now)
                         rounds.begin_round(db, self.config, now)
-                        return True
-                    rounds.set_status(db, current["id"], "aggregating", now)
+                    else:
+                        rounds.set_status(db, current["id"], "aggregating", now)
+                if decision == "abandon":
+                    self._discard_updates(db, current["id"])
+                    return True
             self._aggregate(db, rounds.active_round(db))
             return True
 
@@ -134,8 +144,6 @@ class RoundDriver:
             raise RuntimeError(f"round {current['number']} folded {fold.fold.updates} of {len(updates)} updates")
         output = self.server.finish(fold.fold)
         aggregated = self.clock()
-        evaluation = self.learner.evaluate(output.weights, self.test.x, self.test.y)
-        evaluated = self.clock()
 
         number = current["number"]
         checkpoint = wire.encode(self.names, output.weights, {"version": str(number), "model": self.config.model})
@@ -143,24 +151,47 @@ class RoundDriver:
         state_sha = self.store.blobs.put(self.server.state_to_bytes(output.state))
         total = sum(u["num_examples"] for u in updates)
         metrics = {
-            **evaluation,
             "num_examples": total,
             "train_loss": _weighted(updates, "train_loss", total),
             "train_accuracy": _weighted(updates, "train_accuracy", total),
             "fold_s": fold.seconds,
             "aggregation_s": aggregated - started,
-            "evaluation_s": evaluated - aggregated,
         }
         with self.store.transaction(db):
             rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
-            if number >= self.config.rounds:
-                rounds.finish_run(db, self.clock())
-            else:
+            if number < self.config.rounds:
                 rounds.begin_round(db, self.config, self.clock())
-        log.info("round %d committed: accuracy %.4f loss %.4f", number, evaluation["accuracy"], evaluation["loss"])
+        log.info("round %d committed", number)
+        self._discard_updates(db, current["id"])
+        self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
 
-    def run(self, stop: threading.Event, *, poll_s: float = 0.02) -> None:
-        """Step until ``stop`` is set; errors are logged and retried, never fatal."""
+    def _discard_updates(self, db: sqlite3.Connection, round_id: int | None = None) -> None:
+        """Delete the update blobs a finished round no longer needs (after its commit, so
+        a crash before it leaves them for the next start's sweep). Under the write lock,
+        so an upload of the same bytes either sees its blob gone and rewrites it, or has
+        its row counted here."""
+        with self.store.transaction(db):
+            for sha256 in rounds.discardable_update_blobs(db, round_id):
+                self.store.blobs.delete(sha256)
+
+    def _evaluate(self, db: sqlite3.Connection, committed: sqlite3.Row, weights: list[np.ndarray] | None = None) -> None:
+        """Central evaluation of a committed round's model; the last one finishes the run."""
+        started = self.clock()
+        if weights is None:
+            checkpoint = db.execute("SELECT sha256 FROM checkpoints WHERE round_id = ?", (committed["id"],)).fetchone()
+            weights, _ = wire.decode(self.store.blobs.get(checkpoint["sha256"]), self.spec)
+        evaluation = self.learner.evaluate(weights, self.test.x, self.test.y)
+        with self.store.transaction(db):
+            rounds.record_evaluation(db, committed["id"], {**evaluation, "evaluation_s": self.clock() - started}, self.clock())
+            if committed["number"] >= self.config.rounds:
+                rounds.finish_run(db, self.clock())
+        log.info("round %d evaluated: accuracy %.4f loss %.4f", committed["number"], evaluation["accuracy"], evaluation["loss"])
+
+    def run(self, stop: threading.Event, *, wake: threading.Event | None = None, poll_s: float = 0.1) -> None:
+        """Step until ``stop`` is set, at least every ``poll_s`` (deadlines, other
+        processes' uploads) and at once when ``wake`` is set; errors are logged and
+        retried, never fatal."""
+        wake = wake or threading.Event()
         while not stop.is_set():
             try:
                 if self.step():
@@ -168,7 +199,8 @@ class RoundDriver:
             except Exception:
                 log.exception("round driver step failed; retrying")
                 stop.wait(1.0)
-            stop.wait(poll_s)
+            wake.wait(poll_s)
+            wake.clear()
 
 
 @dataclass

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from edgefl.config import RunConfig
 
 # Pace steering: a device the next round will need soon polls again quickly; one that
-# already reported in the open round comes back about when the last round's length says
-# this one will close; one that found the cohort full backs off longer. Jitter spreads
-# all three so devices never arrive in step.
+# already reported in the open round sleeps half of what is probably left of it (so it
+# polls a few times and never oversleeps the next round by much when this one closes
+# early); one that found the cohort full backs off longer. Jitter spreads all three so
+# devices never arrive in step.
 SOON_RETRY_S = 0.1
 LATER_RETRY_S = 2.0
 
@@ -109,8 +110,12 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
     if db.execute(
         "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
     ).fetchone():
-        expected_left = current["opened_at"] + _last_round_seconds(db) - now
-        return _retry(rng, min(max(expected_left, SOON_RETRY_S), LATER_RETRY_S))
+        first_task = db.execute("SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (round_id,)).fetchone()[0]
+        elapsed = now - first_task
+        # Recent rounds say what is left; the time this device itself needed bounds it
+        # (the others began with it), which keeps one slow round from oversleeping many.
+        expected_left = min(_recent_round_seconds(db) - elapsed, elapsed)
+        return _retry(rng, min(max(expected_left / 2, SOON_RETRY_S), LATER_RETRY_S))
     assigned = db.execute(
         "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
     ).fetchone()
@@ -140,11 +145,16 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
     return {"status": "task", "task": task.to_json()}
 
 
-def _last_round_seconds(db: sqlite3.Connection) -> float:
+def _recent_round_seconds(db: sqlite3.Connection) -> float:
+    """How long the last three committed rounds took from their first task to their
+    commit (the shortest; 0 before the first). Counting from the first task leaves out
+    a round that stood open before any device came (the first, at start-up)."""
     row = db.execute(
-        "SELECT committed_at - opened_at FROM rounds WHERE status = 'committed' ORDER BY id DESC LIMIT 1"
+        "SELECT MIN(seconds) FROM (SELECT r.committed_at - MIN(a.assigned_at) AS seconds"
+        " FROM rounds r JOIN assignments a ON a.round_id = r.id WHERE r.status = 'committed'"
+        " GROUP BY r.id ORDER BY r.id DESC LIMIT 3) AS recent"
     ).fetchone()
-    return row[0] if row else 0.0
+    return row[0] or 0.0
 
 
 def _retry(rng: random.Random, base_s: float) -> dict:
@@ -205,6 +215,40 @@ def set_status(db: sqlite3.Connection, round_id: int, status: str, now: float) -
     db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
 
 
+def round_by_id(db: sqlite3.Connection, round_id: int) -> sqlite3.Row:
+    return db.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone()
+
+
+def unevaluated_round(db: sqlite3.Connection) -> sqlite3.Row | None:
+    return db.execute(
+        "SELECT * FROM rounds WHERE status = 'committed' AND evaluated_at IS NULL ORDER BY id LIMIT 1"
+    ).fetchone()
+
+
+def record_evaluation(db: sqlite3.Connection, round_id: int, evaluation: dict, now: float) -> None:
+    """Add central-evaluation metrics to a committed round's metrics."""
+    metrics = json.loads(round_by_id(db, round_id)["metrics"] or "{}")
+    db.execute(
+        "UPDATE rounds SET metrics = ?, evaluated_at = ? WHERE id = ?",
+        (json.dumps({**metrics, **evaluation}), now, round_id),
+    )
+
+
+def discardable_update_blobs(db: sqlite3.Connection, round_id: int | None = None) -> list[str]:
+    """Update blobs of finished rounds (committed or abandoned; one round, or all) that
+    no open round's update also names: the coordinator keeps no device's update longer
+    than its round needs it."""
+    finished = "r.id = ?" if round_id is not None else "r.status IN ('committed', 'abandoned')"
+    rows = db.execute(
+        "SELECT DISTINCT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
+        f" WHERE {finished} AND r.status IN ('committed', 'abandoned') AND u.blob_sha256 NOT IN"
+        " (SELECT v.blob_sha256 FROM updates v JOIN rounds o ON o.id = v.round_id"
+        "  WHERE o.status IN ('open', 'aggregating'))",
+        (round_id,) if round_id is not None else (),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def round_updates(db: sqlite3.Connection, round_id: int, after_id: int = 0) -> list[sqlite3.Row]:
     """The round's updates in arrival order (the order they are folded in), after ``after_id``."""
     return db.execute(
@@ -261,6 +305,7 @@ def history(db: sqlite3.Connection) -> list[dict]:
             "deadline_at": r["deadline_at"],
             "closed_at": r["closed_at"],
             "committed_at": r["committed_at"],
+            "evaluated_at": r["evaluated_at"],
             "metrics": json.loads(r["metrics"]) if r["metrics"] else None,
         }
         for r in rows

@@ -61,7 +61,10 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
         )
         url = f"http://{host}:{server.effective_port}"
 
-        driver_thread = threading.Thread(target=driver.run, args=(stop,), name="round-driver", daemon=True)
+        driver_thread = threading.Thread(
+            target=driver.run, args=(stop,), kwargs={"wake": app.extensions["edgefl.update_arrived"]},
+            name="round-driver", daemon=True,
+        )
         driver_thread.start()
         info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
         log.info("serving %s (instance %s)", url, instance)

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     deadline_at REAL NOT NULL,
     closed_at REAL,
     committed_at REAL,
+    evaluated_at REAL,
     bytes_down INTEGER NOT NULL DEFAULT 0,
     metrics TEXT
 );

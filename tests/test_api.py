@@ -271,6 +271,29 @@ def test_a_round_aggregates_commits_and_late_uploads_conflict(client, store, dri
     assert store.snapshot() == before
 
 
+def test_updates_are_deleted_once_their_round_is_committed(client, store, driver, open_round):
+    """The coordinator keeps no device's update past its round; rows stay as the record.
+    The same bytes uploaded again in the next round are stored again."""
+    from contextlib import closing
+
+    headers_a, task = open_round
+    headers_b = register(client)
+    take_task(client, headers_b)
+    bodies = [update_body(seed=1), update_body(seed=2)]
+    for headers, body in zip((headers_a, headers_b), bodies):
+        assert upload(client, headers, task["round_id"], body).status_code == 202
+    shas = {hashlib.sha256(b).hexdigest() for b in bodies}
+    assert shas <= store.blobs.names()
+    assert driver.step()
+    assert not shas & store.blobs.names()
+    with closing(store.connect()) as db:
+        assert {r[0] for r in db.execute("SELECT blob_sha256 FROM updates")} == shas
+
+    second = take_task(client, headers_a)
+    assert upload(client, headers_a, second["round_id"], bodies[0]).status_code == 202
+    assert hashlib.sha256(bodies[0]).hexdigest() in store.blobs.names()
+
+
 def test_a_driver_restarted_mid_round_refolds_and_commits_the_same_model(client, store, driver, open_round):
     """Updates folded before a restart live only in memory; the new driver refolds them
     from the store in arrival order and commits exactly the uninterrupted result."""
@@ -299,6 +322,28 @@ def test_a_driver_restarted_mid_round_refolds_and_commits_the_same_model(client,
     assert status["history"][0]["reported"] == 2
 
 
+def test_a_round_committed_but_not_evaluated_is_evaluated_after_a_restart(client, store, driver, open_round):
+    from contextlib import closing
+
+    from coordinator.driver import RoundDriver
+
+    headers_a, task = open_round
+    headers_b = register(client)
+    take_task(client, headers_b)
+    for headers, seed in ((headers_a, 1), (headers_b, 2)):
+        assert upload(client, headers, task["round_id"], update_body(seed=seed)).status_code == 202
+    assert driver.step()
+    evaluated = client.get("/v1/status").json["history"][0]
+    with closing(store.connect()) as db:  # as if killed between the commit and the evaluation
+        db.execute("UPDATE rounds SET evaluated_at = NULL, metrics = '{}' WHERE number = 1")
+    assert client.get("/v1/status").json["history"] == []
+
+    restarted = RoundDriver(store, driver.config, clock=driver.clock, learner=driver.learner, server=driver.server)
+    assert restarted.step()
+    again = client.get("/v1/status").json["history"]
+    assert len(again) == 1 and again[0]["accuracy"] == evaluated["accuracy"] and again[0]["loss"] == evaluated["loss"]
+
+
 def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(client, store, driver, open_round):
     import random
     from contextlib import closing
@@ -308,7 +353,7 @@ def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(cl
     headers_a, task = open_round
     headers_b = register(client)
     take_task(client, headers_b)
-    driver.clock.now += 1.5  # round 1 takes 1.5 s
+    driver.clock.now += 2.5  # round 1 takes 2.5 s (from its first task, which the API stamps with real time)
     for headers, seed in ((headers_a, 1), (headers_b, 2)):
         assert upload(client, headers, task["round_id"], update_body(seed=seed)).status_code == 202
     assert driver.step()  # commits round 1 and opens round 2
@@ -316,11 +361,22 @@ def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(cl
     assert upload(client, headers_a, second["round_id"], update_body(seed=3)).status_code == 202
     with closing(store.connect()) as db:
         (device_id,) = db.execute("SELECT device_id FROM updates WHERE round_id = ?", (second["round_id"],)).fetchone()
-        opened_at = rounds.active_round(db)["opened_at"]
-        waits = [rounds.checkin(db, device_id, opened_at + 0.5, random.Random(i))["retry_after"] for i in range(50)]
-        late = rounds.checkin(db, device_id, opened_at + 5.0, random.Random(0))["retry_after"]
-    assert all(0.5 <= w <= 1.0 for w in waits) and max(waits) - min(waits) > 0.2  # ~1 s left, jittered
-    assert late <= rounds.SOON_RETRY_S  # overdue: poll soon
+        (first_task,) = db.execute("SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (second["round_id"],)).fetchone()
+        (took,) = db.execute(  # about 2.5 s; the fixture's clock started before the first task
+            "SELECT r.committed_at - MIN(a.assigned_at) FROM rounds r JOIN assignments a ON a.round_id = r.id"
+            " WHERE r.number = 1"
+        ).fetchone()
+
+        def waits(elapsed):
+            return [rounds.checkin(db, device_id, first_task + elapsed, random.Random(i))["retry_after"] for i in range(50)]
+
+        early, later = waits(0.5), waits(took - 1.0)
+        overdue = max(waits(5.0))
+    # 1 s is left by round 1's length: sleep half of it, jittered by 0.5-1.
+    assert took > 2.0 and all(0.24 <= w <= 0.5 for w in later) and max(later) - min(later) > 0.1
+    # After 0.5 s, the device's own 0.5 s bounds what is left (rounds can get shorter).
+    assert all(0.12 <= w <= 0.25 for w in early)
+    assert overdue <= rounds.SOON_RETRY_S  # overdue: poll soon
 
 
 def test_deadline_with_too_few_reports_abandons_and_retries_the_same_model(client, driver, open_round):

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--first-index", type=int, default=0, help="index of the first device in that population (default 0)")
     devices.add_argument("--dataset", default="digits", help="dataset the devices' shards come from (default digits)")
     devices.add_argument("--log-dir", type=Path, default=Path("runs/devices"), help="per-device logs (default runs/devices)")
-    devices.add_argument("--threads", type=int, default=2, help="TensorFlow threads per device process (default 2)")
+    devices.add_argument("--threads", type=int, default=1, help="TensorFlow threads per device process (default 1)")
 
     export = sub.add_parser("export", help="convert the newest global model to .tflite files and a model card")
     source = export.add_mutually_exclusive_group()

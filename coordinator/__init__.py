@@ -4,7 +4,9 @@
 started beside it by ``coordinator.server`` (not on import, so the app can be tested
 with Flask's test client). The app sets ``app.extensions["edgefl.update_arrived"]``
 when it acknowledges an update, so a driver in the same process folds it at once
-instead of at its next poll.
+instead of at its next poll. Check-ins held for the next round wait in
+``app.extensions["edgefl.lobby"]`` (up to ``LONG_POLL_SLOTS`` at once; 0, the
+default, answers every check-in at once), which the driver selects from and wakes.
 """
 from __future__ import annotations
 
@@ -19,15 +21,19 @@ DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from coordinator import api, errors
     from coordinator.store import Store
+    from coordinator.lobby import Lobby
 
     app = Flask(__name__)
-    app.config.from_mapping(INSTANCE=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES)
+    app.config.from_mapping(INSTANCE=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES, LONG_POLL_SLOTS=0)
     if test_config:
         app.config.from_mapping(test_config)
     if not app.config["INSTANCE"]:
         raise ValueError("create_app needs INSTANCE, the instance directory")
     app.extensions["edgefl.store"] = Store(app.config["INSTANCE"])
     app.extensions["edgefl.update_arrived"] = threading.Event()
+    app.extensions["edgefl.lobby"] = Lobby()
+    slots = app.config["LONG_POLL_SLOTS"]
+    app.extensions["edgefl.long_poll_slots"] = threading.BoundedSemaphore(slots) if slots else None
     errors.register(app)
     app.register_blueprint(api.bp)
     return app

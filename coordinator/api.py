@@ -29,6 +29,8 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_SLACK_BYTES = 1 << 20
 _MAX_EXAMPLES = 10**9
+_LONG_POLL_S = 10.0  # well under the devices' read timeout and waitress's channel timeout
+_RECHECK_S = 1.0  # a held check-in asks again this often even unwoken (e.g. a deadline passed)
 _rng = random.Random()
 
 
@@ -88,11 +90,31 @@ def register_device():
 
 @bp.post("/checkin")
 def checkin():
+    """A task, or when to come back. A device the next round will want is held in the
+    lobby (while a long-poll slot is free) and answered as soon as the round driver
+    opens a round or finishes the run, instead of sleeping through the first moments of
+    the round it is needed for."""
     device_id = _authenticated_device()
     db = get_db()
     _require_run(db)
-    with get_store().transaction(db):
-        answer = rounds.checkin(db, device_id, time.time(), _rng)
+
+    def ask() -> dict:
+        with get_store().transaction(db):
+            return rounds.checkin(db, device_id, time.time(), _rng)
+
+    answer = ask()
+    slots = current_app.extensions["edgefl.long_poll_slots"]
+    if rounds.wanted_next(answer) and slots is not None and slots.acquire(blocking=False):
+        lobby = current_app.extensions["edgefl.lobby"]
+        try:
+            seen = lobby.enter(device_id)
+            deadline = time.monotonic() + _LONG_POLL_S
+            while rounds.wanted_next(answer) and not lobby.closed and time.monotonic() < deadline:
+                seen = lobby.wait(seen, timeout=min(_RECHECK_S, deadline - time.monotonic()))
+                answer = ask()
+        finally:
+            lobby.leave(device_id)
+            slots.release()
     response = jsonify(answer)
     if answer["status"] == "wait":
         response.headers["Retry-After"] = str(math.ceil(answer["retry_after"]))

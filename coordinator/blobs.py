@@ -12,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 
+_TRASH = ".trash-"
+
+
 class BlobStore:
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -52,5 +55,20 @@ class BlobStore:
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 
+    def trash(self, sha256: str) -> None:
+        """Take a blob out of the store at once (a rename); ``empty_trash`` frees it.
+
+        Unlinking megabytes costs milliseconds of kernel time each; a caller holding
+        the database's write lock renames instead and empties the trash after."""
+        target = self.path(sha256)
+        try:
+            target.rename(target.with_name(_TRASH + sha256))
+        except FileNotFoundError:
+            pass
+
+    def empty_trash(self) -> None:
+        for path in self.root.glob(f"??/{_TRASH}*"):
+            path.unlink(missing_ok=True)
+
     def names(self) -> set[str]:
-        return {p.name for p in self.root.glob("??/*") if not p.name.startswith(".tmp-")}
+        return {p.name for p in self.root.glob("??/*") if not p.name.startswith((".tmp-", _TRASH))}

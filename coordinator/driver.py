@@ -26,6 +26,7 @@ import numpy as np
 
 from coordinator import rounds
 from coordinator.aggregation import FedAvgServer, RoundFold
+from coordinator.lobby import Lobby
 from coordinator.store import Store
 from edgefl import wire
 from edgefl.config import RunConfig
@@ -45,9 +46,12 @@ class RoundDriver:
         clock: Callable[[], float] = time.time,
         learner: KerasLearner | None = None,
         server: FedAvgServer | None = None,
+        lobby: Lobby | None = None,
     ):
         """``learner`` and ``server`` may be passed in to share their traced TF/TFF
-        functions (tests do); by default they are built for ``config``."""
+        functions (tests do); by default they are built for ``config``.
+        A new round's cohort is selected from ``lobby`` first, and the lobby is woken
+        when a round opens or the run finishes."""
         self.store = store
         self.config = config
         self.clock = clock
@@ -59,6 +63,7 @@ class RoundDriver:
         )
         self.test = load_dataset(config.dataset).test
         self._fold: _Fold | None = None
+        self.lobby = lobby or Lobby()
 
     def ensure_run(self) -> None:
         """Create the run with its initial checkpoint, or check an existing run's config."""
@@ -97,7 +102,8 @@ class RoundDriver:
             current = rounds.active_round(db)
             if current is None:
                 with self.store.transaction(db):
-                    rounds.begin_round(db, self.config, now)
+                    self._begin_round(db, now)
+                self.lobby.notify()
                 return True
             if current["status"] == "open":
                 self._fold_arrivals(db, current)  # not a transition: the fold is rebuilt after a restart
@@ -111,14 +117,18 @@ class RoundDriver:
                     if decision == "abandon":
                         log.warning("round %d abandoned with %d reports", current["number"], reports)
                         rounds.set_status(db, current["id"], "abandoned", now)
-                        rounds.begin_round(db, self.config, now)
+                        self._begin_round(db, now)
                     else:
                         rounds.set_status(db, current["id"], "aggregating", now)
                 if decision == "abandon":
+                    self.lobby.notify()
                     self._discard_updates(db, current["id"])
                     return True
             self._aggregate(db, rounds.active_round(db))
             return True
+
+    def _begin_round(self, db: sqlite3.Connection, now: float) -> None:
+        rounds.begin_round(db, self.config, now, candidates=self.lobby.waiting())
 
     def _fold_arrivals(self, db: sqlite3.Connection, current: sqlite3.Row) -> None:
         """Fold the round's durable updates not folded yet."""
@@ -160,19 +170,21 @@ class RoundDriver:
         with self.store.transaction(db):
             rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
             if number < self.config.rounds:
-                rounds.begin_round(db, self.config, self.clock())
+                self._begin_round(db, self.clock())
+        self.lobby.notify()
         log.info("round %d committed", number)
         self._discard_updates(db, current["id"])
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
 
     def _discard_updates(self, db: sqlite3.Connection, round_id: int | None = None) -> None:
         """Delete the update blobs a finished round no longer needs (after its commit, so
-        a crash before it leaves them for the next start's sweep). Under the write lock,
-        so an upload of the same bytes either sees its blob gone and rewrites it, or has
-        its row counted here."""
+        a crash before it leaves them for the next start's sweep). They leave the store
+        under the write lock, so an upload of the same bytes either finds its blob gone
+        and rewrites it, or has its row counted here; the slow unlinks come after."""
         with self.store.transaction(db):
             for sha256 in rounds.discardable_update_blobs(db, round_id):
-                self.store.blobs.delete(sha256)
+                self.store.blobs.trash(sha256)
+        self.store.blobs.empty_trash()
 
     def _evaluate(self, db: sqlite3.Connection, committed: sqlite3.Row, weights: list[np.ndarray] | None = None) -> None:
         """Central evaluation of a committed round's model; the last one finishes the run."""
@@ -185,6 +197,8 @@ class RoundDriver:
             rounds.record_evaluation(db, committed["id"], {**evaluation, "evaluation_s": self.clock() - started}, self.clock())
             if committed["number"] >= self.config.rounds:
                 rounds.finish_run(db, self.clock())
+        if committed["number"] >= self.config.rounds:
+            self.lobby.notify()
         log.info("round %d evaluated: accuracy %.4f loss %.4f", committed["number"], evaluation["accuracy"], evaluation["loss"])
 
     def run(self, stop: threading.Event, *, wake: threading.Event | None = None, poll_s: float = 0.1) -> None:

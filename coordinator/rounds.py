@@ -13,6 +13,7 @@ import json
 import random
 import sqlite3
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 from edgefl.config import RunConfig
 
@@ -89,13 +90,21 @@ def add_checkpoint(
     )
 
 
-def begin_round(db: sqlite3.Connection, config: RunConfig, now: float) -> int:
+def begin_round(db: sqlite3.Connection, config: RunConfig, now: float, candidates: Sequence[str] = ()) -> int:
+    """Open the next round, its cohort taken first from ``candidates`` (devices waiting
+    now, in arrival order; unknown ids are skipped)."""
     base = latest_checkpoint(db)
     cursor = db.execute(
         "INSERT INTO rounds (number, status, base_version, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?)",
         (base["version"] + 1, base["version"], now, now + config.round_timeout_s),
     )
-    return cursor.lastrowid
+    round_id = cursor.lastrowid
+    known = [d for d in candidates if db.execute("SELECT 1 FROM devices WHERE id = ?", (d,)).fetchone()]
+    db.executemany(
+        "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
+        [(round_id, device_id, now) for device_id in known[: config.cohort_size]],
+    )
+    return round_id
 
 
 def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Random) -> dict:
@@ -105,7 +114,7 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
     config = run_config(db)
     current = active_round(db)
     if current is None or current["status"] != "open":
-        return _retry(rng, SOON_RETRY_S)
+        return _retry(rng, SOON_RETRY_S, "between_rounds")
     round_id = current["id"]
     if db.execute(
         "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
@@ -115,7 +124,7 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
         # Recent rounds say what is left; the time this device itself needed bounds it
         # (the others began with it), which keeps one slow round from oversleeping many.
         expected_left = min(_recent_round_seconds(db) - elapsed, elapsed)
-        return _retry(rng, min(max(expected_left / 2, SOON_RETRY_S), LATER_RETRY_S))
+        return _retry(rng, min(max(expected_left / 2, SOON_RETRY_S), LATER_RETRY_S), "reported")
     assigned = db.execute(
         "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
     ).fetchone()
@@ -124,7 +133,7 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
             "SELECT COUNT(*) FROM assignments WHERE round_id = ?", (round_id,)
         ).fetchone()
         if selected >= config.cohort_size:
-            return _retry(rng, LATER_RETRY_S)
+            return _retry(rng, LATER_RETRY_S, "cohort_full")
         db.execute(
             "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
             (round_id, device_id, now),
@@ -157,8 +166,13 @@ def _recent_round_seconds(db: sqlite3.Connection) -> float:
     return row[0] or 0.0
 
 
-def _retry(rng: random.Random, base_s: float) -> dict:
-    return {"status": "wait", "retry_after": round(base_s * (0.5 + rng.random() / 2), 3)}
+def _retry(rng: random.Random, base_s: float, reason: str) -> dict:
+    return {"status": "wait", "retry_after": round(base_s * (0.5 + rng.random() / 2), 3), "reason": reason}
+
+
+def wanted_next(answer: dict) -> bool:
+    """Whether a ``wait`` answer is for a device the next round will want."""
+    return answer["status"] == "wait" and answer["reason"] != "cohort_full"
 
 
 def upload_rejection(db: sqlite3.Connection, round_id: int, device_id: str) -> Rejection | None:

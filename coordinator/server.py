@@ -20,11 +20,14 @@ from edgefl.config import RunConfig
 log = logging.getLogger("edgefl.coordinator")
 
 
+_FREE_THREADS = 4
+
+
 class _Stop(Exception):
     pass
 
 
-def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 8) -> None:
+def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 16) -> None:
     import waitress
 
     from coordinator import DEFAULT_MAX_UPLOAD_BYTES, create_app
@@ -32,7 +35,10 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
 
     instance = Path(instance)
     instance.mkdir(parents=True, exist_ok=True)
-    app = create_app({"INSTANCE": str(instance)})
+    # All but a few threads may hold a check-in until the next round opens; the rest
+    # keep serving uploads and checkpoints.
+    app = create_app({"INSTANCE": str(instance), "LONG_POLL_SLOTS": max(0, threads - _FREE_THREADS)})
+    lobby = app.extensions["edgefl.lobby"]
     store = app.extensions["edgefl.store"]
     stop = threading.Event()
 
@@ -45,7 +51,7 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
     driver_thread = None
     info_path = instance / "server.json"
     try:
-        driver = RoundDriver(store, config)
+        driver = RoundDriver(store, config, lobby=lobby)
         driver.ensure_run()
         server = waitress.create_server(
             app,
@@ -74,6 +80,7 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
         log.info("stopping on %s", why)
     finally:
         stop.set()
+        lobby.close()
         if server is not None:
             server.close()
         if driver_thread is not None:

@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--instance", type=Path, default=Path("runs/coordinator"), help="directory of the database and blobs (default runs/coordinator)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port, 0 for any free one (default 8080)")
-    serve.add_argument("--threads", type=int, default=8, help="WSGI worker threads (default 8)")
+    serve.add_argument(
+        "--threads", type=int, default=16,
+        help="WSGI worker threads (default 16); all but 4 may hold check-ins until the next round opens",
+    )
     _add_run_config(serve)
 
     devices = sub.add_parser("devices", help="start simulated devices, one OS process each")

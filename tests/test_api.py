@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +106,18 @@ def test_cohort_is_target_times_over_selection(client, open_round):
     take_task(client, register(client))
     response = client.post("/v1/checkin", headers=register(client))
     assert response.json["status"] == "wait"
+
+
+def test_a_new_round_selects_waiting_devices_first_in_arrival_order(client, store, driver):
+    from contextlib import closing
+
+    from coordinator import rounds
+
+    ids = [client.post("/v1/devices").json["device_id"] for _ in range(4)]
+    with closing(store.connect()) as db, store.transaction(db):
+        round_id = rounds.begin_round(db, driver.config, 0.0, candidates=[ids[3], "no-such-device", ids[1], ids[2], ids[0]])
+        selected = [r[0] for r in db.execute("SELECT device_id FROM assignments WHERE round_id = ? ORDER BY rowid", (round_id,))]
+    assert driver.config.cohort_size == 3 and selected == [ids[3], ids[1], ids[2]]
 
 
 def test_checkpoint_is_served_by_hash_with_an_etag(client, store, open_round):
@@ -427,3 +440,40 @@ def test_a_relative_instance_directory_serves_checkpoints(tmp_path, monkeypatch,
     sha = client.get("/v1/status").json["model"]["sha256"]
     response = client.get(f"/v1/checkpoints/{sha}")
     assert response.status_code == 200 and hashlib.sha256(response.data).hexdigest() == sha
+
+
+def test_held_checkins_get_the_next_round_and_slots_bound_them(tmp_path, small_parts):
+    """With long-poll slots, a device that reported is held until the next round opens
+    (instead of sleeping into it); once the slots are taken, others are answered at once."""
+    import threading
+
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+    from edgefl.config import RunConfig
+
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True, "LONG_POLL_SLOTS": 1})
+    learner, server = small_parts
+    config = RunConfig(model="cnn_small", rounds=3, target_reports=2, min_reports=2, round_timeout_s=60)
+    driver = RoundDriver(
+        app.extensions["edgefl.store"], config, learner=learner, server=server,
+        lobby=app.extensions["edgefl.lobby"],
+    )
+    driver.ensure_run()
+    assert driver.step()
+    client = app.test_client()
+    devices = [register(client) for _ in range(2)]
+    tasks = [take_task(client, headers) for headers in devices]
+    for headers, task, seed in zip(devices, tasks, (1, 2)):
+        assert upload(client, headers, task["round_id"], update_body(seed=seed)).status_code == 202
+
+    held = {}
+    waiting = threading.Thread(target=lambda: held.update(answer=app.test_client().post("/v1/checkin", headers=devices[0]).json))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive()  # held, not told to come back
+    other = client.post("/v1/checkin", headers=devices[1]).json  # the one slot is taken
+    assert other["status"] == "wait" and other["reason"] == "reported"
+    assert driver.step()  # commits round 1, opens round 2
+    waiting.join(timeout=5)
+    assert not waiting.is_alive()
+    assert held["answer"]["status"] == "task" and held["answer"]["task"]["round_number"] == 2

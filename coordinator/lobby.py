@@ -1,0 +1,52 @@
+"""Devices waiting, in held check-ins, for the next round.
+
+A check-in from a device the next round will want is held by the API (long-polling)
+and its device enters the lobby. When the round driver opens a round it selects the
+cohort from the lobby first, in arrival order, in the same transaction, and then wakes
+the held check-ins, which only have to read their assignment. This is selection as
+Google's production system does it: the devices connected when a round starts are
+the candidates. A held check-in also re-checks on its own timer, which covers a round
+opened where this lobby is not seen (another process).
+"""
+from __future__ import annotations
+
+import threading
+
+
+class Lobby:
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._waiting: dict[str, None] = {}  # insertion-ordered
+        self.closed = False
+
+    def enter(self, device_id: str) -> int:
+        """Join the lobby; returns the generation to wait on."""
+        with self._changed:
+            self._waiting[device_id] = None
+            return self._generation
+
+    def leave(self, device_id: str) -> None:
+        with self._changed:
+            self._waiting.pop(device_id, None)
+
+    def waiting(self) -> list[str]:
+        with self._changed:
+            return list(self._waiting)
+
+    def notify(self) -> None:
+        """Wake every held check-in (a round opened or the run finished)."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Release every held check-in now and from now on (the server is stopping)."""
+        self.closed = True
+        self.notify()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """Wait until woken after generation ``seen``, or ``timeout``; the generation now."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._generation != seen or self.closed, timeout)
+            return self._generation

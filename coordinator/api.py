@@ -142,6 +142,16 @@ def get_checkpoint(sha256: str):
 def upload_update(round_id: int):
     device_id = _authenticated_device()
     db = get_db()
+    try:
+        return _accept_update(db, round_id, device_id)
+    except ApiError as error:
+        if db.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone():
+            with get_store().transaction(db):
+                rounds.record_rejection(db, round_id, device_id, error.code, request.content_length or 0, time.time())
+        raise
+
+
+def _accept_update(db: sqlite3.Connection, round_id: int, device_id: str):
     config = _require_run(db)
     rejection = rounds.upload_rejection(db, round_id, device_id)
     if rejection:
@@ -238,10 +248,14 @@ def _summary(r: dict) -> dict:
         "loss": metrics.get("loss"),
         "selected": r["selected"],
         "reported": r["reported"],
+        "dropped": r["dropped"],
+        "late": r["late"],
+        "rejected": sum(r["rejected"].values()),
         "bytes_down": r["bytes_down"],
         "bytes_up": r["bytes_up"],
         "seconds": r["committed_at"] - r["opened_at"],
         "aggregation_seconds": metrics.get("aggregation_s"),
+        "phase_seconds": r["phase_seconds"],
     }
 
 

@@ -211,6 +211,26 @@ def record_update(
     return report_count(db, round_id)
 
 
+def record_rejection(
+    db: sqlite3.Connection, round_id: int, device_id: str, code: str, size: int, now: float
+) -> None:
+    """Log a refused upload to a known round. A selected device that had not reported,
+    uploading after the round closed, is late (a straggler); anything else is rejected."""
+    late = (
+        code == "round_closed"
+        and db.execute(
+            "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+        ).fetchone() is not None
+        and db.execute(
+            "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
+        ).fetchone() is None
+    )
+    db.execute(
+        "INSERT INTO rejections (round_id, device_id, code, late, size, rejected_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (round_id, device_id, code, int(late), size, now),
+    )
+
+
 def report_count(db: sqlite3.Connection, round_id: int) -> int:
     return db.execute("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,)).fetchone()[0]
 
@@ -298,14 +318,22 @@ def count_bytes_down(db: sqlite3.Connection, sha256: str, size: int) -> None:
 
 
 def history(db: sqlite3.Connection) -> list[dict]:
-    """Every round, oldest first, with its participation and metrics."""
+    """Every round, oldest first: participation (selected, reported, dropped: selected
+    and never heard from by the close; late: reported after it; rejected uploads by
+    reason), bytes, how long each phase took, and metrics."""
     rows = db.execute(
         "SELECT r.*,"
         " (SELECT COUNT(*) FROM assignments a WHERE a.round_id = r.id) AS selected,"
         " (SELECT COUNT(*) FROM updates u WHERE u.round_id = r.id) AS reported,"
+        " (SELECT COUNT(DISTINCT x.device_id) FROM rejections x WHERE x.round_id = r.id AND x.late = 1) AS late,"
         " (SELECT COALESCE(SUM(size), 0) FROM updates u WHERE u.round_id = r.id) AS bytes_up"
         " FROM rounds r ORDER BY r.id"
     ).fetchall()
+    rejected: dict[int, dict[str, int]] = {}
+    for round_id, code, count in db.execute(
+        "SELECT round_id, code, COUNT(*) FROM rejections WHERE late = 0 GROUP BY round_id, code ORDER BY code"
+    ):
+        rejected.setdefault(round_id, {})[code] = count
     return [
         {
             "id": r["id"],
@@ -313,8 +341,16 @@ def history(db: sqlite3.Connection) -> list[dict]:
             "status": r["status"],
             "selected": r["selected"],
             "reported": r["reported"],
+            "dropped": r["selected"] - r["reported"] - r["late"] if r["status"] != "open" else None,
+            "late": r["late"],
+            "rejected": rejected.get(r["id"], {}),
             "bytes_down": r["bytes_down"],
             "bytes_up": r["bytes_up"],
+            "phase_seconds": {
+                "collecting": _between(r["opened_at"], r["closed_at"]),
+                "aggregating": _between(r["closed_at"], r["committed_at"]),
+                "evaluating": _between(r["committed_at"], r["evaluated_at"]),
+            },
             "opened_at": r["opened_at"],
             "deadline_at": r["deadline_at"],
             "closed_at": r["closed_at"],
@@ -324,3 +360,7 @@ def history(db: sqlite3.Connection) -> list[dict]:
         }
         for r in rows
     ]
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return end - start if start is not None and end is not None else None

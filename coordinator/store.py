@@ -66,8 +66,19 @@ CREATE TABLE IF NOT EXISTS updates (
     received_at REAL NOT NULL,
     UNIQUE (round_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    code TEXT NOT NULL,
+    late INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    rejected_at REAL NOT NULL
+);
 """
 
+# The run's state; ``rejections`` is the log of refused uploads beside it, which a
+# refused upload adds to and nothing else reads back.
 TABLES = ("run", "devices", "checkpoints", "rounds", "assignments", "updates")
 
 

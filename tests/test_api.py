@@ -64,6 +64,14 @@ def upload(client, headers, round_id, body):
     )
 
 
+def rejections(store) -> list[tuple]:
+    """The refused-upload log: (round id, code, late) in order."""
+    from contextlib import closing
+
+    with closing(store.connect()) as db:
+        return [tuple(r) for r in db.execute("SELECT round_id, code, late FROM rejections ORDER BY id")]
+
+
 def assert_error(response, status, code):
     assert response.status_code == status, response.get_data(as_text=True)[:300]
     assert response.is_json
@@ -196,6 +204,7 @@ def test_bad_update_bodies_are_refused_and_change_nothing(client, store, open_ro
     before = store.snapshot()
     assert_error(upload(client, headers, task["round_id"], body), status, code)
     assert store.snapshot() == before
+    assert rejections(store) == [(task["round_id"], code, 0)]
 
 
 def test_wrong_dtype_is_refused(client, store, open_round):
@@ -206,6 +215,7 @@ def test_wrong_dtype_is_refused(client, store, open_round):
     before = store.snapshot()
     assert_error(upload(client, headers, task["round_id"], save(tensors, {"num_examples": "1"})), 422, "wrong_dtype")
     assert store.snapshot() == before
+    assert rejections(store) == [(task["round_id"], "wrong_dtype", 0)]
 
 
 @pytest.mark.parametrize(
@@ -218,6 +228,7 @@ def test_credentials_are_required(client, store, open_round, auth, code):
     assert_error(upload(client, headers, task["round_id"], update_body()), 401, code)
     assert_error(client.post("/v1/checkin", headers=headers), 401, code)
     assert store.snapshot() == before
+    assert rejections(store) == []  # nothing is written for a caller nobody knows
 
 
 def test_a_device_not_selected_cannot_upload(client, store, open_round):
@@ -226,6 +237,7 @@ def test_a_device_not_selected_cannot_upload(client, store, open_round):
     before = store.snapshot()
     assert_error(upload(client, stranger, task["round_id"], update_body()), 403, "not_selected")
     assert store.snapshot() == before
+    assert rejections(store) == [(task["round_id"], "not_selected", 0)]
 
 
 def test_second_upload_in_a_round_is_a_conflict(client, store, open_round):
@@ -234,6 +246,7 @@ def test_second_upload_in_a_round_is_a_conflict(client, store, open_round):
     before = store.snapshot()
     assert_error(upload(client, headers, task["round_id"], update_body(seed=2)), 409, "duplicate_update")
     assert store.snapshot() == before
+    assert rejections(store) == [(task["round_id"], "duplicate_update", 0)]
 
 
 def test_unknown_round_is_404(client, store, open_round):
@@ -241,6 +254,7 @@ def test_unknown_round_is_404(client, store, open_round):
     before = store.snapshot()
     assert_error(upload(client, headers, 999, update_body()), 404, "unknown_round")
     assert store.snapshot() == before
+    assert rejections(store) == []
 
 
 def test_oversized_upload_is_413_before_reading(client, store, open_round):
@@ -249,6 +263,7 @@ def test_oversized_upload_is_413_before_reading(client, store, open_round):
     huge = b"\x00" * (sum(s.nbytes for s in SPEC) + 2 * 1024 * 1024)
     assert_error(upload(client, headers, task["round_id"], huge), 413, "update_too_large")
     assert store.snapshot() == before
+    assert rejections(store) == [(task["round_id"], "update_too_large", 0)]
 
 
 def test_unknown_routes_and_methods_answer_json(client):
@@ -282,6 +297,28 @@ def test_a_round_aggregates_commits_and_late_uploads_conflict(client, store, dri
     assert_error(upload(client, headers_a, task["round_id"], update_body(seed=9)), 409, "round_closed")
     assert_error(upload(client, third, task["round_id"], update_body(seed=9)), 409, "round_closed")
     assert store.snapshot() == before
+    assert rejections(store) == [(task["round_id"], "round_closed", 0)] * 2  # neither is a straggler
+
+
+def test_the_round_record_counts_stragglers_drops_rejections_and_phases(client, driver, open_round):
+    headers_a, task = open_round
+    headers_b, headers_c = register(client), register(client)
+    take_task(client, headers_b)
+    take_task(client, headers_c)  # selected, never heard from again: dropped
+    assert upload(client, headers_a, task["round_id"], update_body(seed=1)).status_code == 202
+    assert_error(upload(client, headers_a, task["round_id"], update_body(seed=2)), 409, "duplicate_update")
+    assert_error(upload(client, headers_b, task["round_id"], b"junk"), 400, "malformed")
+    driver.clock.now += 61  # the deadline passes with 1 report (min_reports 1): aggregate what arrived
+    assert driver.step()
+    assert_error(upload(client, headers_b, task["round_id"], update_body(seed=3)), 409, "round_closed")  # late
+
+    record = client.get("/v1/rounds").json["rounds"][0]
+    assert (record["selected"], record["reported"], record["late"], record["dropped"]) == (3, 1, 1, 1)
+    assert record["rejected"] == {"duplicate_update": 1, "malformed": 1}
+    phases = record["phase_seconds"]
+    assert phases["collecting"] == pytest.approx(61, abs=1) and phases["aggregating"] >= 0 and phases["evaluating"] >= 0
+    assert record["bytes_up"] == len(update_body(seed=1)) and record["bytes_down"] == 0
+    assert client.get("/v1/rounds").json["rounds"][1]["dropped"] is None  # round 2 is still open
 
 
 def test_updates_are_deleted_once_their_round_is_committed(client, store, driver, open_round):

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lock clean
+.PHONY: install browser demo test bench lock clean
 
 install: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(BIN)/edgefl demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# The dashboard test drives Debian's headless Chromium; install it when absent.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 bench: install
 	$(BIN)/python benchmarks/e2e_vs_tff.py

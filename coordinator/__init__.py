@@ -19,7 +19,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    from coordinator import api, errors
+    from coordinator import api, dashboard, errors
     from coordinator.store import Store
     from coordinator.lobby import Lobby
 
@@ -36,4 +36,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["edgefl.long_poll_slots"] = threading.BoundedSemaphore(slots) if slots else None
     errors.register(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(dashboard.bp)
     return app

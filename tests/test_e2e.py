@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,6 +47,42 @@ def assert_all_gone(pids: dict[int, str], timeout_s: float = 15) -> None:
     assert not alive, f"still running: {alive}"
 
 
+def chromium(url: str, out: Path, *flags: str) -> tuple[str, dict[int, str]]:
+    """Headless Chromium (Debian's, installed by ``make test``) on ``url``: its stdout
+    and the processes it started."""
+    binary = shutil.which("chromium")
+    assert binary, "Debian's chromium is missing; `make test` installs it"
+    before = descendant_pids()
+    browser = subprocess.Popen(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={out / 'chromium-profile'}", "--virtual-time-budget=15000", *flags, url],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )
+    started = descendant_pids(before)
+    stdout, _ = browser.communicate(timeout=180)
+    return stdout, started
+
+
+def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int, str]:
+    """The dashboard plots the status history's own numbers, and a screenshot is saved."""
+    dom, started = chromium(url + "/", out, "--dump-dom")
+    drawn = {(s, int(r)): v for s, r, v in re.findall(r'data-series="(\w+)" data-round="(\d+)" data-value="([^"]+)"', dom)}
+    assert {r for _, r in drawn} == {h["round"] for h in history} and len(history) >= 2
+    for h in history:
+        assert drawn["accuracy", h["round"]] == f"{h['accuracy']:.4f}"
+        assert drawn["loss", h["round"]] == f"{h['loss']:.4f}"
+        for series in ("selected", "reported", "late", "dropped"):
+            assert int(drawn[series, h["round"]]) == h[series]
+        assert float(drawn["mb_down", h["round"]]) == pytest.approx(h["bytes_down"] / 1e6, abs=0.051)
+        assert float(drawn["mb_up", h["round"]]) == pytest.approx(h["bytes_up"] / 1e6, abs=0.051)
+    assert f"{len(history)}/{len(history)} rounds" in dom and "run finished" in dom
+
+    screenshot = out / "dashboard.png"
+    _, more = chromium(url + "/", out, f"--screenshot={screenshot}", "--window-size=1100,900", "--hide-scrollbars")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+    return {**started, **more}
+
+
 def test_real_processes_learn_export_and_leave_nothing(tmp_path):
     config = RunConfig(
         model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300,
@@ -66,6 +105,7 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
         )
         assert shown.returncode == 0, shown.stderr
         assert "run: finished, model cnn_small on digits, 3/3 rounds, 4 devices registered" in shown.stdout
+        seen.update(assert_dashboard_draws(fed.url, status["history"], tmp_path))
         assert len([line for line in shown.stdout.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]) == 3
 
     names = set(seen.values())

@@ -10,6 +10,7 @@ default, answers every check-in at once), which the driver selects from and wake
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any, Mapping
 
@@ -27,6 +28,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(INSTANCE=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES, LONG_POLL_SLOTS=0)
     if test_config:
         app.config.from_mapping(test_config)
+    admin_token = app.config.pop("ADMIN_TOKEN", None)  # kept only as its hash
+    app.config["ADMIN_TOKEN_SHA256"] = hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else None
     if not app.config["INSTANCE"]:
         raise ValueError("create_app needs INSTANCE, the instance directory")
     app.extensions["edgefl.store"] = Store(app.config["INSTANCE"])

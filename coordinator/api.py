@@ -212,6 +212,31 @@ def _finite(value: int | float) -> bool:
         return False
 
 
+@bp.post("/admin/<any(pause, resume, stop):action>")
+def control(action: str):
+    """Operator controls; they need the admin token, and are off without one configured."""
+    _require_admin()
+    db = get_db()
+    _require_run(db)
+    with get_store().transaction(db):
+        rejection = rounds.control_run(db, action, time.time())
+        if rejection:
+            raise ApiError(rejection.status, rejection.code, rejection.detail)
+    current_app.extensions["edgefl.lobby"].notify()  # held check-ins learn of it now
+    return jsonify(run=rounds.run_status(db))
+
+
+def _require_admin() -> None:
+    expected = current_app.config.get("ADMIN_TOKEN_SHA256")
+    if not expected:
+        raise ApiError(403, "admin_disabled", "Control endpoints are off: start the coordinator with an admin token.")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing_token", "Send the admin token as 'Authorization: Bearer <token>'.")
+    if not secrets.compare_digest(_token_hash(token.strip()), expected):
+        raise ApiError(401, "bad_admin_token", "That is not the admin token.")
+
+
 @bp.get("/status")
 def status():
     db = get_db()

@@ -109,8 +109,11 @@ def begin_round(db: sqlite3.Connection, config: RunConfig, now: float, candidate
 
 def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Random) -> dict:
     """Select the device into the open round's cohort, or tell it when to come back."""
-    if run_status(db) == "finished":
+    status = run_status(db)
+    if status in ("finished", "stopped"):
         return {"status": "finished"}
+    if status == "paused":
+        return _retry(rng, LATER_RETRY_S, "paused")
     config = run_config(db)
     current = active_round(db)
     if current is None or current["status"] != "open":
@@ -172,7 +175,7 @@ def _retry(rng: random.Random, base_s: float, reason: str) -> dict:
 
 def wanted_next(answer: dict) -> bool:
     """Whether a ``wait`` answer is for a device the next round will want."""
-    return answer["status"] == "wait" and answer["reason"] != "cohort_full"
+    return answer["status"] == "wait" and answer["reason"] in ("between_rounds", "reported")
 
 
 def upload_rejection(db: sqlite3.Connection, round_id: int, device_id: str) -> Rejection | None:
@@ -304,8 +307,25 @@ def commit_round(
     set_status(db, round_row["id"], "committed", now)
 
 
-def finish_run(db: sqlite3.Connection, now: float) -> None:
-    db.execute("UPDATE run SET status = 'finished', finished_at = ? WHERE id = 1", (now,))
+def finish_run(db: sqlite3.Connection, now: float, status: str = "finished") -> None:
+    db.execute("UPDATE run SET status = ?, finished_at = ? WHERE id = 1", (status, now))
+
+
+# What an operator may do to a run, from which states.
+CONTROLS = {"pause": ({"running"}, "paused"), "resume": ({"paused"}, "running"), "stop": ({"running", "paused"}, "stopped")}
+
+
+def control_run(db: sqlite3.Connection, action: str, now: float) -> Rejection | None:
+    """Pause (no new tasks; the driver stands still), resume, or stop the run for good."""
+    allowed, target = CONTROLS[action]
+    current = run_status(db)
+    if current not in allowed:
+        return Rejection(409, "bad_transition", f"A {current} run cannot {action}.")
+    if target == "stopped":
+        finish_run(db, now, "stopped")
+    else:
+        db.execute("UPDATE run SET status = ? WHERE id = 1", (target,))
+    return None
 
 
 def count_bytes_down(db: sqlite3.Connection, sha256: str, size: int) -> None:

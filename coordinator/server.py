@@ -27,7 +27,10 @@ class _Stop(Exception):
     pass
 
 
-def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 16) -> None:
+def serve(
+    *, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 16,
+    admin_token: str | None = None,
+) -> None:
     import waitress
 
     from coordinator import DEFAULT_MAX_UPLOAD_BYTES, create_app
@@ -37,7 +40,9 @@ def serve(*, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: i
     instance.mkdir(parents=True, exist_ok=True)
     # All but a few threads may hold a check-in until the next round opens; the rest
     # keep serving uploads and checkpoints.
-    app = create_app({"INSTANCE": str(instance), "LONG_POLL_SLOTS": max(0, threads - _FREE_THREADS)})
+    app = create_app(
+        {"INSTANCE": str(instance), "LONG_POLL_SLOTS": max(0, threads - _FREE_THREADS), "ADMIN_TOKEN": admin_token}
+    )
     lobby = app.extensions["edgefl.lobby"]
     store = app.extensions["edgefl.store"]
     stop = threading.Event()

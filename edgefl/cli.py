@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port, 0 for any free one (default 8080)")
     serve.add_argument(
+        "--admin-token-file", type=Path,
+        help="file holding the admin token for /v1/admin/{pause,resume,stop}; without it those are off",
+    )
+    serve.add_argument(
         "--threads", type=int, default=16,
         help="WSGI worker threads (default 16); all but 4 may hold check-ins until the next round opens",
     )
@@ -142,8 +146,19 @@ def _serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = run_config_from(args)
+    admin_token = None
+    if args.admin_token_file is not None:
+        try:
+            admin_token = args.admin_token_file.read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read --admin-token-file {args.admin_token_file}: {exc.strerror or exc}") from None
+        if len(admin_token) < 16:
+            raise CliError(f"--admin-token-file {args.admin_token_file} must hold a token of at least 16 characters")
     try:
-        serve(instance=args.instance, config=config, host=args.host, port=args.port, threads=args.threads)
+        serve(
+            instance=args.instance, config=config, host=args.host, port=args.port, threads=args.threads,
+            admin_token=admin_token,
+        )
     except (ValueError, RuntimeError, sqlite3.DatabaseError) as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:

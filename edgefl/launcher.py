@@ -60,7 +60,7 @@ class Federation:
                 if on_round:
                     on_round(entry)
             shown = len(status["history"])
-            if status["run"]["status"] == "finished":
+            if status["run"]["status"] in ("finished", "stopped"):
                 return status
             if self.fleet is not None and self.fleet.poll() not in (None, 0):
                 raise RuntimeError(f"the device fleet exited with code {self.fleet.returncode} mid-run")

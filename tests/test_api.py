@@ -514,3 +514,43 @@ def test_held_checkins_get_the_next_round_and_slots_bound_them(tmp_path, small_p
     waiting.join(timeout=5)
     assert not waiting.is_alive()
     assert held["answer"]["status"] == "task" and held["answer"]["task"]["round_number"] == 2
+
+
+ADMIN = {"Authorization": "Bearer an-admin-token-of-some-length"}
+
+
+def test_control_endpoints_are_off_without_an_admin_token(client, store, open_round):
+    before = store.snapshot()
+    assert_error(client.post("/v1/admin/stop", headers=ADMIN), 403, "admin_disabled")
+    assert store.snapshot() == before
+
+
+def test_an_operator_pauses_resumes_and_stops_the_run(tmp_path, small_parts):
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+    from edgefl.config import RunConfig
+
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:]})
+    assert "an-admin-token" not in json.dumps({k: str(v) for k, v in app.config.items()})  # kept hashed
+    learner, server = small_parts
+    driver = RoundDriver(app.extensions["edgefl.store"], RunConfig(model="cnn_small"), learner=learner, server=server)
+    driver.ensure_run()
+    client, store = app.test_client(), app.extensions["edgefl.store"]
+    device = register(client)
+    before = store.snapshot()
+    for headers, code in (({}, "missing_token"), ({"Authorization": "Bearer wrong"}, "bad_admin_token"), (device, "bad_admin_token")):
+        assert_error(client.post("/v1/admin/pause", headers=headers), 401, code)
+    assert_error(client.post("/v1/admin/resume", headers=ADMIN), 409, "bad_transition")  # it is running
+    assert store.snapshot() == before
+
+    assert client.post("/v1/admin/pause", headers=ADMIN).json == {"run": "paused"}
+    assert not driver.step()  # a paused run opens no round
+    answer = client.post("/v1/checkin", headers=device).json
+    assert answer["status"] == "wait" and answer["reason"] == "paused"
+    assert client.post("/v1/admin/resume", headers=ADMIN).json == {"run": "running"}
+    assert driver.step()
+    assert take_task(client, device)["round_number"] == 1
+    assert client.post("/v1/admin/stop", headers=ADMIN).json == {"run": "stopped"}
+    assert client.post("/v1/checkin", headers=device).json == {"status": "finished"}
+    assert_error(client.post("/v1/admin/stop", headers=ADMIN), 409, "bad_transition")
+    assert client.get("/v1/status").json["run"]["status"] == "stopped"

@@ -83,3 +83,13 @@ def test_malformed_coordinator_url_is_one_line():
 def test_impossible_partition_is_one_line_before_any_device_starts():
     result = edgefl("devices", "--partition", "classes:11", "--coordinator", closed_port_url())
     assert_one_line_error(result, contains="classes:11")
+
+
+@pytest.mark.parametrize("content, says", [(None, "cannot read --admin-token-file"), ("short", "at least 16 characters")])
+def test_a_bad_admin_token_file_is_one_line_before_serving(tmp_path, content, says):
+    token_file = tmp_path / "admin-token"
+    if content is not None:
+        token_file.write_text(content)
+    result = edgefl("serve", "--instance", str(tmp_path / "instance"), "--port", "0", "--admin-token-file", str(token_file))
+    assert_one_line_error(result, contains=says)
+    assert not (tmp_path / "instance").exists()

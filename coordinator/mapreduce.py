@@ -103,8 +103,9 @@ class MapReduceRound:
 
     The blocks follow ``tff.backends.mapreduce.MapReduceForm``: ``prepare`` turns the
     server state into what clients are sent, ``work`` maps one client's data to what is
-    summed, ``zero``/``accumulate``/``merge`` fold those, ``report`` finishes the fold and
-    ``update`` produces the next state and the round's output. Secure-sum intrinsics
+    summed, ``zero``/``accumulate`` fold those, ``report`` finishes the fold and
+    ``update`` produces the next state and the round's output. (``merge``, for folds
+    made in several places, is not needed while one driver folds a round.) Secure-sum intrinsics
     (which TFF routes around the plain aggregate) are refused: there is no secure
     aggregation protocol here to run them.
     """
@@ -119,15 +120,11 @@ class MapReduceRound:
         self.work = TensorFlowFunction(form.work)
         self.zero = TensorFlowFunction(form.zero)
         self.accumulate = TensorFlowFunction(form.accumulate)
-        self.merge = TensorFlowFunction(form.merge)
         self.report = TensorFlowFunction(form.report)
         self.update = TensorFlowFunction(form.update)
         if len(self.work.results) != len(self.zero.results):
             raise TypeError("this aggregation uses secure-sum intrinsics, which edgefl cannot run")
         self.state = leaves(round_computation.type_signature.parameter[0])
-        self.client_data = leaves(round_computation.type_signature.parameter[1])
-        self.output = self.update.results[len(self.state):]
-        self._broadcast_size = len(self.prepare.results)
 
     def client_work(self, broadcast: Sequence[Any], client_data: Sequence[Any]) -> list[Any]:
         return self.work(*client_data, *broadcast)

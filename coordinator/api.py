@@ -18,7 +18,7 @@ import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 
-from coordinator import rounds
+from coordinator import failpoints, rounds
 from coordinator.errors import ApiError
 from coordinator.store import Store
 from edgefl import wire
@@ -170,6 +170,7 @@ def _accept_update(db: sqlite3.Connection, round_id: int, device_id: str):
 
     store = get_store()
     blob_sha256 = store.blobs.put(body)
+    failpoints.hold("update_stored")  # durable bytes, no row yet: the device has no answer
     try:
         with store.transaction(db):
             rejection = rounds.upload_rejection(db, round_id, device_id)
@@ -226,6 +227,23 @@ def control(action: str):
     return jsonify(run=rounds.run_status(db))
 
 
+@bp.post("/admin/config")
+def change_config():
+    """Change settings of the run in progress (see ``rounds.CHANGEABLE``); needs the admin token."""
+    _require_admin()
+    changes = request.get_json(silent=True)
+    if not isinstance(changes, dict):
+        raise ApiError(400, "bad_json", "Send a JSON object of the settings to change, e.g. {\"rounds\": 20}.")
+    db = get_db()
+    _require_run(db)
+    with get_store().transaction(db):
+        changed = rounds.change_config(db, changes, time.time())
+        if isinstance(changed, rounds.Rejection):
+            raise ApiError(changed.status, changed.code, changed.detail)
+    current_app.extensions["edgefl.lobby"].notify()  # a bigger cohort may take held devices now
+    return jsonify(config=json.loads(changed.to_json()))
+
+
 def _require_admin() -> None:
     expected = current_app.config.get("ADMIN_TOKEN_SHA256")
     if not expected:
@@ -250,6 +268,7 @@ def status():
         history = rounds.history(db)
         active = rounds.active_round(db)
         (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
+        changes = rounds.config_changes(db)
     finally:
         db.execute("COMMIT")
     current = None
@@ -257,7 +276,10 @@ def status():
         current = next(r for r in history if r["id"] == active["id"])
         current = {**current, "target_reports": config.target_reports, "seconds_left": max(0.0, active["deadline_at"] - time.time())}
     return jsonify(
-        run={"status": run["status"], "config": json.loads(run["config"]), "created_at": run["created_at"], "finished_at": run["finished_at"]},
+        run={
+            "status": run["status"], "config": json.loads(run["config"]), "config_changes": changes,
+            "created_at": run["created_at"], "finished_at": run["finished_at"],
+        },
         model={"version": latest["version"], "sha256": latest["sha256"], "size": latest["size"], "url": f"/v1/checkpoints/{latest['sha256']}"},
         round=current,
         devices=devices,

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 
 _TRASH = ".trash-"
+_TMP = ".tmp-"
+_STALE_TMP_S = 600  # older than any write in progress: left by a process that died mid-write
 
 
 class BlobStore:
@@ -29,7 +32,7 @@ class BlobStore:
         if target.is_file():
             return sha256
         target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_TMP)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
@@ -70,5 +73,14 @@ class BlobStore:
         for path in self.root.glob(f"??/{_TRASH}*"):
             path.unlink(missing_ok=True)
 
+    def remove_stale_temporaries(self) -> None:
+        cutoff = time.time() - _STALE_TMP_S
+        for path in self.root.glob(f"??/{_TMP}*"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
     def names(self) -> set[str]:
-        return {p.name for p in self.root.glob("??/*") if not p.name.startswith((".tmp-", _TRASH))}
+        return {p.name for p in self.root.glob("??/*") if not p.name.startswith((_TMP, _TRASH))}

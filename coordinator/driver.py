@@ -20,11 +20,11 @@ import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
-from coordinator import rounds
+from coordinator import failpoints, rounds
 from coordinator.aggregation import FedAvgServer, RoundFold
 from coordinator.lobby import Lobby
 from coordinator.store import Store
@@ -35,6 +35,24 @@ from edgefl.models import weight_names
 from edgefl.training import KerasLearner
 
 log = logging.getLogger("edgefl.coordinator")
+
+
+def resumed_config(store: Store, requested: RunConfig, given: Collection[str]) -> RunConfig:
+    """What to run with: ``requested`` for a new run; an existing run keeps its stored
+    configuration (operators may have changed it since it started), and the settings a
+    user gave explicitly (``given``, field names) must agree with it."""
+    with closing(store.connect()) as db:
+        stored = rounds.run_config(db)
+    if stored is None:
+        return requested
+    differing = [f"{name}={getattr(stored, name)!r} (asked {getattr(requested, name)!r})" for name in sorted(given)
+                 if getattr(stored, name) != getattr(requested, name)]
+    if differing:
+        raise ValueError(
+            f"{store.instance_dir} holds a run with {', '.join(differing)}; leave those settings out to resume it,"
+            " change them with POST /v1/admin/config, or use a new instance directory"
+        )
+    return stored
 
 
 class RoundDriver:
@@ -75,7 +93,7 @@ class RoundDriver:
                         f"{self.store.instance_dir} already holds a run with another configuration "
                         f"({existing.to_json()}); use a new instance directory or the same settings"
                     )
-                self._discard_updates(db)  # what a crash after a commit left behind
+                self._sweep_blobs(db)
                 return
             initial = self._initial_weights()
             checkpoint = wire.encode(self.names, initial, {"version": "0", "model": self.config.model})
@@ -94,6 +112,7 @@ class RoundDriver:
         with closing(self.store.connect()) as db:
             if rounds.run_status(db) != "running":
                 return False
+            self.config = rounds.run_config(db)  # an operator may have changed it
             now = self.clock()
             pending = rounds.unevaluated_round(db)
             if pending is not None:
@@ -146,6 +165,7 @@ class RoundDriver:
         self._fold.seconds += time.perf_counter() - started
 
     def _aggregate(self, db: sqlite3.Connection, current: sqlite3.Row) -> None:
+        failpoints.hold("aggregating", at=current["number"])  # the round is closed, its new model not yet durable
         started = self.clock()
         self._fold_arrivals(db, current)
         fold = self._fold
@@ -173,10 +193,21 @@ class RoundDriver:
                 self._begin_round(db, self.clock())
         self.lobby.notify()
         log.info("round %d committed", number)
+        failpoints.hold("committed", at=number)  # its update blobs not yet discarded, its model not evaluated
         self._discard_updates(db, current["id"])
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
 
-    def _discard_updates(self, db: sqlite3.Connection, round_id: int | None = None) -> None:
+    def _sweep_blobs(self, db: sqlite3.Connection) -> None:
+        """At start-up, delete what a crash left behind: the update blobs of a round
+        committed just before it, an upload's blob written but never recorded, and
+        half-written temporary files. Under the write lock, like ``_discard_updates``."""
+        with self.store.transaction(db):
+            for sha256 in self.store.blobs.names() - rounds.live_blobs(db):
+                self.store.blobs.trash(sha256)
+        self.store.blobs.empty_trash()
+        self.store.blobs.remove_stale_temporaries()
+
+    def _discard_updates(self, db: sqlite3.Connection, round_id: int) -> None:
         """Delete the update blobs a finished round no longer needs (after its commit, so
         a crash before it leaves them for the next start's sweep). They leave the store
         under the write lock, so an upload of the same bytes either finds its blob gone

@@ -10,9 +10,10 @@ tests.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 from edgefl.config import RunConfig
@@ -271,19 +272,29 @@ def record_evaluation(db: sqlite3.Connection, round_id: int, evaluation: dict, n
     )
 
 
-def discardable_update_blobs(db: sqlite3.Connection, round_id: int | None = None) -> list[str]:
-    """Update blobs of finished rounds (committed or abandoned; one round, or all) that
-    no open round's update also names: the coordinator keeps no device's update longer
-    than its round needs it."""
-    finished = "r.id = ?" if round_id is not None else "r.status IN ('committed', 'abandoned')"
+def discardable_update_blobs(db: sqlite3.Connection, round_id: int) -> list[str]:
+    """Update blobs of a finished round (committed or abandoned) that no open round's
+    update also names: the coordinator keeps no device's update longer than its round
+    needs it."""
     rows = db.execute(
         "SELECT DISTINCT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
-        f" WHERE {finished} AND r.status IN ('committed', 'abandoned') AND u.blob_sha256 NOT IN"
+        " WHERE r.id = ? AND r.status IN ('committed', 'abandoned') AND u.blob_sha256 NOT IN"
         " (SELECT v.blob_sha256 FROM updates v JOIN rounds o ON o.id = v.round_id"
         "  WHERE o.status IN ('open', 'aggregating'))",
-        (round_id,) if round_id is not None else (),
+        (round_id,),
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def live_blobs(db: sqlite3.Connection) -> set[str]:
+    """Every blob the store still needs: checkpoints, server states, and the updates of
+    the round in progress. Anything else is left over from a crash or a finished round."""
+    rows = db.execute(
+        "SELECT sha256 FROM checkpoints UNION SELECT server_state_sha256 FROM checkpoints"
+        " UNION SELECT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
+        " WHERE r.status IN ('open', 'aggregating')"
+    ).fetchall()
+    return {r[0] for r in rows}
 
 
 def round_updates(db: sqlite3.Connection, round_id: int, after_id: int = 0) -> list[sqlite3.Row]:
@@ -326,6 +337,58 @@ def control_run(db: sqlite3.Connection, action: str, now: float) -> Rejection | 
     else:
         db.execute("UPDATE run SET status = ? WHERE id = 1", (target,))
     return None
+
+
+# What an operator may change mid-run. The model, its data, the server optimizer and
+# the seed are what the run *is*; changing them would be a new run.
+CHANGEABLE = ("rounds", "target_reports", "min_reports", "over_selection", "round_timeout_s", "epochs", "batch_size", "client_lr")
+
+
+def change_config(db: sqlite3.Connection, changes: dict, now: float) -> RunConfig | Rejection:
+    """Apply an operator's changes to the run's configuration, recorded with the time.
+
+    They take effect at once: the open round closes by the new target and minimum and
+    takes a bigger or smaller cohort; a new deadline, epochs, batch size or learning rate
+    apply from the next round (its devices' tasks)."""
+    status = run_status(db)
+    if status not in ("running", "paused"):
+        return Rejection(409, "bad_transition", f"A {status} run's configuration cannot change.")
+    if not changes:
+        return Rejection(422, "bad_config", f"Name at least one setting to change: {', '.join(CHANGEABLE)}.")
+    config = run_config(db)
+    fixed = sorted(set(changes) - set(CHANGEABLE))
+    if fixed:
+        return Rejection(422, "bad_config", f"Only {', '.join(CHANGEABLE)} may change mid-run, not {', '.join(fixed)}.")
+    typed = {}
+    for name, value in changes.items():
+        wanted = type(getattr(config, name))
+        if (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (wanted is int and not isinstance(value, int)) or abs(value) > 1e9
+        ):
+            return Rejection(422, "bad_config", f"{name} must be {'a whole number' if wanted is int else 'a number'} of at most 10^9.")
+        typed[name] = wanted(value)
+    try:
+        changed = replace(config, **typed)
+    except ValueError as error:
+        return Rejection(422, "bad_config", f"{error}.")
+    current = active_round(db) or latest_round(db)
+    if current is not None and changed.rounds < current["number"]:
+        return Rejection(422, "bad_config", f"rounds must be at least {current['number']}, the round the run has reached.")
+    db.execute("UPDATE run SET config = ? WHERE id = 1", (changed.to_json(),))
+    db.execute("INSERT INTO config_changes (changes, changed_at) VALUES (?, ?)", (json.dumps(changes, sort_keys=True), now))
+    return changed
+
+
+def latest_round(db: sqlite3.Connection) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+
+
+def config_changes(db: sqlite3.Connection) -> list[dict]:
+    return [
+        {"changes": json.loads(r["changes"]), "changed_at": r["changed_at"]}
+        for r in db.execute("SELECT * FROM config_changes ORDER BY id")
+    ]
 
 
 def count_bytes_down(db: sqlite3.Connection, sha256: str, size: int) -> None:

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Collection
 
 from edgefl.config import RunConfig
 
@@ -28,13 +29,15 @@ class _Stop(Exception):
 
 
 def serve(
-    *, instance: Path, config: RunConfig, host: str = "127.0.0.1", port: int = 8080, threads: int = 16,
-    admin_token: str | None = None,
+    *, instance: Path, config: RunConfig, given: Collection[str] = (), host: str = "127.0.0.1", port: int = 8080,
+    threads: int = 16, admin_token: str | None = None,
 ) -> None:
+    """Serve ``instance``: a new run with ``config``, or the run the instance holds (see
+    ``resumed_config``; ``given`` names the settings the user set explicitly)."""
     import waitress
 
     from coordinator import DEFAULT_MAX_UPLOAD_BYTES, create_app
-    from coordinator.driver import RoundDriver
+    from coordinator.driver import RoundDriver, resumed_config
 
     instance = Path(instance)
     instance.mkdir(parents=True, exist_ok=True)
@@ -56,7 +59,7 @@ def serve(
     driver_thread = None
     info_path = instance / "server.json"
     try:
-        driver = RoundDriver(store, config, lobby=lobby)
+        driver = RoundDriver(store, resumed_config(store, config, given), lobby=lobby)
         driver.ensure_run()
         server = waitress.create_server(
             app,

@@ -23,6 +23,11 @@ CREATE TABLE IF NOT EXISTS run (
     created_at REAL NOT NULL,
     finished_at REAL
 );
+CREATE TABLE IF NOT EXISTS config_changes (
+    id INTEGER PRIMARY KEY,
+    changes TEXT NOT NULL,
+    changed_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL UNIQUE,
@@ -79,7 +84,7 @@ CREATE TABLE IF NOT EXISTS rejections (
 
 # The run's state; ``rejections`` is the log of refused uploads beside it, which a
 # refused upload adds to and nothing else reads back.
-TABLES = ("run", "devices", "checkpoints", "rounds", "assignments", "updates")
+TABLES = ("run", "config_changes", "devices", "checkpoints", "rounds", "assignments", "updates")
 
 
 class Store:

@@ -26,43 +26,46 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+# Run-configuration flags and the RunConfig fields they set.
+_RUN_FLAGS = {
+    "model": "model", "dataset": "dataset", "rounds": "rounds", "target_reports": "target_reports",
+    "min_reports": "min_reports", "over_selection": "over_selection", "round_timeout": "round_timeout_s",
+    "epochs": "epochs", "batch_size": "batch_size", "client_lr": "client_lr", "server_lr": "server_lr", "seed": "seed",
+}
+
+
 def _add_run_config(parser: argparse.ArgumentParser) -> None:
+    """The flags default to None so that ``serve`` knows which ones a user gave: a
+    restarted coordinator resumes its stored configuration, and only given flags must
+    agree with it."""
     from edgefl.config import RunConfig
 
     d = RunConfig()
-    g = parser.add_argument_group("run configuration")
-    g.add_argument("--model", default=d.model, help=f"model to train (default {d.model}; also cnn_small)")
-    g.add_argument("--dataset", default=d.dataset, help=f"dataset whose test split the coordinator holds (default {d.dataset})")
-    g.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds to run (default {d.rounds})")
-    g.add_argument("--target-reports", type=int, default=d.target_reports, help=f"updates that close a round (default {d.target_reports})")
-    g.add_argument("--min-reports", type=int, default=d.min_reports, help=f"updates a round needs by its deadline (default {d.min_reports})")
-    g.add_argument("--over-selection", type=float, default=d.over_selection, help=f"cohort = target x this (default {d.over_selection})")
-    g.add_argument("--round-timeout", type=float, default=d.round_timeout_s, help=f"seconds before a round's deadline (default {d.round_timeout_s:g})")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"local epochs per round (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"local batch size (default {d.batch_size})")
-    g.add_argument("--client-lr", type=float, default=d.client_lr, help=f"device SGD learning rate (default {d.client_lr})")
-    g.add_argument("--server-lr", type=float, default=d.server_lr, help=f"server SGD learning rate (default {d.server_lr}: FedAvg)")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial model (default {d.seed})")
+    g = parser.add_argument_group("run configuration (for a new run; a resumed run keeps its own)")
+    g.add_argument("--model", help=f"model to train (default {d.model}; also cnn_small)")
+    g.add_argument("--dataset", help=f"dataset whose test split the coordinator holds (default {d.dataset})")
+    g.add_argument("--rounds", type=int, help=f"rounds to run (default {d.rounds})")
+    g.add_argument("--target-reports", type=int, help=f"updates that close a round (default {d.target_reports})")
+    g.add_argument("--min-reports", type=int, help=f"updates a round needs by its deadline (default {d.min_reports})")
+    g.add_argument("--over-selection", type=float, help=f"cohort = target x this (default {d.over_selection})")
+    g.add_argument("--round-timeout", type=float, help=f"seconds before a round's deadline (default {d.round_timeout_s:g})")
+    g.add_argument("--epochs", type=int, help=f"local epochs per round (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"local batch size (default {d.batch_size})")
+    g.add_argument("--client-lr", type=float, help=f"device SGD learning rate (default {d.client_lr})")
+    g.add_argument("--server-lr", type=float, help=f"server SGD learning rate (default {d.server_lr}: FedAvg)")
+    g.add_argument("--seed", type=int, help=f"seed of the initial model (default {d.seed})")
+
+
+def given_settings(args: argparse.Namespace) -> dict:
+    """The run-configuration fields the user set on the command line."""
+    return {field: getattr(args, flag) for flag, field in _RUN_FLAGS.items() if getattr(args, flag) is not None}
 
 
 def run_config_from(args: argparse.Namespace):
     from edgefl.config import RunConfig
 
     try:
-        return RunConfig(
-            model=args.model,
-            dataset=args.dataset,
-            rounds=args.rounds,
-            target_reports=args.target_reports,
-            min_reports=args.min_reports,
-            over_selection=args.over_selection,
-            round_timeout_s=args.round_timeout,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            client_lr=args.client_lr,
-            server_lr=args.server_lr,
-            seed=args.seed,
-        )
+        return RunConfig(**given_settings(args))
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -156,8 +159,8 @@ def _serve(args) -> int:
             raise CliError(f"--admin-token-file {args.admin_token_file} must hold a token of at least 16 characters")
     try:
         serve(
-            instance=args.instance, config=config, host=args.host, port=args.port, threads=args.threads,
-            admin_token=admin_token,
+            instance=args.instance, config=config, given=set(given_settings(args)), host=args.host, port=args.port,
+            threads=args.threads, admin_token=admin_token,
         )
     except (ValueError, RuntimeError, sqlite3.DatabaseError) as exc:
         raise CliError(str(exc)) from None

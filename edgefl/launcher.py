@@ -75,9 +75,11 @@ def wait_for_server(instance: Path, server: subprocess.Popen, log_path: Path) ->
         if server.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"the coordinator exited with code {server.returncode}: {tail[0]}")
-        if info.exists():
+        if info.exists():  # and written by this server, not left by one that was killed
             try:
-                return json.loads(info.read_text())["url"]
+                written = json.loads(info.read_text())
+                if written["pid"] == server.pid:
+                    return written["url"]
             except (json.JSONDecodeError, KeyError):
                 pass
         time.sleep(0.1)

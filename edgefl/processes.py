@@ -43,11 +43,13 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
-def start_logged(command: list[str], log_path: Path, sig: int = signal.SIGTERM) -> subprocess.Popen:
+def start_logged(
+    command: list[str], log_path: Path, sig: int = signal.SIGTERM, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start ``command`` orphan-proof, stdin closed, stdout and stderr appended to ``log_path``."""
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
-            orphan_proof(command, sig), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+            orphan_proof(command, sig), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
 
 

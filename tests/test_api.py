@@ -525,16 +525,23 @@ def test_control_endpoints_are_off_without_an_admin_token(client, store, open_ro
     assert store.snapshot() == before
 
 
-def test_an_operator_pauses_resumes_and_stops_the_run(tmp_path, small_parts):
+def administered(tmp_path, small_parts, config):
+    """An app started with the admin token, and its round driver with a started run."""
     from coordinator import create_app
     from coordinator.driver import RoundDriver
-    from edgefl.config import RunConfig
 
     app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:]})
     assert "an-admin-token" not in json.dumps({k: str(v) for k, v in app.config.items()})  # kept hashed
     learner, server = small_parts
-    driver = RoundDriver(app.extensions["edgefl.store"], RunConfig(model="cnn_small"), learner=learner, server=server)
+    driver = RoundDriver(app.extensions["edgefl.store"], config, learner=learner, server=server)
     driver.ensure_run()
+    return app, driver
+
+
+def test_an_operator_pauses_resumes_and_stops_the_run(tmp_path, small_parts):
+    from edgefl.config import RunConfig
+
+    app, driver = administered(tmp_path, small_parts, RunConfig(model="cnn_small"))
     client, store = app.test_client(), app.extensions["edgefl.store"]
     device = register(client)
     before = store.snapshot()
@@ -554,3 +561,42 @@ def test_an_operator_pauses_resumes_and_stops_the_run(tmp_path, small_parts):
     assert client.post("/v1/checkin", headers=device).json == {"status": "finished"}
     assert_error(client.post("/v1/admin/stop", headers=ADMIN), 409, "bad_transition")
     assert client.get("/v1/status").json["run"]["status"] == "stopped"
+
+
+def test_an_operator_changes_the_configuration_mid_run(tmp_path, small_parts):
+    from edgefl.config import RunConfig
+
+    config = RunConfig(model="cnn_small", rounds=3, target_reports=2, min_reports=1, over_selection=1.0, round_timeout_s=60)
+    app, driver = administered(tmp_path, small_parts, config)
+    client, store = app.test_client(), app.extensions["edgefl.store"]
+    devices = [register(client) for _ in range(3)]
+    assert driver.step()  # opens round 1
+    tasks = [take_task(client, headers) for headers in devices[:2]]
+    assert client.post("/v1/checkin", headers=devices[2]).json["reason"] == "cohort_full"
+
+    before = store.snapshot()
+    assert_error(client.post("/v1/admin/config", json={"rounds": 5}), 401, "missing_token")
+    assert_error(client.post("/v1/admin/config", data="rounds=5", headers=ADMIN), 400, "bad_json")
+    for changes in (
+        {}, {"model": "cnn"}, {"seed": 1}, {"rounds": "5"}, {"rounds": True}, {"epochs": 1.5}, {"min_reports": 3},
+        {"client_lr": float("inf")}, {"client_lr": -1}, {"rounds": 10**12}, {"round_timeout_s": None},
+    ):
+        assert_error(client.post("/v1/admin/config", data=json.dumps(changes), headers={**ADMIN, "Content-Type": "application/json"}), 422, "bad_config")
+    assert store.snapshot() == before
+
+    # A bigger target and cohort take effect in the open round; new tasks train longer; the
+    # run now ends after this round.
+    changed = client.post("/v1/admin/config", json={"target_reports": 3, "over_selection": 1.0, "epochs": 3, "rounds": 1}, headers=ADMIN)
+    assert changed.status_code == 200 and changed.json["config"]["target_reports"] == 3
+    late_task = take_task(client, devices[2])
+    assert late_task["epochs"] == 3 and tasks[0]["epochs"] == 1
+    for headers, task, seed in zip(devices, [*tasks, late_task], (1, 2, 3)):
+        assert upload(client, headers, task["round_id"], update_body(seed=seed)).status_code == 202
+        assert driver.step() == (headers is devices[2])  # closes at the third report, not before
+    while driver.step():
+        pass
+    status = client.get("/v1/status").json
+    assert status["run"]["status"] == "finished" and [h["reported"] for h in status["history"]] == [3]
+    assert status["run"]["config"]["rounds"] == 1
+    assert [c["changes"] for c in status["run"]["config_changes"]] == [{"epochs": 3, "over_selection": 1.0, "rounds": 1, "target_reports": 3}]
+    assert_error(client.post("/v1/admin/config", json={"rounds": 5}, headers=ADMIN), 409, "bad_transition")

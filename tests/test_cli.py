@@ -93,3 +93,20 @@ def test_a_bad_admin_token_file_is_one_line_before_serving(tmp_path, content, sa
     result = edgefl("serve", "--instance", str(tmp_path / "instance"), "--port", "0", "--admin-token-file", str(token_file))
     assert_one_line_error(result, contains=says)
     assert not (tmp_path / "instance").exists()
+
+
+def test_serve_refuses_flags_that_contradict_the_run_it_would_resume(tmp_path):
+    import time
+    from contextlib import closing
+
+    from coordinator import rounds
+    from coordinator.store import Store
+    from edgefl.config import RunConfig
+
+    store = Store(tmp_path / "instance")
+    with closing(store.connect()) as db, store.transaction(db):
+        rounds.start_run(db, RunConfig(model="cnn_small", rounds=3), "0" * 64, 1, "1" * 64, time.time())
+    before = store.snapshot()
+    result = edgefl("serve", "--instance", str(tmp_path / "instance"), "--port", "0", "--rounds", "5", "--model", "cnn_small")
+    assert_one_line_error(result, contains="holds a run with rounds=3 (asked 5); leave those settings out")
+    assert store.snapshot() == before

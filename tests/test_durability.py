@@ -1,0 +1,259 @@
+"""SIGKILL the real coordinator process at several points of a run, restart it each time,
+and compare its final model with an uninterrupted run's.
+
+The devices here are scripted by the test (no retries, one request at a time, in a
+fixed order), so both runs receive the same updates in the same order. An update is a
+deterministic function of the device, the round and the model it was given, so any
+update lost, doubled or folded from the wrong base changes every later model: equal
+final checkpoints mean every acknowledged update was kept exactly once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sqlite3
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import psutil
+import pytest
+import requests
+
+from edgefl import wire
+from edgefl.config import RunConfig
+from edgefl.launcher import config_flags, edgefl_command, start_logged, stop_process, wait_for_server
+from edgefl.models import model_spec
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = RunConfig(model="cnn_small", rounds=3, target_reports=3, min_reports=3, over_selection=1.0, round_timeout_s=600)
+SPEC = model_spec(CONFIG.model)
+DEVICES = 3
+
+
+class Coordinator:
+    """``edgefl serve`` on one instance directory, started and killed by the test."""
+
+    def __init__(self, root: Path):
+        root.mkdir()
+        self.instance = root / "instance"
+        self.log = root / "serve.log"
+        self.process = None
+        self.url = None
+        self.pids: set[int] = set()
+
+    def start(self, hold_at: str = "") -> None:
+        self.log.write_text("")  # a fresh log per start: holds are found in it
+        env = {**os.environ, "EDGEFL_HOLD_AT": hold_at}
+        command = edgefl_command("serve", "--instance", str(self.instance), "--port", "0", *config_flags(CONFIG))
+        self.process = start_logged(command, self.log, env=env)
+        self.pids.add(self.process.pid)
+        self.url = wait_for_server(self.instance, self.process, self.log)
+
+    def wait_until_held(self, name: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while f"edgefl: holding at {name}" not in self.log.read_text():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: no handler, no cleanup
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class ScriptedDevice:
+    def __init__(self, index: int, token: str):
+        self.index = index
+        self.token = token
+        self.acknowledged: list[tuple[int, str]] = []  # (round id, sha256 of the update sent)
+
+    @property
+    def auth(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def checkin(self, url: str) -> dict:
+        answer = requests.post(f"{url}/v1/checkin", headers=self.auth, timeout=60)
+        answer.raise_for_status()
+        return answer.json()
+
+    def update_for(self, url: str, task: dict) -> bytes:
+        checkpoint = requests.get(f"{url}/v1/checkpoints/{task['checkpoint_sha256']}", timeout=60)
+        checkpoint.raise_for_status()
+        weights, _ = wire.decode(checkpoint.content, SPEC)
+        rng = np.random.default_rng([self.index, task["round_number"]])
+        deltas = [(-0.05 * w + 0.01 * rng.standard_normal(w.shape)).astype(w.dtype) for w in weights]
+        metadata = {"num_examples": str(10 * (self.index + 1)), "metrics": '{"train_loss": 1.0}'}
+        return wire.encode([s.name for s in SPEC], deltas, metadata)
+
+    def upload(self, url: str, round_id: int, body: bytes) -> None:
+        answer = requests.post(f"{url}/v1/rounds/{round_id}/updates", data=body, headers=self.auth, timeout=60)
+        assert answer.status_code == 202, answer.text
+        self.acknowledged.append((round_id, hashlib.sha256(body).hexdigest()))
+
+    def train(self, url: str) -> tuple[int, bytes]:
+        """Check in for a task and build its update: (round id, body)."""
+        answer = self.checkin(url)
+        assert answer["status"] == "task", answer
+        return answer["task"]["round_id"], self.update_for(url, answer["task"])
+
+
+def register(url: str) -> list[ScriptedDevice]:
+    devices = []
+    for index in range(DEVICES):
+        answer = requests.post(f"{url}/v1/devices", timeout=30)
+        assert answer.status_code == 201
+        devices.append(ScriptedDevice(index, answer.json()["token"]))
+    return devices
+
+
+def play_round(url: str, devices: list[ScriptedDevice]) -> None:
+    for device in devices:
+        device.upload(url, *device.train(url))
+
+
+def wait_finished(url: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/v1/status", timeout=30).json()
+        if status["run"]["status"] == "finished":
+            return status
+        time.sleep(0.1)
+    raise AssertionError("the run did not finish")
+
+
+def wait_round_open(url: str, number: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (requests.get(f"{url}/v1/status", timeout=30).json()["round"] or {}).get("number") != number:
+        assert time.monotonic() < deadline, f"round {number} did not open"
+        time.sleep(0.05)
+
+
+class Unanswered(threading.Thread):
+    """A request made in the background that the test expects to be cut off by a kill."""
+
+    def __init__(self, call, *args):
+        super().__init__()
+        self.call, self.args, self.error = call, args, None
+
+    def run(self) -> None:
+        try:
+            self.call(*self.args)
+        except requests.ConnectionError as error:
+            self.error = error
+
+    def assert_cut_off(self) -> None:
+        self.join(timeout=30)
+        assert isinstance(self.error, requests.ConnectionError), "the request was answered"
+
+
+def send_half(url: str, round_id: int, device: ScriptedDevice, body: bytes) -> socket.socket:
+    """An upload whose connection is cut mid-body: headers and half the bytes, no more."""
+    address = urlparse(url)
+    conn = socket.create_connection((address.hostname, address.port), timeout=10)
+    head = (
+        f"POST /v1/rounds/{round_id}/updates HTTP/1.1\r\nHost: {address.netloc}\r\n"
+        f"Authorization: Bearer {device.token}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    conn.sendall(head + body[: len(body) // 2])
+    return conn
+
+
+def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path):
+    # The uninterrupted run: the same devices, updates and order, no kills.
+    reference = Coordinator(tmp_path / "reference")
+    try:
+        reference.start()
+        devices = register(reference.url)
+        for number in range(1, CONFIG.rounds + 1):
+            wait_round_open(reference.url, number)
+            play_round(reference.url, devices)
+        expected = wait_finished(reference.url)["model"]["sha256"]
+    finally:
+        reference.stop()
+
+    coordinator = Coordinator(tmp_path / "killed")
+    try:
+        coordinator.start()
+        url = coordinator.url
+        devices = register(url)
+        d0, d1, d2 = devices
+        wait_round_open(url, 1)
+        d0.upload(url, *d0.train(url))
+        d1.upload(url, *d1.train(url))
+        round_id, body = d2.train(url)
+
+        # 1. Killed during a check-in (d0, already reported, is held for the next round)
+        #    and mid-upload (half of d2's body sent).
+        held = Unanswered(d0.checkin, url)
+        held.start()
+        cut = send_half(url, round_id, d2, body)
+        time.sleep(0.5)
+        coordinator.kill()
+        held.assert_cut_off()
+        cut.close()
+
+        # 2. Killed with d2's update written but not committed: it never got an answer.
+        coordinator.start(hold_at="update_stored")
+        url = coordinator.url
+        assert d0.checkin(url)["status"] == "wait"  # same run, same round: d0 already reported
+        attempt = Unanswered(d2.upload, url, round_id, body)
+        attempt.start()
+        coordinator.wait_until_held("update_stored")
+        coordinator.kill()
+        attempt.assert_cut_off()
+
+        # 3. Killed while aggregating round 1: d2 uploads again and is acknowledged.
+        coordinator.start(hold_at="aggregating")
+        url = coordinator.url
+        d2.upload(url, round_id, body)
+        coordinator.wait_until_held("aggregating")
+        coordinator.kill()
+
+        # 4. Killed after committing round 2, before its update blobs are discarded and
+        #    its model evaluated.
+        coordinator.start(hold_at="committed@2")
+        url = coordinator.url
+        wait_round_open(url, 2)
+        for device in devices:
+            device.upload(url, *device.train(url))
+        coordinator.wait_until_held("committed@2")
+        coordinator.kill()
+
+        # 5. Killed right after an acknowledged upload, before the driver folded it.
+        coordinator.start()
+        url = coordinator.url
+        wait_round_open(url, 3)
+        d0.upload(url, *d0.train(url))
+        coordinator.kill()
+
+        # 6. The rest of the run, uninterrupted.
+        coordinator.start()
+        url = coordinator.url
+        d1.upload(url, *d1.train(url))
+        d2.upload(url, *d2.train(url))
+        status = wait_finished(url)
+        history = requests.get(f"{url}/v1/rounds", timeout=30).json()["rounds"]
+    finally:
+        coordinator.stop()
+
+    assert status["model"]["sha256"] == expected, "the killed run's final model differs from the uninterrupted run's"
+    assert [(r["number"], r["status"], r["reported"]) for r in history] == [(n, "committed", 3) for n in (1, 2, 3)]
+    assert all(r["evaluated_at"] is not None for r in history)
+
+    with closing(sqlite3.connect(coordinator.instance / "edgefl.sqlite3")) as db:
+        kept = set(db.execute("SELECT round_id, blob_sha256 FROM updates"))
+        needed = {sha for row in db.execute("SELECT sha256, server_state_sha256 FROM checkpoints") for sha in row}
+    acknowledged = {ack for device in devices for ack in device.acknowledged}
+    assert len(acknowledged) == DEVICES * CONFIG.rounds and acknowledged == kept
+    blobs = {p.name for p in (coordinator.instance / "blobs").glob("??/*")}
+    assert blobs == needed, "update blobs, or blobs a crash left behind, outlived their rounds"
+    assert not [p for p in coordinator.pids | reference.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -12,13 +12,13 @@ import math
 import random
 import re
 import secrets
-import sqlite3
 import time
 import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 
 from coordinator import failpoints, rounds
+from coordinator.database import Connection
 from coordinator.errors import ApiError
 from coordinator.store import Store
 from edgefl import wire
@@ -38,7 +38,7 @@ def get_store() -> Store:
     return current_app.extensions["edgefl.store"]
 
 
-def get_db() -> sqlite3.Connection:
+def get_db() -> Connection:
     if "db" not in g:
         g.db = get_store().connect()
     return g.db
@@ -68,7 +68,7 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _require_run(db: sqlite3.Connection):
+def _require_run(db: Connection):
     config = rounds.run_config(db)
     if config is None:
         raise ApiError(503, "no_run", "No run has started yet; try again shortly.", {"Retry-After": "1"})
@@ -151,7 +151,7 @@ def upload_update(round_id: int):
         raise
 
 
-def _accept_update(db: sqlite3.Connection, round_id: int, device_id: str):
+def _accept_update(db: Connection, round_id: int, device_id: str):
     config = _require_run(db)
     rejection = rounds.upload_rejection(db, round_id, device_id)
     if rejection:
@@ -258,8 +258,7 @@ def _require_admin() -> None:
 @bp.get("/status")
 def status():
     db = get_db()
-    db.execute("BEGIN")  # one snapshot: the round driver may commit between the reads
-    try:
+    with get_store().reading(db):
         config = rounds.run_config(db)
         if config is None:
             return jsonify(run=None)
@@ -269,8 +268,6 @@ def status():
         active = rounds.active_round(db)
         (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
         changes = rounds.config_changes(db)
-    finally:
-        db.execute("COMMIT")
     current = None
     if active is not None:
         current = next(r for r in history if r["id"] == active["id"])

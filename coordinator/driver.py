@@ -9,22 +9,24 @@ while devices already train the next round (a round's metrics appear in the stat
 once evaluated; a restart evaluates what was left unevaluated). While a round is open, each durable update is folded into the
 round's accumulator as it arrives, in arrival order; the fold lives in memory and is
 rebuilt from the store in the same order after a restart, so closing a round costs
-only TFF's report and update.
+only TFF's report and update. Only the holder of the round-driver lease (in the
+database) steps the run, so coordinators sharing a store never both drive it.
 """
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
-from contextlib import closing
+import uuid
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Collection
 
 import numpy as np
 
-from coordinator import failpoints, rounds
+from coordinator import failpoints, leases, rounds
+from coordinator.database import Connection, Row
 from coordinator.aggregation import FedAvgServer, RoundFold
 from coordinator.lobby import Lobby
 from coordinator.store import Store
@@ -82,9 +84,12 @@ class RoundDriver:
         self.test = load_dataset(config.dataset).test
         self._fold: _Fold | None = None
         self.lobby = lobby or Lobby()
+        self.holder = leases.holder_name(uuid.uuid4().hex[:8])
+        self._lease_checked_until = 0.0
 
     def ensure_run(self) -> None:
-        """Create the run with its initial checkpoint, or check an existing run's config."""
+        """Create the run with its initial checkpoint, or check an existing run's config
+        (a restart resumes it: see ``step``)."""
         with closing(self.store.connect()) as db:
             existing = rounds.run_config(db)
             if existing is not None:
@@ -93,14 +98,14 @@ class RoundDriver:
                         f"{self.store.instance_dir} already holds a run with another configuration "
                         f"({existing.to_json()}); use a new instance directory or the same settings"
                     )
-                self._sweep_blobs(db)
                 return
             initial = self._initial_weights()
             checkpoint = wire.encode(self.names, initial, {"version": "0", "model": self.config.model})
             sha = self.store.blobs.put(checkpoint)
             state_sha = self.store.blobs.put(self.server.state_to_bytes(self.server.initialize()))
             with self.store.transaction(db):
-                rounds.start_run(db, self.config, sha, len(checkpoint), state_sha, self.clock())
+                if rounds.run_config(db) is None:  # another coordinator may have just created it
+                    rounds.start_run(db, self.config, sha, len(checkpoint), state_sha, self.clock())
 
     def _initial_weights(self) -> list[np.ndarray]:
         from edgefl.models import build_model
@@ -108,48 +113,82 @@ class RoundDriver:
         return build_model(self.config.model, seed=self.config.seed).get_weights()
 
     def step(self) -> bool:
-        """Advance the run by at most one transition; True if something changed."""
+        """Advance the run by at most one transition; True if something changed. Only
+        the holder of the round-driver lease does (see ``coordinator.leases``)."""
         with closing(self.store.connect()) as db:
-            if rounds.run_status(db) != "running":
+            if rounds.run_status(db) != "running" or not self._hold_lease(db):
                 return False
-            self.config = rounds.run_config(db)  # an operator may have changed it
-            now = self.clock()
-            pending = rounds.unevaluated_round(db)
-            if pending is not None:
-                self._evaluate(db, pending)
-                return True
-            current = rounds.active_round(db)
-            if current is None:
-                with self.store.transaction(db):
-                    self._begin_round(db, now)
-                self.lobby.notify()
-                return True
-            if current["status"] == "open":
-                self._fold_arrivals(db, current)  # not a transition: the fold is rebuilt after a restart
-                if rounds.decide(self.config, rounds.report_count(db, current["id"]), current["deadline_at"], now) is None:
-                    return False  # the common case, decided without taking the write lock
-                with self.store.transaction(db):  # decide again: no upload can commit in between now
-                    reports = rounds.report_count(db, current["id"])
-                    decision = rounds.decide(self.config, reports, current["deadline_at"], now)
-                    if decision is None:
-                        return False
-                    if decision == "abandon":
-                        log.warning("round %d abandoned with %d reports", current["number"], reports)
-                        rounds.set_status(db, current["id"], "abandoned", now)
-                        self._begin_round(db, now)
-                    else:
-                        rounds.set_status(db, current["id"], "aggregating", now)
-                if decision == "abandon":
-                    self.lobby.notify()
-                    self._discard_updates(db, current["id"])
-                    return True
-            self._aggregate(db, rounds.active_round(db))
-            return True
+            try:
+                return self._step(db)
+            except LeaseLost:
+                log.warning("lost the round-driver lease to another process mid-step; rolled back")
+                self._fold, self._lease_checked_until = None, 0.0
+                return False
 
-    def _begin_round(self, db: sqlite3.Connection, now: float) -> None:
+    def _hold_lease(self, db: Connection) -> bool:
+        """Take or renew the lease when half of it is gone (each transition renews it too)."""
+        now = self.clock()
+        if now < self._lease_checked_until:
+            return True
+        with self.store.transaction(db):
+            held = leases.take(db, leases.ROUND_DRIVER, self.holder, now)
+        if held and not self._lease_checked_until:
+            log.info("driving the rounds (lease holder %s)", self.holder)
+            self._sweep_blobs(db)
+        self._lease_checked_until = now + leases.LEASE_S / 2 if held else 0.0
+        return held
+
+    @contextmanager
+    def _transition(self, db: Connection):
+        """A write transaction that commits only while this driver still holds the lease."""
+        with self.store.transaction(db):
+            if not leases.take(db, leases.ROUND_DRIVER, self.holder, self.clock()):
+                raise LeaseLost(self.holder)
+            yield db
+
+    def release_lease(self) -> None:
+        with closing(self.store.connect()) as db, self.store.transaction(db):
+            leases.release(db, leases.ROUND_DRIVER, self.holder)
+
+    def _step(self, db: Connection) -> bool:
+        self.config = rounds.run_config(db)  # an operator may have changed it
+        now = self.clock()
+        pending = rounds.unevaluated_round(db)
+        if pending is not None:
+            self._evaluate(db, pending)
+            return True
+        current = rounds.active_round(db)
+        if current is None:
+            with self._transition(db):
+                self._begin_round(db, now)
+            self.lobby.notify()
+            return True
+        if current["status"] == "open":
+            self._fold_arrivals(db, current)  # not a transition: the fold is rebuilt after a restart
+            if rounds.decide(self.config, rounds.report_count(db, current["id"]), current["deadline_at"], now) is None:
+                return False  # the common case, decided without taking the write lock
+            with self._transition(db):  # decide again: no upload can commit in between now
+                reports = rounds.report_count(db, current["id"])
+                decision = rounds.decide(self.config, reports, current["deadline_at"], now)
+                if decision is None:
+                    return False
+                if decision == "abandon":
+                    log.warning("round %d abandoned with %d reports", current["number"], reports)
+                    rounds.set_status(db, current["id"], "abandoned", now)
+                    self._begin_round(db, now)
+                else:
+                    rounds.set_status(db, current["id"], "aggregating", now)
+            if decision == "abandon":
+                self.lobby.notify()
+                self._discard_updates(db, current["id"])
+                return True
+        self._aggregate(db, rounds.active_round(db))
+        return True
+
+    def _begin_round(self, db: Connection, now: float) -> None:
         rounds.begin_round(db, self.config, now, candidates=self.lobby.waiting())
 
-    def _fold_arrivals(self, db: sqlite3.Connection, current: sqlite3.Row) -> None:
+    def _fold_arrivals(self, db: Connection, current: Row) -> None:
         """Fold the round's durable updates not folded yet."""
         if self._fold is None or self._fold.round_id != current["id"]:
             base = db.execute("SELECT * FROM checkpoints WHERE version = ?", (current["base_version"],)).fetchone()
@@ -164,7 +203,7 @@ class RoundDriver:
             self._fold.last_update_id = update["id"]
         self._fold.seconds += time.perf_counter() - started
 
-    def _aggregate(self, db: sqlite3.Connection, current: sqlite3.Row) -> None:
+    def _aggregate(self, db: Connection, current: Row) -> None:
         failpoints.hold("aggregating", at=current["number"])  # the round is closed, its new model not yet durable
         started = self.clock()
         self._fold_arrivals(db, current)
@@ -187,7 +226,7 @@ class RoundDriver:
             "fold_s": fold.seconds,
             "aggregation_s": aggregated - started,
         }
-        with self.store.transaction(db):
+        with self._transition(db):
             rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
             if number < self.config.rounds:
                 self._begin_round(db, self.clock())
@@ -197,34 +236,35 @@ class RoundDriver:
         self._discard_updates(db, current["id"])
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
 
-    def _sweep_blobs(self, db: sqlite3.Connection) -> None:
-        """At start-up, delete what a crash left behind: the update blobs of a round
-        committed just before it, an upload's blob written but never recorded, and
-        half-written temporary files. Under the write lock, like ``_discard_updates``."""
-        with self.store.transaction(db):
+    def _sweep_blobs(self, db: Connection) -> None:
+        """On taking the lease, delete what a crashed predecessor left behind: the update
+        blobs of a round committed just before it died, an upload's blob written but never
+        recorded, half-written temporary files. Only the lease holder writes checkpoints,
+        so none of them is in flight. Under the write lock, like ``_discard_updates``."""
+        with self._transition(db):
             for sha256 in self.store.blobs.names() - rounds.live_blobs(db):
                 self.store.blobs.trash(sha256)
         self.store.blobs.empty_trash()
         self.store.blobs.remove_stale_temporaries()
 
-    def _discard_updates(self, db: sqlite3.Connection, round_id: int) -> None:
+    def _discard_updates(self, db: Connection, round_id: int) -> None:
         """Delete the update blobs a finished round no longer needs (after its commit, so
         a crash before it leaves them for the next start's sweep). They leave the store
         under the write lock, so an upload of the same bytes either finds its blob gone
         and rewrites it, or has its row counted here; the slow unlinks come after."""
-        with self.store.transaction(db):
+        with self._transition(db):
             for sha256 in rounds.discardable_update_blobs(db, round_id):
                 self.store.blobs.trash(sha256)
         self.store.blobs.empty_trash()
 
-    def _evaluate(self, db: sqlite3.Connection, committed: sqlite3.Row, weights: list[np.ndarray] | None = None) -> None:
+    def _evaluate(self, db: Connection, committed: Row, weights: list[np.ndarray] | None = None) -> None:
         """Central evaluation of a committed round's model; the last one finishes the run."""
         started = self.clock()
         if weights is None:
             checkpoint = db.execute("SELECT sha256 FROM checkpoints WHERE round_id = ?", (committed["id"],)).fetchone()
             weights, _ = wire.decode(self.store.blobs.get(checkpoint["sha256"]), self.spec)
         evaluation = self.learner.evaluate(weights, self.test.x, self.test.y)
-        with self.store.transaction(db):
+        with self._transition(db):
             rounds.record_evaluation(db, committed["id"], {**evaluation, "evaluation_s": self.clock() - started}, self.clock())
             if committed["number"] >= self.config.rounds:
                 rounds.finish_run(db, self.clock())
@@ -246,6 +286,11 @@ class RoundDriver:
                 stop.wait(1.0)
             wake.wait(poll_s)
             wake.clear()
+        self.release_lease()  # a successor need not wait for it to expire
+
+
+class LeaseLost(Exception):
+    """Another process took the round-driver lease while this one was mid-step."""
 
 
 @dataclass
@@ -258,7 +303,7 @@ class _Fold:
     seconds: float = 0.0
 
 
-def _weighted(updates: list[sqlite3.Row], key: str, total: int) -> float | None:
+def _weighted(updates: list[Row], key: str, total: int) -> float | None:
     values = [(json.loads(u["metrics"]).get(key), u["num_examples"]) for u in updates]
     if total == 0 or any(v is None for v, _ in values):
         return None

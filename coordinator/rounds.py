@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import math
 import random
-import sqlite3
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
+from coordinator.database import Connection, Row
 from edgefl.config import RunConfig
 
 # Pace steering: a device the next round will need soon polls again quickly; one that
@@ -51,28 +51,28 @@ class Rejection:
     detail: str
 
 
-def run_config(db: sqlite3.Connection) -> RunConfig | None:
+def run_config(db: Connection) -> RunConfig | None:
     row = db.execute("SELECT config FROM run WHERE id = 1").fetchone()
     return RunConfig.from_json(row["config"]) if row else None
 
 
-def run_status(db: sqlite3.Connection) -> str | None:
+def run_status(db: Connection) -> str | None:
     row = db.execute("SELECT status FROM run WHERE id = 1").fetchone()
     return row["status"] if row else None
 
 
-def latest_checkpoint(db: sqlite3.Connection) -> sqlite3.Row | None:
+def latest_checkpoint(db: Connection) -> Row | None:
     return db.execute("SELECT * FROM checkpoints ORDER BY version DESC LIMIT 1").fetchone()
 
 
-def active_round(db: sqlite3.Connection) -> sqlite3.Row | None:
+def active_round(db: Connection) -> Row | None:
     return db.execute(
         "SELECT * FROM rounds WHERE status IN ('open', 'aggregating') ORDER BY id DESC LIMIT 1"
     ).fetchone()
 
 
 def start_run(
-    db: sqlite3.Connection, config: RunConfig, checkpoint_sha256: str, size: int, state_sha256: str, now: float
+    db: Connection, config: RunConfig, checkpoint_sha256: str, size: int, state_sha256: str, now: float
 ) -> None:
     db.execute(
         "INSERT INTO run (id, config, status, created_at) VALUES (1, ?, 'running', ?)",
@@ -82,7 +82,7 @@ def start_run(
 
 
 def add_checkpoint(
-    db: sqlite3.Connection, version: int, sha256: str, size: int, state_sha256: str, round_id: int | None, now: float
+    db: Connection, version: int, sha256: str, size: int, state_sha256: str, round_id: int | None, now: float
 ) -> None:
     db.execute(
         "INSERT INTO checkpoints (version, sha256, size, server_state_sha256, round_id, created_at)"
@@ -91,15 +91,14 @@ def add_checkpoint(
     )
 
 
-def begin_round(db: sqlite3.Connection, config: RunConfig, now: float, candidates: Sequence[str] = ()) -> int:
+def begin_round(db: Connection, config: RunConfig, now: float, candidates: Sequence[str] = ()) -> int:
     """Open the next round, its cohort taken first from ``candidates`` (devices waiting
     now, in arrival order; unknown ids are skipped)."""
     base = latest_checkpoint(db)
-    cursor = db.execute(
-        "INSERT INTO rounds (number, status, base_version, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?)",
+    (round_id,) = db.execute(
+        "INSERT INTO rounds (number, status, base_version, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?) RETURNING id",
         (base["version"] + 1, base["version"], now, now + config.round_timeout_s),
-    )
-    round_id = cursor.lastrowid
+    ).fetchone()
     known = [d for d in candidates if db.execute("SELECT 1 FROM devices WHERE id = ?", (d,)).fetchone()]
     db.executemany(
         "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
@@ -108,7 +107,7 @@ def begin_round(db: sqlite3.Connection, config: RunConfig, now: float, candidate
     return round_id
 
 
-def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Random) -> dict:
+def checkin(db: Connection, device_id: str, now: float, rng: random.Random) -> dict:
     """Select the device into the open round's cohort, or tell it when to come back."""
     status = run_status(db)
     if status in ("finished", "stopped"):
@@ -158,7 +157,7 @@ def checkin(db: sqlite3.Connection, device_id: str, now: float, rng: random.Rand
     return {"status": "task", "task": task.to_json()}
 
 
-def _recent_round_seconds(db: sqlite3.Connection) -> float:
+def _recent_round_seconds(db: Connection) -> float:
     """How long the last three committed rounds took from their first task to their
     commit (the shortest; 0 before the first). Counting from the first task leaves out
     a round that stood open before any device came (the first, at start-up)."""
@@ -179,7 +178,7 @@ def wanted_next(answer: dict) -> bool:
     return answer["status"] == "wait" and answer["reason"] in ("between_rounds", "reported")
 
 
-def upload_rejection(db: sqlite3.Connection, round_id: int, device_id: str) -> Rejection | None:
+def upload_rejection(db: Connection, round_id: int, device_id: str) -> Rejection | None:
     """Why this device may not upload to this round now, or None if it may."""
     row = db.execute("SELECT status FROM rounds WHERE id = ?", (round_id,)).fetchone()
     if row is None:
@@ -198,7 +197,7 @@ def upload_rejection(db: sqlite3.Connection, round_id: int, device_id: str) -> R
 
 
 def record_update(
-    db: sqlite3.Connection,
+    db: Connection,
     round_id: int,
     device_id: str,
     blob_sha256: str,
@@ -216,7 +215,7 @@ def record_update(
 
 
 def record_rejection(
-    db: sqlite3.Connection, round_id: int, device_id: str, code: str, size: int, now: float
+    db: Connection, round_id: int, device_id: str, code: str, size: int, now: float
 ) -> None:
     """Log a refused upload to a known round. A selected device that had not reported,
     uploading after the round closed, is late (a straggler); anything else is rejected."""
@@ -235,7 +234,7 @@ def record_rejection(
     )
 
 
-def report_count(db: sqlite3.Connection, round_id: int) -> int:
+def report_count(db: Connection, round_id: int) -> int:
     return db.execute("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,)).fetchone()[0]
 
 
@@ -248,22 +247,22 @@ def decide(config: RunConfig, reports: int, deadline_at: float, now: float) -> s
     return None
 
 
-def set_status(db: sqlite3.Connection, round_id: int, status: str, now: float) -> None:
+def set_status(db: Connection, round_id: int, status: str, now: float) -> None:
     column = "committed_at" if status == "committed" else "closed_at"
     db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
 
 
-def round_by_id(db: sqlite3.Connection, round_id: int) -> sqlite3.Row:
+def round_by_id(db: Connection, round_id: int) -> Row:
     return db.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone()
 
 
-def unevaluated_round(db: sqlite3.Connection) -> sqlite3.Row | None:
+def unevaluated_round(db: Connection) -> Row | None:
     return db.execute(
         "SELECT * FROM rounds WHERE status = 'committed' AND evaluated_at IS NULL ORDER BY id LIMIT 1"
     ).fetchone()
 
 
-def record_evaluation(db: sqlite3.Connection, round_id: int, evaluation: dict, now: float) -> None:
+def record_evaluation(db: Connection, round_id: int, evaluation: dict, now: float) -> None:
     """Add central-evaluation metrics to a committed round's metrics."""
     metrics = json.loads(round_by_id(db, round_id)["metrics"] or "{}")
     db.execute(
@@ -272,7 +271,7 @@ def record_evaluation(db: sqlite3.Connection, round_id: int, evaluation: dict, n
     )
 
 
-def discardable_update_blobs(db: sqlite3.Connection, round_id: int) -> list[str]:
+def discardable_update_blobs(db: Connection, round_id: int) -> list[str]:
     """Update blobs of a finished round (committed or abandoned) that no open round's
     update also names: the coordinator keeps no device's update longer than its round
     needs it."""
@@ -286,7 +285,7 @@ def discardable_update_blobs(db: sqlite3.Connection, round_id: int) -> list[str]
     return [r[0] for r in rows]
 
 
-def live_blobs(db: sqlite3.Connection) -> set[str]:
+def live_blobs(db: Connection) -> set[str]:
     """Every blob the store still needs: checkpoints, server states, and the updates of
     the round in progress. Anything else is left over from a crash or a finished round."""
     rows = db.execute(
@@ -297,7 +296,7 @@ def live_blobs(db: sqlite3.Connection) -> set[str]:
     return {r[0] for r in rows}
 
 
-def round_updates(db: sqlite3.Connection, round_id: int, after_id: int = 0) -> list[sqlite3.Row]:
+def round_updates(db: Connection, round_id: int, after_id: int = 0) -> list[Row]:
     """The round's updates in arrival order (the order they are folded in), after ``after_id``."""
     return db.execute(
         "SELECT * FROM updates WHERE round_id = ? AND id > ? ORDER BY id", (round_id, after_id)
@@ -305,8 +304,8 @@ def round_updates(db: sqlite3.Connection, round_id: int, after_id: int = 0) -> l
 
 
 def commit_round(
-    db: sqlite3.Connection,
-    round_row: sqlite3.Row,
+    db: Connection,
+    round_row: Row,
     checkpoint_sha256: str,
     size: int,
     state_sha256: str,
@@ -318,7 +317,7 @@ def commit_round(
     set_status(db, round_row["id"], "committed", now)
 
 
-def finish_run(db: sqlite3.Connection, now: float, status: str = "finished") -> None:
+def finish_run(db: Connection, now: float, status: str = "finished") -> None:
     db.execute("UPDATE run SET status = ?, finished_at = ? WHERE id = 1", (status, now))
 
 
@@ -326,7 +325,7 @@ def finish_run(db: sqlite3.Connection, now: float, status: str = "finished") -> 
 CONTROLS = {"pause": ({"running"}, "paused"), "resume": ({"paused"}, "running"), "stop": ({"running", "paused"}, "stopped")}
 
 
-def control_run(db: sqlite3.Connection, action: str, now: float) -> Rejection | None:
+def control_run(db: Connection, action: str, now: float) -> Rejection | None:
     """Pause (no new tasks; the driver stands still), resume, or stop the run for good."""
     allowed, target = CONTROLS[action]
     current = run_status(db)
@@ -344,7 +343,7 @@ def control_run(db: sqlite3.Connection, action: str, now: float) -> Rejection | 
 CHANGEABLE = ("rounds", "target_reports", "min_reports", "over_selection", "round_timeout_s", "epochs", "batch_size", "client_lr")
 
 
-def change_config(db: sqlite3.Connection, changes: dict, now: float) -> RunConfig | Rejection:
+def change_config(db: Connection, changes: dict, now: float) -> RunConfig | Rejection:
     """Apply an operator's changes to the run's configuration, recorded with the time.
 
     They take effect at once: the open round closes by the new target and minimum and
@@ -380,18 +379,18 @@ def change_config(db: sqlite3.Connection, changes: dict, now: float) -> RunConfi
     return changed
 
 
-def latest_round(db: sqlite3.Connection) -> sqlite3.Row | None:
+def latest_round(db: Connection) -> Row | None:
     return db.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
 
 
-def config_changes(db: sqlite3.Connection) -> list[dict]:
+def config_changes(db: Connection) -> list[dict]:
     return [
         {"changes": json.loads(r["changes"]), "changed_at": r["changed_at"]}
         for r in db.execute("SELECT * FROM config_changes ORDER BY id")
     ]
 
 
-def count_bytes_down(db: sqlite3.Connection, sha256: str, size: int) -> None:
+def count_bytes_down(db: Connection, sha256: str, size: int) -> None:
     """Charge a checkpoint download to the open round that trains from it."""
     db.execute(
         "UPDATE rounds SET bytes_down = bytes_down + ? WHERE status = 'open' AND base_version IN"
@@ -400,7 +399,7 @@ def count_bytes_down(db: sqlite3.Connection, sha256: str, size: int) -> None:
     )
 
 
-def history(db: sqlite3.Connection) -> list[dict]:
+def history(db: Connection) -> list[dict]:
     """Every round, oldest first: participation (selected, reported, dropped: selected
     and never heard from by the close; late: reported after it; rejected uploads by
     reason), bytes, how long each phase took, and metrics."""

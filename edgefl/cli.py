@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args) -> int:
     import logging
 
+    from coordinator.database import DatabaseError
     from coordinator.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -162,7 +163,7 @@ def _serve(args) -> int:
             instance=args.instance, config=config, given=set(given_settings(args)), host=args.host, port=args.port,
             threads=args.threads, admin_token=admin_token,
         )
-    except (ValueError, RuntimeError, sqlite3.DatabaseError) as exc:
+    except (ValueError, RuntimeError, sqlite3.DatabaseError, DatabaseError) as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot serve on {args.host}:{args.port} with instance {args.instance}: {exc.strerror or exc}") from None

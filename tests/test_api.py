@@ -362,6 +362,7 @@ def test_a_driver_restarted_mid_round_refolds_and_commits_the_same_model(client,
     state = driver.server.initialize()
     expected = driver.server.next(state, base, [(deltas[0], 7), (deltas[1], 21)]).weights
 
+    driver.release_lease()  # as a stopping coordinator does; a killed one's ends with its process
     restarted = RoundDriver(store, driver.config, clock=driver.clock, learner=driver.learner, server=driver.server)
     restarted.ensure_run()
     assert restarted.step()
@@ -388,6 +389,7 @@ def test_a_round_committed_but_not_evaluated_is_evaluated_after_a_restart(client
         db.execute("UPDATE rounds SET evaluated_at = NULL, metrics = '{}' WHERE number = 1")
     assert client.get("/v1/status").json["history"] == []
 
+    driver.release_lease()  # as a stopping coordinator does; a killed one's ends with its process
     restarted = RoundDriver(store, driver.config, clock=driver.clock, learner=driver.learner, server=driver.server)
     assert restarted.step()
     again = client.get("/v1/status").json["history"]

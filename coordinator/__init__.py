@@ -7,6 +7,7 @@ when it acknowledges an update, so a driver in the same process folds it at once
 instead of at its next poll. Check-ins held for the next round wait in
 ``app.extensions["edgefl.lobby"]`` (up to ``LONG_POLL_SLOTS`` at once; 0, the
 default, answers every check-in at once), which the driver selects from and wakes.
+``DB_URL`` names the database (default: SQLite in ``INSTANCE``).
 """
 from __future__ import annotations
 
@@ -25,18 +26,31 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from coordinator.lobby import Lobby
 
     app = Flask(__name__)
-    app.config.from_mapping(INSTANCE=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES, LONG_POLL_SLOTS=0)
+    app.config.from_mapping(
+        INSTANCE=None, DB_URL=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES, LONG_POLL_SLOTS=0,
+        ADMIN_TOKEN_SHA256=None, WORKER_ID=None,
+    )
     if test_config:
         app.config.from_mapping(test_config)
     admin_token = app.config.pop("ADMIN_TOKEN", None)  # kept only as its hash
-    app.config["ADMIN_TOKEN_SHA256"] = hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else None
+    if admin_token:
+        app.config["ADMIN_TOKEN_SHA256"] = hashlib.sha256(admin_token.encode()).hexdigest()
     if not app.config["INSTANCE"]:
         raise ValueError("create_app needs INSTANCE, the instance directory")
-    app.extensions["edgefl.store"] = Store(app.config["INSTANCE"])
+    app.extensions["edgefl.store"] = Store(app.config["INSTANCE"], app.config["DB_URL"])
     app.extensions["edgefl.update_arrived"] = threading.Event()
     app.extensions["edgefl.lobby"] = Lobby()
     slots = app.config["LONG_POLL_SLOTS"]
     app.extensions["edgefl.long_poll_slots"] = threading.BoundedSemaphore(slots) if slots else None
+    worker_id = app.config["WORKER_ID"]
+    if worker_id:
+
+        @app.after_request
+        def _name_the_worker(response):
+            """Which of several worker processes answered, for operators and tests."""
+            response.headers["X-Edgefl-Worker"] = worker_id
+            return response
+
     errors.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)

@@ -50,3 +50,32 @@ class Lobby:
         with self._changed:
             self._changed.wait_for(lambda: self._generation != seen or self.closed, timeout)
             return self._generation
+
+
+
+# What held check-ins wait for: the run's status or configuration, or a round opening.
+_ROUND_STATE = (
+    "SELECT (SELECT status FROM run WHERE id = 1), (SELECT config FROM run WHERE id = 1),"
+    " (SELECT MAX(id) FROM rounds WHERE status = 'open')"
+)
+
+
+def watch_rounds(store, lobby: Lobby, stop: threading.Event, interval_s: float = 0.05) -> None:
+    """Wake ``lobby`` whenever the store's round state changes: how a WSGI worker
+    process learns that the round driver (another process) opened a round, or that an
+    operator paused the run through another worker."""
+    seen = None
+    while not stop.is_set():
+        try:
+            db = store.connect()
+            try:
+                while not stop.is_set():
+                    current = tuple(db.execute(_ROUND_STATE).fetchone())
+                    if seen is not None and current != seen:
+                        lobby.notify()
+                    seen = current
+                    stop.wait(interval_s)
+            finally:
+                db.close()
+        except store.database.errors:  # the database was briefly unavailable: keep watching
+            stop.wait(1.0)

@@ -1,18 +1,26 @@
 """``edgefl serve``: the WSGI server and the round driver, started and stopped together.
 
-Waitress serves the Flask app (on 127.0.0.1 unless told otherwise); the round driver
-runs in a thread. SIGTERM and SIGINT stop both. Once bound,
-the server writes ``server.json`` (url, pid) into the instance directory, so a
-launcher that asked for port 0 learns the port without parsing logs.
+Waitress serves the Flask app (on 127.0.0.1 unless told otherwise). With one worker
+(the default) the app and the round driver share a process, and an acknowledged upload
+or a newly opened round wakes the other side at once. With ``workers`` > 1 this process
+binds the socket, runs the round driver and supervises that many WSGI worker processes
+(``coordinator.worker``), which all accept on the socket and share nothing but the
+store; a worker that dies is replaced. SIGTERM and SIGINT stop everything. Once bound,
+the server writes ``server.json`` (url, pid) into the instance directory, so a launcher
+that asked for port 0 learns the port without parsing logs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Collection
 
@@ -20,7 +28,7 @@ from edgefl.config import RunConfig
 
 log = logging.getLogger("edgefl.coordinator")
 
-
+# Threads of a worker that never hold a check-in, so uploads and checkpoints are served.
 _FREE_THREADS = 4
 
 
@@ -28,70 +36,138 @@ class _Stop(Exception):
     pass
 
 
-def serve(
-    *, instance: Path, config: RunConfig, given: Collection[str] = (), host: str = "127.0.0.1", port: int = 8080,
-    threads: int = 16, admin_token: str | None = None,
-) -> None:
-    """Serve ``instance``: a new run with ``config``, or the run the instance holds (see
-    ``resumed_config``; ``given`` names the settings the user set explicitly)."""
-    import waitress
-
-    from coordinator import DEFAULT_MAX_UPLOAD_BYTES, create_app
-    from coordinator.driver import RoundDriver, resumed_config
-
-    instance = Path(instance)
-    instance.mkdir(parents=True, exist_ok=True)
-    # All but a few threads may hold a check-in until the next round opens; the rest
-    # keep serving uploads and checkpoints.
-    app = create_app(
-        {"INSTANCE": str(instance), "LONG_POLL_SLOTS": max(0, threads - _FREE_THREADS), "ADMIN_TOKEN": admin_token}
-    )
-    lobby = app.extensions["edgefl.lobby"]
-    store = app.extensions["edgefl.store"]
-    stop = threading.Event()
-
+def _raise_stop_on_signals() -> None:
     def _on_signal(signum, _frame):
         raise _Stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    server = None
-    driver_thread = None
+
+
+def wsgi_server(app, *, threads: int, **where):
+    """Waitress tuned for megabyte bodies: read in large chunks and keep bodies in
+    memory, instead of its default 8 KB reads and temp-file spooling."""
+    import waitress
+
+    from coordinator import DEFAULT_MAX_UPLOAD_BYTES
+
+    return waitress.create_server(
+        app,
+        threads=threads,
+        channel_timeout=120,
+        recv_bytes=1 << 18,
+        inbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
+        outbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
+        **where,
+    )
+
+
+def long_poll_slots(threads: int) -> int:
+    return max(0, threads - _FREE_THREADS)
+
+
+def serve(
+    *, instance: Path, config: RunConfig, given: Collection[str] = (), host: str = "127.0.0.1", port: int = 8080,
+    threads: int = 16, workers: int = 1, db_url: str | None = None, admin_token: str | None = None,
+) -> None:
+    """Serve ``instance``: a new run with ``config``, or the run the instance holds (see
+    ``resumed_config``; ``given`` names the settings the user set explicitly)."""
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver, resumed_config
+    from coordinator.store import Store
+
+    instance = Path(instance)
+    _raise_stop_on_signals()
     info_path = instance / "server.json"
+    stop = threading.Event()
+    driver_thread = None
+    stop_serving = lambda: None  # noqa: E731
     try:
+        if workers == 1:
+            app = create_app(
+                {"INSTANCE": str(instance), "DB_URL": db_url, "LONG_POLL_SLOTS": long_poll_slots(threads), "ADMIN_TOKEN": admin_token}
+            )
+            store, lobby, wake = app.extensions["edgefl.store"], app.extensions["edgefl.lobby"], app.extensions["edgefl.update_arrived"]
+        else:
+            store, lobby, wake = Store(instance, db_url), None, None
         driver = RoundDriver(store, resumed_config(store, config, given), lobby=lobby)
         driver.ensure_run()
-        server = waitress.create_server(
-            app,
-            host=host,
-            port=port,
-            threads=threads,
-            channel_timeout=120,
-            # Deltas and checkpoints are megabytes: read in large chunks and keep bodies
-            # in memory instead of waitress's default 8 KB reads and temp-file spooling.
-            recv_bytes=1 << 18,
-            inbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
-            outbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
-        )
-        url = f"http://{host}:{server.effective_port}"
-
+        # Without an in-process wake-up the driver polls for other processes' uploads.
         driver_thread = threading.Thread(
-            target=driver.run, args=(stop,), kwargs={"wake": app.extensions["edgefl.update_arrived"]},
+            target=driver.run, args=(stop,), kwargs={"wake": wake, "poll_s": 0.1 if wake else 0.02},
             name="round-driver", daemon=True,
         )
-        driver_thread.start()
-        info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-        log.info("serving %s (instance %s)", url, instance)
-        print(f"edgefl coordinator listening on {url}", flush=True)
-        server.run()
+        if workers == 1:
+            server = wsgi_server(app, threads=threads, host=host, port=port)
+            stop_serving = lambda: (lobby.close(), server.close())  # noqa: E731
+            url = f"http://{host}:{server.effective_port}"
+            driver_thread.start()
+            _announce(info_path, url, instance)
+            server.run()
+        else:
+            listener = socket.create_server((host, port), backlog=2048)
+            supervisor = _Workers(listener, workers, threads, instance, store.database.url, admin_token)
+            stop_serving = supervisor.stop
+            url = f"http://{host}:{listener.getsockname()[1]}"
+            supervisor.start()
+            driver_thread.start()
+            _announce(info_path, url, instance, workers=workers)
+            supervisor.supervise()
     except _Stop as why:
         log.info("stopping on %s", why)
     finally:
         stop.set()
-        lobby.close()
-        if server is not None:
-            server.close()
-        if driver_thread is not None:
+        stop_serving()
+        if driver_thread is not None and driver_thread.is_alive():
             driver_thread.join(timeout=30)
         info_path.unlink(missing_ok=True)
         sys.stdout.flush()
+
+
+def _announce(info_path: Path, url: str, instance: Path, workers: int = 1) -> None:
+    info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    log.info("serving %s (instance %s, %d worker process%s)", url, instance, workers, "es" if workers > 1 else "")
+    print(f"edgefl coordinator listening on {url}", flush=True)
+
+
+class _Workers:
+    """WSGI worker processes accepting on one inherited socket; a dead one is replaced."""
+
+    def __init__(self, listener: socket.socket, count: int, threads: int, instance: Path, db_url: str, admin_token: str | None):
+        self.listener = listener
+        self.count = count
+        self.command = [
+            sys.executable, "-m", "coordinator.worker", "--fd", str(listener.fileno()), "--instance", str(instance),
+            "--db", db_url, "--threads", str(threads),
+        ]
+        # Workers get the token's hash only, through the environment (not the command line, which anyone can read).
+        self.env = {**os.environ, "EDGEFL_ADMIN_TOKEN_SHA256": hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else ""}
+        self.processes: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def _spawn(self) -> subprocess.Popen:
+        from edgefl.processes import orphan_proof
+
+        return subprocess.Popen(orphan_proof(self.command), pass_fds=(self.listener.fileno(),), stdin=subprocess.DEVNULL, env=self.env)
+
+    def start(self) -> None:
+        self.processes = [self._spawn() for _ in range(self.count)]
+
+    def supervise(self) -> None:
+        while True:
+            time.sleep(0.5)
+            for i, process in enumerate(self.processes):
+                if process.poll() is not None and not self.stopping:
+                    log.warning("WSGI worker %d exited with %s; starting another", process.pid, process.returncode)
+                    self.processes[i] = self._spawn()
+
+    def stop(self) -> None:
+        from edgefl.processes import stop_process
+
+        self.stopping = True
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            stop_process(process, timeout_s=15)
+        self.listener.close()

@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--threads", type=int, default=16,
-        help="WSGI worker threads (default 16); all but 4 may hold check-ins until the next round opens",
+        help="WSGI threads per worker process (default 16); all but 4 may hold check-ins until the next round opens",
+    )
+    serve.add_argument("--workers", type=int, default=1, help="WSGI worker processes sharing the store (default 1)")
+    serve.add_argument(
+        "--db", help="database URL: sqlite:///PATH or postgresql://USER@HOST/DB (default: SQLite in the instance directory)"
     )
     _add_run_config(serve)
 
@@ -150,6 +154,8 @@ def _serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = run_config_from(args)
+    if args.workers < 1 or args.threads < 1:
+        raise CliError("--workers and --threads must be at least 1")
     admin_token = None
     if args.admin_token_file is not None:
         try:
@@ -161,7 +167,7 @@ def _serve(args) -> int:
     try:
         serve(
             instance=args.instance, config=config, given=set(given_settings(args)), host=args.host, port=args.port,
-            threads=args.threads, admin_token=admin_token,
+            threads=args.threads, workers=args.workers, db_url=args.db, admin_token=admin_token,
         )
     except (ValueError, RuntimeError, sqlite3.DatabaseError, DatabaseError) as exc:
         raise CliError(str(exc)) from None

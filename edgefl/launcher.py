@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig
@@ -88,7 +88,8 @@ def wait_for_server(instance: Path, server: subprocess.Popen, log_path: Path) ->
 
 @contextmanager
 def federation(
-    out: Path, config: RunConfig, *, count: int, partition: str, data_seed: int, start_devices: bool = True
+    out: Path, config: RunConfig, *, count: int, partition: str, data_seed: int, start_devices: bool = True,
+    serve_flags: Sequence[str] = (),
 ) -> Iterator[Federation]:
     """Start a coordinator on a free port (and ``count`` devices), stop them on exit."""
     instance, logs = out / "coordinator", out / "logs"
@@ -96,7 +97,7 @@ def federation(
     server = fleet = None
     try:
         server_log = logs / "coordinator.log"
-        server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", *config_flags(config)), server_log)
+        server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", *config_flags(config), *serve_flags), server_log)
         url = wait_for_server(instance, server, server_log)
         if start_devices:
             fleet = start_logged(

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import psutil
+import requests
 import pytest
 
 from edgefl.config import RunConfig
@@ -169,3 +170,34 @@ def test_sigterm_stops_the_coordinator(tmp_path):
         assert not (instance / "server.json").exists()
     finally:
         stop_process(server)
+
+
+def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path):
+    """``serve --workers 2``: devices finish a run served by two WSGI processes over one
+    store, though one of them is SIGKILLed mid-run."""
+    config = RunConfig(model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300, client_lr=0.1)
+    before = descendant_pids()
+    seen: dict[int, str] = {}
+    with federation(tmp_path, config, count=4, partition="iid", data_seed=0, serve_flags=["--workers", "2"]) as fed:
+        workers = lambda: {p.pid for p in psutil.Process(fed.server.pid).children() if "coordinator.worker" in " ".join(p.cmdline())}  # noqa: E731
+        first = workers()
+        assert len(first) == 2
+        answered = set()
+        deadline = time.monotonic() + 30
+        while len(answered) < 2 and time.monotonic() < deadline:
+            answered.add(int(requests.get(f"{fed.url}/v1/status", timeout=10).headers["X-Edgefl-Worker"]))
+        assert answered == first, "both workers answer requests"
+
+        def kill_a_worker_once(entry):
+            seen.update(descendant_pids(before))
+            if entry["round"] == 1:
+                os.kill(min(first), signal.SIGKILL)
+
+        status = fed.follow(kill_a_worker_once, timeout_s=600)
+        seen.update(descendant_pids(before))
+        assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "logs" / "devices.log").read_text()
+        replaced = workers()
+        assert len(replaced) == 2 and min(first) not in replaced
+    assert_all_gone(seen)
+    assert [h["reported"] for h in status["history"]] == [4, 4, 4]
+    assert f"WSGI worker {min(first)} exited" in (tmp_path / "logs" / "coordinator.log").read_text()

@@ -1,0 +1,52 @@
+"""One WSGI worker process of ``edgefl serve --workers N`` (started by the server, not by
+users): the Flask app on a listening socket it inherited, over the shared store.
+
+It holds no round state of its own. Held check-ins are woken by a thread watching
+the store for the round driver's transitions (``lobby.watch_rounds``), since the driver
+runs in another process.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+
+from coordinator import create_app
+from coordinator.lobby import watch_rounds
+from coordinator.server import _Stop, _raise_stop_on_signals, long_poll_slots, wsgi_server
+
+log = logging.getLogger("edgefl.coordinator")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m coordinator.worker")
+    parser.add_argument("--fd", type=int, required=True, help="the listening socket, inherited")
+    parser.add_argument("--instance", required=True)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    _raise_stop_on_signals()
+
+    app = create_app({
+        "INSTANCE": args.instance, "DB_URL": args.db, "LONG_POLL_SLOTS": long_poll_slots(args.threads),
+        "ADMIN_TOKEN_SHA256": os.environ.get("EDGEFL_ADMIN_TOKEN_SHA256") or None, "WORKER_ID": str(os.getpid()),
+    })
+    lobby, stop = app.extensions["edgefl.lobby"], threading.Event()
+    watcher = threading.Thread(target=watch_rounds, args=(app.extensions["edgefl.store"], lobby, stop), daemon=True)
+    server = wsgi_server(app, threads=args.threads, sockets=[socket.socket(fileno=args.fd)])
+    try:
+        watcher.start()
+        server.run()
+    except _Stop:
+        pass
+    finally:
+        stop.set()
+        lobby.close()
+        server.close()
+
+
+if __name__ == "__main__":
+    main()

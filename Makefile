@@ -28,6 +28,7 @@ browser:
 
 bench: install
 	$(BIN)/python benchmarks/e2e_vs_tff.py
+	$(BIN)/python benchmarks/coordinator_load.py
 
 # Re-resolve requirements.txt from requirements.in (see the overrides there).
 lock:

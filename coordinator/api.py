@@ -22,7 +22,6 @@ from coordinator.database import Connection
 from coordinator.errors import ApiError
 from coordinator.store import Store
 from edgefl import wire
-from edgefl.models import model_spec
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -99,8 +98,12 @@ def checkin():
     _require_run(db)
 
     def ask() -> dict:
-        with get_store().transaction(db):
-            return rounds.checkin(db, device_id, time.time(), _rng)
+        with get_store().reading(db):
+            answer = rounds.checkin(db, device_id, time.time(), _rng, may_assign=False)
+        if answer is None:  # to be selected: again under the write lock (the cohort may have filled)
+            with get_store().transaction(db):
+                answer = rounds.checkin(db, device_id, time.time(), _rng)
+        return answer
 
     answer = ask()
     slots = current_app.extensions["edgefl.long_poll_slots"]
@@ -157,7 +160,7 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
     if rejection:
         raise ApiError(rejection.status, rejection.code, rejection.detail)
 
-    spec = model_spec(config.model)
+    spec = _update_spec(db)
     limit = sum(s.nbytes for s in spec) + _HEADER_SLACK_BYTES
     if (request.content_length or 0) > limit:
         raise ApiError(413, "update_too_large", f"An update for model {config.model} is at most {limit} bytes.")
@@ -188,6 +191,19 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
         raise
     current_app.extensions["edgefl.update_arrived"].set()
     return jsonify(round_id=round_id, accepted=True, reports=reports), 202
+
+
+_SPECS: dict[str, tuple[wire.TensorSpec, ...]] = {}
+
+
+def _update_spec(db: Connection) -> tuple[wire.TensorSpec, ...]:
+    """What every update must hold: the tensors of the run's checkpoints, read from the
+    first one (once per process). The API never builds the model, so WSGI worker
+    processes need no TensorFlow."""
+    (sha256,) = db.execute("SELECT sha256 FROM checkpoints WHERE version = 0").fetchone()
+    if sha256 not in _SPECS:
+        _SPECS[sha256] = wire.spec_of_payload(get_store().blobs.get(sha256))
+    return _SPECS[sha256]
 
 
 def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:

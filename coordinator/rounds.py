@@ -107,8 +107,12 @@ def begin_round(db: Connection, config: RunConfig, now: float, candidates: Seque
     return round_id
 
 
-def checkin(db: Connection, device_id: str, now: float, rng: random.Random) -> dict:
-    """Select the device into the open round's cohort, or tell it when to come back."""
+def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, may_assign: bool = True) -> dict | None:
+    """Select the device into the open round's cohort, or tell it when to come back.
+
+    With ``may_assign`` False (inside a read, not a write transaction) it returns None
+    where it would select the device: most check-ins change nothing, and they need
+    not queue for the write lock to learn that."""
     status = run_status(db)
     if status in ("finished", "stopped"):
         return {"status": "finished"}
@@ -137,6 +141,8 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random) -> d
         ).fetchone()
         if selected >= config.cohort_size:
             return _retry(rng, LATER_RETRY_S, "cohort_full")
+        if not may_assign:
+            return None
         db.execute(
             "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
             (round_id, device_id, now),

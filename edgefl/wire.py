@@ -83,6 +83,12 @@ def read_header(data: bytes) -> tuple[dict, dict[str, str], int]:
     return header, metadata, 8 + header_len
 
 
+def spec_of_payload(data: bytes) -> tuple[TensorSpec, ...]:
+    """The tensors a well-formed payload (a checkpoint, say) holds, as a spec."""
+    header, _, _ = read_header(data)
+    return tuple(TensorSpec(name, tuple(entry["shape"]), entry["dtype"]) for name, entry in header.items())
+
+
 def decode(
     data: bytes, spec: Sequence[TensorSpec]
 ) -> tuple[list[np.ndarray], dict[str, str]]:

@@ -21,7 +21,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    from coordinator import api, dashboard, errors
+    from coordinator import api, dashboard, errors, openapi
     from coordinator.store import Store
     from coordinator.lobby import Lobby
 
@@ -52,6 +52,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
             return response
 
     errors.register(app)
+    app.url_map.converters["sha256"] = openapi.Sha256Converter
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    openapi.spec.register(app)
     return app

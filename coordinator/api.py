@@ -6,6 +6,7 @@ acknowledged (202) only after its blob is fsynced and its row committed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -14,12 +15,17 @@ import re
 import secrets
 import time
 import uuid
+from dataclasses import asdict
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 
-from coordinator import failpoints, rounds
+from spectree import Response
+
+from coordinator import DEFAULT_MAX_UPLOAD_BYTES, failpoints, rounds
 from coordinator.database import Connection
 from coordinator.errors import ApiError
+from coordinator.openapi import ADMIN, DEVICE, ErrorBody, raw_body, spec
+from coordinator.schemas import CheckinAnswer, ConfigChange, ConfigChanged, DeviceRegistration, RunControlled, UpdateAccepted
 from coordinator.store import Store
 from edgefl import wire
 
@@ -74,8 +80,19 @@ def _require_run(db: Connection):
     return config
 
 
+def _errors(*statuses: int) -> dict:
+    return {f"HTTP_{status}": ErrorBody for status in statuses}
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    return jsonify(spec.spec)
+
+
 @bp.post("/devices")
+@spec.validate(resp=Response(HTTP_201=DeviceRegistration), tags=["devices"])
 def register_device():
+    """Register a device: its id and bearer token."""
     token = secrets.token_urlsafe(32)
     device_id = uuid.uuid4().hex
     db = get_db()
@@ -88,8 +105,11 @@ def register_device():
 
 
 @bp.post("/checkin")
+@spec.validate(resp=Response(HTTP_200=CheckinAnswer, **_errors(401, 503)), security=DEVICE, tags=["devices"], skip_validation=True)  # no body; the hot path
 def checkin():
-    """A task, or when to come back. A device the next round will want is held in the
+    """Ask for a task: a task, or when to come back.
+
+    A task, or when to come back. A device the next round will want is held in the
     lobby (while a long-poll slot is free) and answered as soon as the round driver
     opens a round or finishes the run, instead of sleeping through the first moments of
     the round it is needed for."""
@@ -124,8 +144,10 @@ def checkin():
     return response
 
 
-@bp.get("/checkpoints/<sha256>")
+@bp.get("/checkpoints/<sha256:sha256>")
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(404)), tags=["devices"], skip_validation=True)  # a file: nothing to validate
 def get_checkpoint(sha256: str):
+    """Download a checkpoint (safetensors; immutable, so cacheable forever)."""
     db = get_db()
     row = db.execute("SELECT size FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone() if _SHA256.match(sha256) else None
     if row is None:
@@ -142,13 +164,19 @@ def get_checkpoint(sha256: str):
 
 
 @bp.post("/rounds/<int:round_id>/updates")
+@raw_body("application/octet-stream", DEFAULT_MAX_UPLOAD_BYTES)
+@spec.validate(
+    resp=Response(HTTP_202=UpdateAccepted, **_errors(400, 401, 403, 404, 409, 413, 422, 503)), security=DEVICE, tags=["devices"]
+)
 def upload_update(round_id: int):
+    """Upload a device's weight delta for a round it was selected into (safetensors,
+    metadata num_examples and metrics); acknowledged once durable."""
     device_id = _authenticated_device()
     db = get_db()
     try:
         return _accept_update(db, round_id, device_id)
     except ApiError as error:
-        if db.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone():
+        if error.code != "unknown_round" and db.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone():
             with get_store().transaction(db):
                 rounds.record_rejection(db, round_id, device_id, error.code, request.content_length or 0, time.time())
         raise
@@ -156,6 +184,8 @@ def upload_update(round_id: int):
 
 def _accept_update(db: Connection, round_id: int, device_id: str):
     config = _require_run(db)
+    if round_id >= 2**31:  # no such round, and more than the database's integers hold
+        raise ApiError(404, "unknown_round", f"There is no round {round_id}.")
     rejection = rounds.upload_rejection(db, round_id, device_id)
     if rejection:
         raise ApiError(rejection.status, rejection.code, rejection.detail)
@@ -229,10 +259,23 @@ def _finite(value: int | float) -> bool:
         return False
 
 
+def admin_only(view):
+    """Operator endpoints need the admin token (checked before the body is validated),
+    and are off without one configured."""
+
+    @functools.wraps(view)
+    def guarded(*args, **kwargs):
+        _require_admin()
+        return view(*args, **kwargs)
+
+    return guarded
+
+
 @bp.post("/admin/<any(pause, resume, stop):action>")
+@admin_only
+@spec.validate(resp=Response(HTTP_200=RunControlled, **_errors(401, 403, 404, 409, 503)), security=ADMIN, tags=["operators"])
 def control(action: str):
-    """Operator controls; they need the admin token, and are off without one configured."""
-    _require_admin()
+    """Pause the run (no new tasks), resume it, or stop it for good."""
     db = get_db()
     _require_run(db)
     with get_store().transaction(db):
@@ -244,20 +287,18 @@ def control(action: str):
 
 
 @bp.post("/admin/config")
-def change_config():
-    """Change settings of the run in progress (see ``rounds.CHANGEABLE``); needs the admin token."""
-    _require_admin()
-    changes = request.get_json(silent=True)
-    if not isinstance(changes, dict):
-        raise ApiError(400, "bad_json", "Send a JSON object of the settings to change, e.g. {\"rounds\": 20}.")
+@admin_only
+@spec.validate(json=ConfigChange, resp=Response(HTTP_200=ConfigChanged, **_errors(400, 401, 403, 409, 415, 422, 503)), security=ADMIN, tags=["operators"])
+def change_config(json: ConfigChange):
+    """Change settings of the run in progress; recorded, and in effect at once."""
     db = get_db()
     _require_run(db)
     with get_store().transaction(db):
-        changed = rounds.change_config(db, changes, time.time())
+        changed = rounds.change_config(db, json.model_dump(exclude_unset=True), time.time())
         if isinstance(changed, rounds.Rejection):
             raise ApiError(changed.status, changed.code, changed.detail)
     current_app.extensions["edgefl.lobby"].notify()  # a bigger cohort may take held devices now
-    return jsonify(config=json.loads(changed.to_json()))
+    return ConfigChanged(config=asdict(changed))
 
 
 def _require_admin() -> None:
@@ -272,7 +313,9 @@ def _require_admin() -> None:
 
 
 @bp.get("/status")
+@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
 def status():
+    """The run, its newest model, the open round and every evaluated round's summary."""
     db = get_db()
     with get_store().reading(db):
         config = rounds.run_config(db)
@@ -320,5 +363,7 @@ def _summary(r: dict) -> dict:
 
 
 @bp.get("/rounds")
+@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
 def list_rounds():
+    """Every round's full record."""
     return jsonify(rounds=rounds.history(get_db()))

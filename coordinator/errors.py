@@ -43,7 +43,8 @@ def register(app: Flask) -> None:
     def _http_error(exc: HTTPException):
         status = exc.code or 500
         detail = (exc.description or exc.name).strip()
-        return error_response(status, _CODES.get(status, "http_error"), detail)
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # e.g. a 405's Allow
+        return error_response(status, _CODES.get(status, "http_error"), detail, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

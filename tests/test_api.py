@@ -578,12 +578,17 @@ def test_an_operator_changes_the_configuration_mid_run(tmp_path, small_parts):
 
     before = store.snapshot()
     assert_error(client.post("/v1/admin/config", json={"rounds": 5}), 401, "missing_token")
-    assert_error(client.post("/v1/admin/config", data="rounds=5", headers=ADMIN), 400, "bad_json")
-    for changes in (
-        {}, {"model": "cnn"}, {"seed": 1}, {"rounds": "5"}, {"rounds": True}, {"epochs": 1.5}, {"min_reports": 3},
-        {"client_lr": float("inf")}, {"client_lr": -1}, {"rounds": 10**12}, {"round_timeout_s": None},
+    assert_error(client.post("/v1/admin/config", data="rounds=5", headers=ADMIN), 415, "unsupported_media_type")
+    assert_error(client.post("/v1/admin/config", data="{rounds", headers={**ADMIN, "Content-Type": "application/json"}), 400, "bad_json")
+    for changes, code in (
+        ({}, "invalid_request"), ({"round_timeout_s": None}, "invalid_request"),
+        ({"model": "cnn"}, "invalid_request"), ({"seed": 1}, "invalid_request"), ({"rounds": "5"}, "invalid_request"),
+        ({"rounds": True}, "invalid_request"), ({"epochs": 1.5}, "invalid_request"), ({"client_lr": -1}, "invalid_request"),
+        ({"client_lr": float("inf")}, "invalid_request"), ({"rounds": 10**12}, "invalid_request"),
     ):
-        assert_error(client.post("/v1/admin/config", data=json.dumps(changes), headers={**ADMIN, "Content-Type": "application/json"}), 422, "bad_config")
+        posted = client.post("/v1/admin/config", data=json.dumps(changes), headers={**ADMIN, "Content-Type": "application/json"})
+        assert_error(posted, 422, code)
+    assert_error(client.post("/v1/admin/config", json={"min_reports": 3}, headers=ADMIN), 409, "config_conflict")  # > target
     assert store.snapshot() == before
 
     # A bigger target and cohort take effect in the open round; new tasks train longer; the

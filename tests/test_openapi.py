@@ -1,0 +1,85 @@
+"""The OpenAPI document at /v1/openapi.json, and schemathesis fuzzing the API from it.
+
+Every generated request goes through the real app over a real store with a run, an
+open round and a selected device, with a device token, the admin token or none. No
+answer may be a 5xx or break the document's promises, and every rejected request
+(4xx) must leave the store exactly as it was.
+"""
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis import checks
+
+# What the document promises, checked on every answer. Not schemathesis's auth and
+# data-acceptance probes: this test chooses each request's credentials itself.
+PROMISES = [
+    checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+    checks.response_schema_conformance, checks.response_headers_conformance, checks.allow_header_conformance,
+    checks.unsupported_method,
+]
+
+from tests.test_api import ADMIN, administered, register, take_task
+
+CALLS: dict[str, int] = {"requests": 0, "rejected": 0}
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory, small_parts):
+    from edgefl.config import RunConfig
+
+    config = RunConfig(model="cnn_small", rounds=3, target_reports=50, min_reports=50, round_timeout_s=3600)
+    app, driver = administered(tmp_path_factory.mktemp("fuzz"), small_parts, config)
+    client = app.test_client()
+    device = register(client)
+    assert driver.step()  # round 1 opens
+    take_task(client, device)
+    return app, device
+
+
+@pytest.fixture(scope="module")
+def fuzzed_app(fuzzed):
+    return fuzzed[0]
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(fuzzed_app):
+    return schemathesis.openapi.from_wsgi("/v1/openapi.json", fuzzed_app)
+
+
+api_schema = schemathesis.pytest.from_fixture("openapi_schema")
+
+
+@api_schema.parametrize()
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_get_no_5xx_and_rejections_change_nothing(case, fuzzed):
+    app, device = fuzzed
+    store = app.extensions["edgefl.store"]
+    headers = (device, ADMIN, {})[CALLS["requests"] % 3]
+    before = store.snapshot()
+    response = case.call(headers=headers)
+    CALLS["requests"] += 1
+    case.validate_response(response, checks=PROMISES)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        CALLS["rejected"] += 1
+        assert store.snapshot() == before, f"{case.method} {case.formatted_path} -> {response.status_code} changed the store"
+
+
+def test_zz_the_fuzzing_made_enough_requests():
+    print(f"schemathesis: {CALLS}")
+    assert CALLS["requests"] >= 500, CALLS
+    assert CALLS["rejected"] > 0
+
+
+def test_the_document_is_openapi_3_with_every_endpoint(fuzzed_app):
+    document = fuzzed_app.test_client().get("/v1/openapi.json").json
+    assert document["openapi"].startswith("3.")
+    assert set(document["paths"]) == {
+        "/v1/devices", "/v1/checkin", "/v1/checkpoints/{sha256}", "/v1/rounds/{round_id}/updates", "/v1/rounds",
+        "/v1/status", "/v1/admin/{action}", "/v1/admin/config",
+    }
+    upload = document["paths"]["/v1/rounds/{round_id}/updates"]["post"]
+    assert "application/octet-stream" in upload["requestBody"]["content"] and upload["security"] == [{"deviceToken": []}]
+    assert set(document["components"]["securitySchemes"]) == {"deviceToken", "adminToken"}

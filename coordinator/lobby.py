@@ -5,8 +5,10 @@ and its device enters the lobby. When the round driver opens a round it selects 
 cohort from the lobby first, in arrival order, in the same transaction, and then wakes
 the held check-ins, which only have to read their assignment. This is selection as
 Google's production system does it: the devices connected when a round starts are
-the candidates. A held check-in also re-checks on its own timer, which covers a round
-opened where this lobby is not seen (another process).
+the candidates. In a WSGI worker process (``serve --workers N``) the driver runs
+elsewhere: ``watch_rounds`` wakes the lobby from the store, candidates are left empty
+and held check-ins fill the cohort as they wake. A held check-in also re-checks on its
+own timer, in case a wake-up is missed.
 """
 from __future__ import annotations
 
@@ -50,7 +52,6 @@ class Lobby:
         with self._changed:
             self._changed.wait_for(lambda: self._generation != seen or self.closed, timeout)
             return self._generation
-
 
 
 # What held check-ins wait for: the run's status or configuration, or a round opening.

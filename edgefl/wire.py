@@ -59,7 +59,15 @@ def encode(
     from safetensors.numpy import save
 
     tensors = {n: np.require(a, dtype=_wire_dtype(a), requirements="C") for n, a in zip(names, arrays)}
-    return save(tensors, metadata=dict(metadata) if metadata else None)
+    payload = save(tensors, metadata=dict(metadata) if metadata else None)
+    # safetensors writes __metadata__ in hash-map order, which differs from process to
+    # process; blobs are named by their sha256, so the same contents must be the same bytes.
+    header, _, start = read_header(payload)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    canonical += b" " * (-len(canonical) % 8)
+    return struct.pack("<Q", len(canonical)) + canonical + payload[start:]
 
 
 def read_header(data: bytes) -> tuple[dict, dict[str, str], int]:

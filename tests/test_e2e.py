@@ -180,7 +180,9 @@ def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path)
     seen: dict[int, str] = {}
     with federation(tmp_path, config, count=4, partition="iid", data_seed=0, serve_flags=["--workers", "2"]) as fed:
         workers = lambda: {p.pid for p in psutil.Process(fed.server.pid).children() if "coordinator.worker" in " ".join(p.cmdline())}  # noqa: E731
-        first = workers()
+        deadline = time.monotonic() + 30
+        while len(first := workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # a worker counts once it has exec'd its command
         assert len(first) == 2
         answered = set()
         deadline = time.monotonic() + 30

@@ -126,3 +126,17 @@ def test_metadata_must_be_strings():
     with pytest.raises(WireError) as info:
         wire.decode(_reheader(data, lambda h: h.update({"__metadata__": {"num_examples": 3}})), SPEC)
     assert info.value.code == "malformed"
+
+
+def test_the_same_contents_encode_to_the_same_bytes_in_every_process():
+    """Blobs are named by sha256; safetensors alone orders metadata by a per-process hash."""
+    import subprocess
+    import sys
+
+    program = (
+        "import hashlib, numpy as np; from edgefl import wire; "
+        "print(hashlib.sha256(wire.encode(['b', 'a'], [np.ones(3, np.float32), np.zeros(2, np.int64)],"
+        " {'version': '1', 'model': 'm', 'num_examples': '5', 'metrics': '{}'})).hexdigest())"
+    )
+    digests = {subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout for _ in range(4)}
+    assert len(digests) == 1

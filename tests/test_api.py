@@ -405,7 +405,9 @@ def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(cl
     headers_a, task = open_round
     headers_b = register(client)
     take_task(client, headers_b)
-    driver.clock.now += 2.5  # round 1 takes 2.5 s (from its first task, which the API stamps with real time)
+    with closing(store.connect()) as db:  # round 1 takes 2.5 s from its first task (stamped with real time)
+        (opened,) = db.execute("SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (task["round_id"],)).fetchone()
+    driver.clock.now = opened + 2.5
     for headers, seed in ((headers_a, 1), (headers_b, 2)):
         assert upload(client, headers, task["round_id"], update_body(seed=seed)).status_code == 202
     assert driver.step()  # commits round 1 and opens round 2
@@ -414,7 +416,7 @@ def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(cl
     with closing(store.connect()) as db:
         (device_id,) = db.execute("SELECT device_id FROM updates WHERE round_id = ?", (second["round_id"],)).fetchone()
         (first_task,) = db.execute("SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (second["round_id"],)).fetchone()
-        (took,) = db.execute(  # about 2.5 s; the fixture's clock started before the first task
+        (took,) = db.execute(  # 2.5 s
             "SELECT r.committed_at - MIN(a.assigned_at) FROM rounds r JOIN assignments a ON a.round_id = r.id"
             " WHERE r.number = 1"
         ).fetchone()

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test bench lock clean
+.PHONY: install debian-packages demo test bench lock clean
 
 install: $(STAMP)
 
@@ -18,13 +18,18 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(BIN)/edgefl demo
 
-test: install browser
+test: install debian-packages
 	$(BIN)/python -m pytest
 
-# The dashboard test drives Debian's headless Chromium; install it when absent.
+# What the tests run from Debian, installed when absent: headless Chromium (the
+# dashboard test) and PostgreSQL's programs (the store's tests start their own server;
+# the cluster Debian's package may start on install is stopped).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser:
+debian-packages:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql >/dev/null && \
+		pg_lsclusters -h | while read version cluster rest; do $(SUDO) pg_ctlcluster --force "$$version" "$$cluster" stop >/dev/null 2>&1 || true; done; }
 
 bench: install
 	$(BIN)/python benchmarks/e2e_vs_tff.py

@@ -394,7 +394,7 @@ def history(db: Connection) -> list[dict]:
         " (SELECT COUNT(*) FROM assignments a WHERE a.round_id = r.id) AS selected,"
         " (SELECT COUNT(*) FROM updates u WHERE u.round_id = r.id) AS reported,"
         " (SELECT COUNT(DISTINCT x.device_id) FROM rejections x WHERE x.round_id = r.id AND x.late = 1) AS late,"
-        " (SELECT COALESCE(SUM(size), 0) FROM updates u WHERE u.round_id = r.id) AS bytes_up"
+        " (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM updates u WHERE u.round_id = r.id) AS bytes_up"
         " FROM rounds r ORDER BY r.id"
     ).fetchall()
     rejected: dict[int, dict[str, int]] = {}

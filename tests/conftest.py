@@ -9,10 +9,6 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def descendants() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
-
-
 @pytest.fixture(scope="session")
 def tff_runtime(tmp_path_factory):
     """TFF's worker_binary for the whole session; the session fails if it outlives stop()."""
@@ -56,8 +52,28 @@ class Clock:
         return self.now
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session; every test that uses it gets a new database."""
+    from tests.postgres_server import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """The store's database: each coordinator test runs on SQLite (the default) and on a
+    real PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
-def coordinator(tmp_path, small_parts):
+def coordinator(tmp_path, small_parts, db_url):
     """A coordinator app on a fresh instance with a started run, and its round driver.
 
     The driver runs only when a test calls ``driver.step()``, on a clock the test moves.
@@ -66,7 +82,7 @@ def coordinator(tmp_path, small_parts):
     from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
 
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True})
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
     config = RunConfig(model="cnn_small", rounds=2, target_reports=2, min_reports=1, over_selection=1.5, round_timeout_s=60)
     learner, server = small_parts
     driver = RoundDriver(app.extensions["edgefl.store"], config, clock=Clock(), learner=learner, server=server)

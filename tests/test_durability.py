@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sqlite3
 import threading
 import time
 from contextlib import closing
@@ -24,6 +23,7 @@ import psutil
 import pytest
 import requests
 
+from coordinator.store import Store
 from edgefl import wire
 from edgefl.config import RunConfig
 from edgefl.launcher import config_flags, edgefl_command, start_logged, stop_process, wait_for_server
@@ -39,8 +39,9 @@ DEVICES = 3
 class Coordinator:
     """``edgefl serve`` on one instance directory, started and killed by the test."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, db_url: str | None = None):
         root.mkdir()
+        self.db_flags = ["--db", db_url] if db_url else []
         self.instance = root / "instance"
         self.log = root / "serve.log"
         self.process = None
@@ -50,7 +51,7 @@ class Coordinator:
     def start(self, hold_at: str = "") -> None:
         self.log.write_text("")  # a fresh log per start: holds are found in it
         env = {**os.environ, "EDGEFL_HOLD_AT": hold_at}
-        command = edgefl_command("serve", "--instance", str(self.instance), "--port", "0", *config_flags(CONFIG))
+        command = edgefl_command("serve", "--instance", str(self.instance), "--port", "0", *self.db_flags, *config_flags(CONFIG))
         self.process = start_logged(command, self.log, env=env)
         self.pids.add(self.process.pid)
         self.url = wait_for_server(self.instance, self.process, self.log)
@@ -167,9 +168,10 @@ def send_half(url: str, round_id: int, device: ScriptedDevice, body: bytes) -> s
     return conn
 
 
-def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path):
-    # The uninterrupted run: the same devices, updates and order, no kills.
-    reference = Coordinator(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The final model of the run with the same devices, updates and order, no kills."""
+    reference = Coordinator(tmp_path_factory.mktemp("durability") / "reference")
     try:
         reference.start()
         devices = register(reference.url)
@@ -179,8 +181,13 @@ def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path):
         expected = wait_finished(reference.url)["model"]["sha256"]
     finally:
         reference.stop()
+    yield expected
+    assert not [p for p in reference.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
-    coordinator = Coordinator(tmp_path / "killed")
+
+def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path, uninterrupted, db_url):
+    """On SQLite and on a PostgreSQL server; the reference run is on SQLite."""
+    coordinator = Coordinator(tmp_path / "killed", db_url)
     try:
         coordinator.start()
         url = coordinator.url
@@ -245,15 +252,15 @@ def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path):
     finally:
         coordinator.stop()
 
-    assert status["model"]["sha256"] == expected, "the killed run's final model differs from the uninterrupted run's"
+    assert status["model"]["sha256"] == uninterrupted, "the killed run's final model differs from the uninterrupted run's"
     assert [(r["number"], r["status"], r["reported"]) for r in history] == [(n, "committed", 3) for n in (1, 2, 3)]
     assert all(r["evaluated_at"] is not None for r in history)
 
-    with closing(sqlite3.connect(coordinator.instance / "edgefl.sqlite3")) as db:
-        kept = set(db.execute("SELECT round_id, blob_sha256 FROM updates"))
+    with closing(Store(coordinator.instance, db_url).connect()) as db:
+        kept = {tuple(row) for row in db.execute("SELECT round_id, blob_sha256 FROM updates")}
         needed = {sha for row in db.execute("SELECT sha256, server_state_sha256 FROM checkpoints") for sha in row}
     acknowledged = {ack for device in devices for ack in device.acknowledged}
     assert len(acknowledged) == DEVICES * CONFIG.rounds and acknowledged == kept
     blobs = {p.name for p in (coordinator.instance / "blobs").glob("??/*")}
     assert blobs == needed, "update blobs, or blobs a crash left behind, outlived their rounds"
-    assert not [p for p in coordinator.pids | reference.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in coordinator.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import closing
 import signal
 import re
 import shutil
@@ -27,13 +28,16 @@ pytestmark = pytest.mark.e2e
 
 
 def descendant_pids(exclude: dict[int, str] | None = None) -> dict[int, str]:
-    """This test process's descendants, less ``exclude`` (what other fixtures started)."""
+    """This test process's descendants, less ``exclude`` (what other fixtures started)
+    and the test PostgreSQL server's processes (it forks one per connection; its fixture
+    checks that they end with it)."""
     found = {}
     for process in psutil.Process().children(recursive=True):
         if exclude and process.pid in exclude:
             continue
         try:
-            found[process.pid] = process.name()
+            if (name := process.name()) != "postgres":
+                found[process.pid] = name
         except psutil.NoSuchProcess:
             pass
     return found
@@ -172,13 +176,14 @@ def test_sigterm_stops_the_coordinator(tmp_path):
         stop_process(server)
 
 
-def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path):
+def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path, db_url):
     """``serve --workers 2``: devices finish a run served by two WSGI processes over one
-    store, though one of them is SIGKILLed mid-run."""
+    store (SQLite, or a PostgreSQL server), though one of them is SIGKILLed mid-run."""
     config = RunConfig(model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300, client_lr=0.1)
     before = descendant_pids()
     seen: dict[int, str] = {}
-    with federation(tmp_path, config, count=4, partition="iid", data_seed=0, serve_flags=["--workers", "2"]) as fed:
+    serve_flags = ["--workers", "2", *(["--db", db_url] if db_url else [])]
+    with federation(tmp_path, config, count=4, partition="iid", data_seed=0, serve_flags=serve_flags) as fed:
         workers = lambda: {p.pid for p in psutil.Process(fed.server.pid).children() if "coordinator.worker" in " ".join(p.cmdline())}  # noqa: E731
         deadline = time.monotonic() + 30
         while len(first := workers()) < 2 and time.monotonic() < deadline:
@@ -203,3 +208,9 @@ def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path)
     assert_all_gone(seen)
     assert [h["reported"] for h in status["history"]] == [4, 4, 4]
     assert f"WSGI worker {min(first)} exited" in (tmp_path / "logs" / "coordinator.log").read_text()
+    if db_url:  # the rows went to the server, none to a SQLite file
+        from coordinator.store import Store
+
+        assert not list((tmp_path / "coordinator").glob("*.sqlite3*"))
+        with closing(Store(tmp_path / "coordinator", db_url).connect()) as db:
+            assert [r[0] for r in db.execute("SELECT status FROM rounds ORDER BY id")] == ["committed"] * 3

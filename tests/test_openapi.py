@@ -1,7 +1,8 @@
 """The OpenAPI document at /v1/openapi.json, and schemathesis fuzzing the API from it.
 
-Every generated request goes through the real app over a real store with a run, an
-open round and a selected device, with a device token, the admin token or none. No
+Every generated request goes through the real app over a real store (SQLite, then a
+PostgreSQL server) with a run, an open round and a selected device, with a device
+token, the admin token or none. No
 answer may be a 5xx or break the document's promises, and every rejected request
 (4xx) must leave the store exactly as it was.
 """
@@ -22,20 +23,21 @@ PROMISES = [
 
 from tests.test_api import ADMIN, administered, register, take_task
 
-CALLS: dict[str, int] = {"requests": 0, "rejected": 0}
+CALLS: dict[str, dict[str, int]] = {}
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory, small_parts):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fuzzed(request, tmp_path_factory, small_parts):
     from edgefl.config import RunConfig
 
+    db_url = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
     config = RunConfig(model="cnn_small", rounds=3, target_reports=50, min_reports=50, round_timeout_s=3600)
-    app, driver = administered(tmp_path_factory.mktemp("fuzz"), small_parts, config)
+    app, driver = administered(tmp_path_factory.mktemp("fuzz"), small_parts, config, db_url)
     client = app.test_client()
     device = register(client)
     assert driver.step()  # round 1 opens
     take_task(client, device)
-    return app, device
+    return app, device, CALLS.setdefault(request.param, {"requests": 0, "rejected": 0})
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +56,24 @@ api_schema = schemathesis.pytest.from_fixture("openapi_schema")
 @api_schema.parametrize()
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzzed_requests_get_no_5xx_and_rejections_change_nothing(case, fuzzed):
-    app, device = fuzzed
+    app, device, calls = fuzzed
     store = app.extensions["edgefl.store"]
-    headers = (device, ADMIN, {})[CALLS["requests"] % 3]
+    headers = (device, ADMIN, {})[calls["requests"] % 3]
     before = store.snapshot()
     response = case.call(headers=headers)
-    CALLS["requests"] += 1
+    calls["requests"] += 1
     case.validate_response(response, checks=PROMISES)
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
-        CALLS["rejected"] += 1
+        calls["rejected"] += 1
         assert store.snapshot() == before, f"{case.method} {case.formatted_path} -> {response.status_code} changed the store"
 
 
 def test_zz_the_fuzzing_made_enough_requests():
     print(f"schemathesis: {CALLS}")
-    assert CALLS["requests"] >= 500, CALLS
-    assert CALLS["rejected"] > 0
+    assert set(CALLS) == {"sqlite", "postgresql"}
+    for calls in CALLS.values():
+        assert calls["requests"] >= 500 and calls["rejected"] > 0, CALLS
 
 
 def test_the_document_is_openapi_3_with_every_endpoint(fuzzed_app):

@@ -88,7 +88,7 @@ class PostgreSQL:
         try:
             return _PostgresConnection(self._psycopg.connect(self.url, autocommit=True, row_factory=_row_factory))
         except self._psycopg.OperationalError as error:
-            raise DatabaseError(f"cannot connect to {self.url}: {str(error).strip()}") from None
+            raise DatabaseError(f"cannot connect to {self.url}: {' '.join(str(error).split())}") from None
 
     def create(self, schema: str) -> None:
         with closing(self.connect()) as db:

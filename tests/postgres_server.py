@@ -44,30 +44,36 @@ class PostgresServer:
         self._process: subprocess.Popen | None = None
         self._databases = 0
 
-    def _run_as_owner(self):
-        if self._owner:
-            os.setgroups([])
-            os.setgid(self._owner.pw_gid)
-            os.setuid(self._owner.pw_uid)
+    def _as_owner(self, command: list[str]) -> list[str]:
+        """The command, under root run as the ``postgres`` user by util-linux's setpriv
+        (it execs, so the server stays our child). Not subprocess's ``user=``: that forks
+        without vfork, and gRPC's fork handlers (TFF's runtime is loaded) crash the child."""
+        if not self._owner:
+            return command
+        return ["setpriv", f"--reuid={self._owner.pw_uid}", f"--regid={self._owner.pw_gid}", "--clear-groups", *command]
 
     def start(self) -> None:
         if self._owner:
             os.chown(self.directory, self._owner.pw_uid, self._owner.pw_gid)
         data = self.directory / "data"
-        subprocess.run(
-            [_program("initdb"), "-D", str(data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-instructions"],
-            check=True, capture_output=True, preexec_fn=self._run_as_owner,
+        initdb = subprocess.run(
+            self._as_owner([_program("initdb"), "-D", str(data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-instructions"]),
+            capture_output=True, text=True, cwd=self.directory,
         )
+        if initdb.returncode:
+            self.stop()
+            raise RuntimeError(f"initdb failed ({initdb.returncode}): {initdb.stderr.strip()}")
         self._log = open(self.directory / "postgres.log", "wb")
         self._process = subprocess.Popen(
-            [_program("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), "-k", ""],
-            stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._run_as_owner,
+            self._as_owner([_program("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), "-k", ""]),
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.directory,
         )
         deadline = time.monotonic() + 60
         while not self._accepts_connections():
             if self._process.poll() is not None or time.monotonic() > deadline:
+                log = (self.directory / "postgres.log").read_text()
                 self.stop()
-                raise RuntimeError(f"PostgreSQL did not start:\n{(self.directory / 'postgres.log').read_text()}")
+                raise RuntimeError(f"PostgreSQL did not start:\n{log}")
             time.sleep(0.1)
 
     def _accepts_connections(self) -> bool:

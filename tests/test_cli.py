@@ -52,6 +52,15 @@ def test_unreachable_coordinator_is_one_line(command):
     assert_one_line_error(result, contains="unreachable")
 
 
+@pytest.mark.parametrize("url, says", [
+    ("mysql://db/edgefl", "unsupported database URL"),
+    ("sqlite://relative.db", "a SQLite URL names a file"),
+    ("postgresql://edgefl@127.0.0.1:1/edgefl", "cannot connect to postgresql://edgefl@127.0.0.1:1/edgefl"),
+])
+def test_an_unusable_database_url_is_one_line(tmp_path, url, says):
+    assert_one_line_error(edgefl("serve", "--instance", str(tmp_path / "instance"), "--port", "0", "--db", url), contains=says)
+
+
 def test_missing_checkpoint_is_one_line(tmp_path):
     result = edgefl("export", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "out"))
     assert_one_line_error(result, contains="no checkpoint file")

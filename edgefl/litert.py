@@ -1,0 +1,106 @@
+"""The client update through the standalone LiteRT runtime, the way a phone runs it.
+
+``LiteRTLearner`` has ``KerasLearner``'s interface (``names``, ``client_update``,
+``evaluate``, weights as lists in ``names`` order) but trains the on-device .tflite (``edgefl.ondevice``) through ``ai_edge_litert``'s
+interpreter, and imports no TensorFlow: a device process using it carries what a phone
+app would. Batches are drawn exactly as ``KerasLearner`` draws them (the same seeded
+permutation per epoch), so the two runtimes make the same steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgefl.ondevice import signature_key, wire_name
+from edgefl.training import ClientResult
+from edgefl.wire import TensorSpec
+
+
+class LiteRTLearner:
+    """One interpreter per process, reused for every round; weights are set per call."""
+
+    def __init__(self, tflite_model: bytes, *, threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_content=tflite_model, num_threads=threads)
+        self._train = self._interpreter.get_signature_runner("train")
+        self._infer = self._interpreter.get_signature_runner("infer")
+        self._get_weights = self._interpreter.get_signature_runner("get_weights")
+        self._set_weights = self._interpreter.get_signature_runner("set_weights")
+        self.batch_size = int(self._train.get_input_details()["x"]["shape"][0])
+        initial = self._get_weights()
+        # The file's own order (its signatures sort their keys), not Keras's: without
+        # TensorFlow there is no Keras model to ask, and tensors travel by name anyway.
+        self.names = [wire_name(key) for key in sorted(initial)]
+        self.spec = tuple(TensorSpec(wire_name(k), tuple(int(d) for d in initial[k].shape)) for k in sorted(initial))
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        self._set_weights(**{signature_key(n): np.asarray(w, np.float32) for n, w in zip(self.names, weights)})
+
+    def get_weights(self) -> list[np.ndarray]:
+        outputs = self._get_weights()
+        return [outputs[signature_key(n)].copy() for n in self.names]
+
+    def _padded(self, x: np.ndarray, y: np.ndarray | None = None):
+        rows = len(x)
+        if rows > self.batch_size:
+            raise ValueError(f"a batch of {rows} exceeds the model's fixed batch of {self.batch_size}")
+        pad = self.batch_size - rows
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)]) if pad else x
+        mask = np.concatenate([np.ones(rows, np.float32), np.zeros(pad, np.float32)])
+        if y is None:
+            return x.astype(np.float32), mask
+        y = np.concatenate([y, np.zeros(pad, y.dtype)]) if pad else y
+        return x.astype(np.float32), y.astype(np.int32), mask
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> tuple[float, float]:
+        """One SGD step on one batch (at most the model's batch size); its mean loss and
+        number of correct predictions, before the step."""
+        x, y, mask = self._padded(x, y)
+        out = self._train(x=x, y=y, mask=mask, learning_rate=np.float32(learning_rate))
+        return float(out["loss"]), float(out["correct"])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        parts = []
+        for start in range(0, len(x), self.batch_size):
+            chunk = x[start : start + self.batch_size]
+            padded, _ = self._padded(chunk)
+            parts.append(self._infer(x=padded)["logits"][: len(chunk)])
+        return np.concatenate(parts)
+
+    def client_update(
+        self,
+        global_weights: list[np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        seed: int,
+    ) -> ClientResult:
+        """Local SGD from ``global_weights``, as ``KerasLearner.client_update``."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"this model trains batches of {self.batch_size}, not {batch_size}")
+        self.set_weights(global_weights)
+        rng = np.random.default_rng(seed)
+        loss_sum = correct_sum = 0.0
+        seen = 0
+        for _ in range(epochs):
+            order = rng.permutation(len(y))
+            for start in range(0, len(y), batch_size):
+                batch = order[start : start + batch_size]
+                loss, correct = self.train_step(x[batch], y[batch], learning_rate)
+                loss_sum += loss * len(batch)
+                correct_sum += correct
+                seen += len(batch)
+        local = self.get_weights()
+        delta = [(w_local - w_global).astype(np.float32) for w_local, w_global in zip(local, global_weights)]
+        metrics = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct_sum / max(seen, 1)}
+        return ClientResult(delta, len(y), metrics)
+
+    def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        self.set_weights(weights)
+        logits = self.logits(x)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return {"loss": float(-log_probs[np.arange(len(y)), y].mean()), "accuracy": float((logits.argmax(1) == y).mean())}

@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default="cnn", help="model of --checkpoint (default cnn)")
     export.add_argument("--dataset", default="digits", help="held-out data to check and calibrate on (default digits)")
     export.add_argument("--out", type=Path, default=Path("runs/export"), help="output directory (default runs/export)")
+    export.add_argument(
+        "--variants", default="float32,float16,dynamic,int8",
+        help="inference files to write, comma-separated (default float32,float16,dynamic,int8)",
+    )
+    export.add_argument(
+        "--train-batch", type=int,
+        help="fixed batch of the on-device training file (default: the run's batch size, or 10 for --checkpoint; 0: no training file)",
+    )
+    export.add_argument("--round", type=int, help="round the --checkpoint comes from, for the model card")
 
     status = sub.add_parser("status", help="show a coordinator's run and its metric history")
     status.add_argument("--coordinator", default=DEFAULT_URL, help=f"coordinator URL (default {DEFAULT_URL})")
@@ -222,19 +231,28 @@ def _export(args) -> int:
 
     if args.dataset not in DATASET_NAMES:
         raise CliError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+    variants = [v for v in args.variants.split(",") if v]
+    known = ("float32", "float16", "dynamic", "int8")
+    if not variants or set(variants) - set(known):
+        raise CliError(f"bad --variants {args.variants!r}: a comma-separated choice of {', '.join(known)}")
+    if args.train_batch is not None and args.train_batch < 0:
+        raise CliError("--train-batch must be 0 (no training file) or a batch size")
+    train_batch = args.train_batch
     if args.checkpoint is not None:
         if args.model not in MODEL_NAMES:
             raise CliError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
         if not args.checkpoint.is_file():
             raise CliError(f"no checkpoint file at {args.checkpoint}")
         data = args.checkpoint.read_bytes()
-        model, round_number = args.model, None
+        model, round_number = args.model, args.round
+        train_batch = 10 if train_batch is None else train_batch
     else:
         client = CoordinatorClient(args.coordinator, give_up_after_s=5)
         status = client.status()
         if not status.get("run"):
             raise CliError(f"the coordinator at {args.coordinator} has no checkpoint yet")
         model, round_number = status["run"]["config"]["model"], status["model"]["version"]
+        train_batch = status["run"]["config"]["batch_size"] if train_batch is None else train_batch
         data = client.download_checkpoint(status["model"]["sha256"])
     import hashlib
 
@@ -253,14 +271,13 @@ def _export(args) -> int:
         out_dir=args.out,
         checkpoint_sha256=hashlib.sha256(data).hexdigest(),
         round_number=round_number,
+        variants=variants,
+        train_batch=train_batch or None,
     )
-    print(f"model {model}, round {round_number}, Keras accuracy {card['evaluation']['keras_accuracy']:.4f}")
-    for f in card["files"]:
-        print(
-            f"  {args.out / f['file']}: {f['bytes'] / 1e6:.2f} MB, accuracy {f['accuracy']:.4f},"
-            f" top-1 agreement with Keras {f['top1_agreement']:.4f}"
-        )
-    print(f"  {args.out / MODEL_CARD}")
+    from edgefl.report import export_table
+
+    print(export_table(card, args.out))
+    print(f"model card: {args.out / MODEL_CARD}")
     return 0
 
 

@@ -14,7 +14,7 @@ import time
 from edgefl.config import RunConfig
 from edgefl.launcher import edgefl_command, federation
 from edgefl.processes import raise_on_sigterm
-from edgefl.report import plot_history, progress_line, rounds_table
+from edgefl.report import export_table, plot_history, progress_line, rounds_table
 
 _MARKER = ".edgefl-demo"
 
@@ -64,11 +64,6 @@ def run_demo(args, config: RunConfig) -> int:
         f" ({time.monotonic() - started:.0f}s in all; every process started has been stopped)"
     )
     print(f"plot: {plot}")
-    print("TensorFlow Lite files (run on the held-out test split by tf.lite.Interpreter):")
-    for f in card["files"]:
-        print(
-            f"  {export_dir / f['file']}  {f['bytes'] / 1e6:.2f} MB  accuracy {f['accuracy']:.4f}"
-            f"  agreement with Keras {f['top1_agreement']:.2%}"
-        )
-    print(f"  {export_dir / 'model_card.json'}")
+    print("TensorFlow Lite files, run on the held-out test split by LiteRT:")
+    print(export_table(card, export_dir))
     return 0

@@ -9,11 +9,15 @@ Keras model's own layers in ops whose gradients are builtin too:
 - a "same" convolution as im2col: ``k*k`` shifted ``tf.slice``s of the padded input
   concatenated on the channel axis, times the kernel reshaped to a matrix (gradients:
   pad, split, matmul);
-- 2x2 max pooling as two ``tf.maximum``s of unstacked row and column pairs (gradient:
-  select), which routes the gradient like MaxPoolGrad except between exactly equal
-  positive values;
-- ReLU as ``where(x > 0, x, 0)``, whose gradient is ReluGrad's;
+- 2x2 max pooling as two picks between unstacked row and column pairs, ``a*m + b*(1-m)``
+  with ``m = a >= b`` held constant, which routes the gradient like MaxPoolGrad except
+  between exactly equal positive values;
+- ReLU as ``x * (x > 0)``, whose gradient is ReluGrad's;
 - the loss as one-hot times log-softmax, averaged over the examples a mask marks real.
+
+Masks multiply rather than ``tf.where`` or ``tf.maximum`` select: those gradients take
+a ``zeros_like`` of the activations, which the converter folds into constants as large
+as every activation, and the file grew by megabytes.
 
 The train signature takes a fixed batch (``batch_size`` rows, a mask for a partial
 last batch), as the TFLite converter needs static shapes for the rewritten ops. The
@@ -45,7 +49,11 @@ def _builtin_forward(tf, model, variables: dict):
     name) in ops that, with their gradients, are TFLite builtins."""
 
     def relu(x):
-        return tf.where(x > 0, x, tf.zeros_like(x))
+        return x * tf.cast(x > 0, tf.float32)
+
+    def larger(a, b):
+        first = tf.stop_gradient(tf.cast(a >= b, tf.float32))
+        return a * first + b * (1.0 - first)
 
     def conv_same(x, kernel, bias):
         k, _, c_in, c_out = kernel.shape
@@ -62,9 +70,9 @@ def _builtin_forward(tf, model, variables: dict):
     def max_pool_2x2(x):
         batch, height, width, channels = x.shape
         rows = tf.unstack(tf.reshape(x, [batch * height // 2, 2, width * channels]), axis=1)
-        x = tf.maximum(rows[0], rows[1])
+        x = larger(rows[0], rows[1])
         columns = tf.unstack(tf.reshape(x, [batch * height // 2 * width // 2, 2, channels]), axis=1)
-        return tf.reshape(tf.maximum(columns[0], columns[1]), [batch, height // 2, width // 2, channels])
+        return tf.reshape(larger(columns[0], columns[1]), [batch, height // 2, width // 2, channels])
 
     activations = {"relu": relu, "linear": lambda x: x}
 

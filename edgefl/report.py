@@ -18,11 +18,36 @@ def round_row(entry: dict) -> tuple[str, ...]:
     )
 
 
-def rounds_table(history: list[dict]) -> str:
-    rows = [_COLUMNS] + [round_row(e) for e in history]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def rounds_table(history: list[dict]) -> str:
+    return _table(_COLUMNS, [round_row(e) for e in history])
+
+
+def export_table(card: dict, out_dir: Path) -> str:
+    """What ``edgefl export`` wrote, checked on LiteRT against Keras."""
+    rows = [
+        (f["file"], f"{f['bytes'] / 1e6:.2f}", f"{f['accuracy']:.4f}", f"{f['top1_agreement']:.2%}",
+         f"{f['max_abs_logit_diff']:.2g}", f"{f['latency_ms']:.3f}")
+        for f in card["files"]
+    ]
+    lines = [
+        f"model {card['model']}, round {card['round']}, Keras accuracy {card['evaluation']['keras_accuracy']:.4f}"
+        f" on {card['evaluation']['examples']} held-out examples; files in {out_dir}, run by LiteRT:",
+        _table(("file", "MB", "accuracy", "agreement", "max |diff|", "ms/image"), rows),
+    ]
+    if training := card.get("training"):
+        lines.append(
+            f"{training['file']}: {training['bytes'] / 1e6:.2f} MB, signatures {', '.join(training['signatures'])},"
+            f" batch {training['batch_size']}, builtin ops only: {'yes' if not training['custom_ops'] else 'NO'},"
+            f" one SGD step vs Keras: max |diff| {training['one_sgd_step_max_abs_diff_vs_keras']:.1g}"
+        )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""``edgefl export``: a global checkpoint becomes .tflite files and a model card."""
+"""``edgefl export``: a global checkpoint becomes .tflite files (inference variants and
+the on-device training model) and a model card."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import numpy as np
 from edgefl.datasets import load_dataset
 from edgefl.models import INPUT_SHAPE, NUM_CLASSES, build_model
 from export.tflite import VARIANTS, check_variant, convert
+from export.trainable import export_training_model
 
 MODEL_CARD = "model_card.json"
 
@@ -23,8 +25,10 @@ def export_checkpoint(
     checkpoint_sha256: str,
     round_number: int | None,
     variants: Sequence[str] = VARIANTS,
+    train_batch: int | None = None,
 ) -> dict:
-    """Write one .tflite per variant and ``model_card.json``; return the card."""
+    """Write one .tflite per variant, the training model if ``train_batch`` is given, and
+    ``model_card.json``; return the card."""
     import tensorflow as tf
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,11 @@ def export_checkpoint(
         file_name = f"{model_name}_{kind}.tflite"
         (out_dir / file_name).write_bytes(tflite_model)
         reports.append(check_variant(kind, file_name, tflite_model, test.x, test.y, keras_logits))
+    training = None
+    if train_batch is not None:
+        train_model, training = export_training_model(model_name, weights, train_batch, test.x, test.y)
+        training["file"] = f"{model_name}_train.tflite"
+        (out_dir / training["file"]).write_bytes(train_model)
     card = {
         "model": model_name,
         "parameters": int(model.count_params()),
@@ -57,6 +66,7 @@ def export_checkpoint(
             "keras_accuracy": float((keras_logits.argmax(1) == test.y).mean()),
         },
         "files": [r.to_json() for r in reports],
+        "training": training,
         "tensorflow": tf.__version__,
     }
     (out_dir / MODEL_CARD).write_text(json.dumps(card, indent=2))

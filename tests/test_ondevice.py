@@ -94,7 +94,7 @@ def test_the_loss_falls_step_by_step(litert, keras, digits):
     x, y = digits.x[:BATCH], digits.y[:BATCH]
     losses = [litert.train_step(x, y, learning_rate=0.1)[0] for _ in range(6)]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
-    assert losses[-1] < losses[0] * 0.9, losses
+    assert losses[0] - losses[-1] > 0.03, losses
 
 
 def test_a_batch_larger_than_the_models_is_refused(litert, digits):

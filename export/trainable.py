@@ -1,0 +1,45 @@
+"""The on-device training file in the export: converted, then proven to train as Keras
+does by one SGD step through LiteRT against the same step in Keras."""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from edgefl.litert import LiteRTLearner
+from edgefl.ondevice import SIGNATURES, convert_training_model
+from edgefl.training import KerasLearner
+
+_CHECK_LEARNING_RATE = 0.1
+
+
+def custom_ops(tflite_model: bytes) -> list[str]:
+    """Ops outside TFLite's builtin set (Flex ops among them) in every subgraph."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_model))
+    return [code.customCode.decode() for code in model.operatorCodes if code.customCode]
+
+
+def export_training_model(
+    model_name: str, weights: Sequence[np.ndarray], batch_size: int, check_x: np.ndarray, check_y: np.ndarray
+) -> tuple[bytes, dict]:
+    """The trainable .tflite starting from ``weights``, and its model-card entry."""
+    tflite_model = convert_training_model(model_name, batch_size, weights)
+    keras = KerasLearner(model_name)
+    litert = LiteRTLearner(tflite_model)
+    x, y = check_x[:batch_size], check_y[:batch_size]
+    step = dict(epochs=1, batch_size=batch_size, learning_rate=_CHECK_LEARNING_RATE, seed=0)
+    by_keras = keras.client_update(list(weights), x, y, **step)
+    by_litert = litert.client_update([weights[keras.names.index(n)] for n in litert.names], x, y, **step)
+    diff = max(float(np.abs(d - by_keras.delta[keras.names.index(n)]).max()) for n, d in zip(litert.names, by_litert.delta))
+    return tflite_model, {
+        "bytes": len(tflite_model),
+        "sha256": hashlib.sha256(tflite_model).hexdigest(),
+        "batch_size": batch_size,
+        "signatures": list(SIGNATURES),
+        "custom_ops": custom_ops(tflite_model),
+        "one_sgd_step_max_abs_diff_vs_keras": diff,
+        "weights": litert.names,
+    }

@@ -163,6 +163,53 @@ def get_checkpoint(sha256: str):
     return response
 
 
+_ARTEFACT_RETRY_S = 5
+
+
+def _send_artefact(kind: str, name: str):
+    """The newest artefact of ``kind``: revalidated by its ETag (the blob's sha256), as
+    "latest" changes when a round commits."""
+    from coordinator.artefacts import KINDS, latest
+
+    row = latest(get_db(), kind)
+    if row is None:
+        raise ApiError(
+            503, "not_built_yet", "The artefacts of the first model are being built; retry shortly.",
+            headers={"Retry-After": str(_ARTEFACT_RETRY_S)},
+        )
+    response = send_file(
+        get_store().blobs.path(row["sha256"]), mimetype=KINDS[kind][1], etag=row["sha256"], conditional=True, max_age=0,
+        download_name=name,
+    )
+    response.headers["X-Edgefl-Model-Version"] = str(row["version"])
+    response.headers["X-Edgefl-Train-Batch"] = str(row["batch_size"])
+    return response
+
+
+@bp.get("/models/latest.tflite")
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(503)), tags=["models"], skip_validation=True)
+def get_latest_inference_model():
+    """The newest model as an int8 .tflite for inference on phones (float32 input and output)."""
+    return _send_artefact("inference", "latest.tflite")
+
+
+@bp.get("/models/latest-train.tflite")
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(503)), tags=["models"], skip_validation=True)
+def get_latest_training_model():
+    """The on-device training .tflite (builtin ops only; signatures train, infer,
+    get_weights, set_weights) holding the newest model, for the batch size in
+    X-Edgefl-Train-Batch."""
+    return _send_artefact("training", "latest-train.tflite")
+
+
+@bp.get("/models/latest.json")
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(503)), tags=["models"], skip_validation=True)
+def get_latest_model_card():
+    """The model card of the newest artefacts: sizes, accuracy and agreement with Keras
+    as measured on LiteRT."""
+    return _send_artefact("card", "latest.json")
+
+
 @bp.post("/rounds/<int:round_id>/updates")
 @raw_body("application/octet-stream", DEFAULT_MAX_UPLOAD_BYTES)
 @spec.validate(

@@ -291,10 +291,12 @@ def discardable_update_blobs(db: Connection, round_id: int) -> list[str]:
 
 
 def live_blobs(db: Connection) -> set[str]:
-    """Every blob the store still needs: checkpoints, server states, and the updates of
-    the round in progress. Anything else is left over from a crash or a finished round."""
+    """Every blob the store still needs: checkpoints, server states, the served phone
+    artefacts, and the updates of the round in progress. Anything else is left over
+    from a crash, a finished round or a replaced artefact."""
     rows = db.execute(
         "SELECT sha256 FROM checkpoints UNION SELECT server_state_sha256 FROM checkpoints"
+        " UNION SELECT sha256 FROM artefacts"
         " UNION SELECT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
         " WHERE r.status IN ('open', 'aggregating')"
     ).fetchall()

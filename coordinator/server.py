@@ -69,10 +69,13 @@ def long_poll_slots(threads: int) -> int:
 def serve(
     *, instance: Path, config: RunConfig, given: Collection[str] = (), host: str = "127.0.0.1", port: int = 8080,
     threads: int = 16, workers: int = 1, db_url: str | None = None, admin_token: str | None = None,
+    publish_command: list[str] | None = None,
 ) -> None:
     """Serve ``instance``: a new run with ``config``, or the run the instance holds (see
-    ``resumed_config``; ``given`` names the settings the user set explicitly)."""
+    ``resumed_config``; ``given`` names the settings the user set explicitly). With
+    ``publish_command`` (``edgefl export``), the phone artefacts follow the newest model."""
     from coordinator import create_app
+    from coordinator.artefacts import Publisher
     from coordinator.driver import RoundDriver, resumed_config
     from coordinator.store import Store
 
@@ -80,7 +83,7 @@ def serve(
     _raise_stop_on_signals()
     info_path = instance / "server.json"
     stop = threading.Event()
-    driver_thread = None
+    driver_thread = publisher_thread = None
     stop_serving = lambda: None  # noqa: E731
     try:
         if workers == 1:
@@ -97,6 +100,10 @@ def serve(
             target=driver.run, args=(stop,), kwargs={"wake": wake, "poll_s": 0.1 if wake else 0.02},
             name="round-driver", daemon=True,
         )
+        if publish_command:
+            publisher = Publisher(store, publish_command, instance / "publish.log")
+            publisher_thread = threading.Thread(target=publisher.run, args=(stop,), name="publisher", daemon=True)
+            publisher_thread.start()
         if workers == 1:
             server = wsgi_server(app, threads=threads, host=host, port=port)
             stop_serving = lambda: (lobby.close(), server.close())  # noqa: E731
@@ -118,8 +125,9 @@ def serve(
     finally:
         stop.set()
         stop_serving()
-        if driver_thread is not None and driver_thread.is_alive():
-            driver_thread.join(timeout=30)
+        for thread in (driver_thread, publisher_thread):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout=30)
         info_path.unlink(missing_ok=True)
         sys.stdout.flush()
 

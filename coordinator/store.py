@@ -76,6 +76,14 @@ CREATE TABLE IF NOT EXISTS leases (
     holder TEXT NOT NULL,
     expires_at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS artefacts (
+    kind TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    batch_size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    built_at DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rejections (
     id {identity},
     round_id INTEGER NOT NULL,
@@ -89,7 +97,7 @@ CREATE TABLE IF NOT EXISTS rejections (
 
 # The run's state. Beside it: ``rejections``, the log of refused uploads (a refused
 # upload adds to it, nothing else reads it back), and ``leases`` (who drives the rounds).
-TABLES = ("run", "config_changes", "devices", "checkpoints", "rounds", "assignments", "updates")
+TABLES = ("run", "config_changes", "devices", "checkpoints", "rounds", "assignments", "updates", "artefacts")
 
 
 class Store:

@@ -4,21 +4,31 @@ The shard is built on the device from (dataset, partition, seed, number of devic
 index): the coordinator never holds or sends device data, and only deltas and counts
 leave the device. Checkpoints are cached by hash, so a device re-selected for the same
 model version does not download it twice.
+
+A device trains with one of two runtimes: ``keras`` (TensorFlow in the device process)
+or ``litert``, what a phone runs: it downloads the coordinator's on-device training
+.tflite once (kept by its sha256, fetched again only if the run's batch size changes),
+sets each round's checkpoint into it and trains through the standalone LiteRT
+interpreter. A ``litert`` device never imports TensorFlow; its summary says so.
 """
 from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass
 
-from edgefl.client import CoordinatorClient, ProtocolError
+from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl import wire
 from edgefl.datasets import Split, load_dataset
 from edgefl.models import model_spec
 from edgefl.partition import partition
 
 log = logging.getLogger("edgefl.device")
+
+RUNTIMES = ("keras", "litert")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +40,7 @@ class DeviceSpec:
     partition: str = "dirichlet:0.5"
     seed: int = 0
     threads: int = 1  # TF threads: with 2, ten devices on two cores spent ~8% longer per round
+    runtime: str = "keras"  # or "litert"
 
 
 @dataclass
@@ -41,6 +52,10 @@ class DeviceSummary:
     late_uploads: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
+    runtime: str = "keras"
+    startup_s: float | None = None  # process start to imports done, plus building the first learner
+    peak_rss_mb: float = 0.0
+    tensorflow_imported: bool = False
 
 
 def device_shard(spec: DeviceSpec) -> Split:
@@ -49,16 +64,47 @@ def device_shard(spec: DeviceSpec) -> Split:
     return train.subset(shards[spec.index])
 
 
+def _process_age_s() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+class _LiteRTRuntime:
+    """The training file this device holds, swapped only for another batch size."""
+
+    def __init__(self, client: CoordinatorClient, threads: int):
+        self.client, self.threads = client, threads
+        self.model: TrainingModel | None = None
+        self.learner = None
+        self.downloaded_at = 0.0  # monotonic time the last download finished
+
+    def learner_for(self, task: dict):
+        """A learner for the task's batch size, or None if the coordinator is still
+        building that file (the device then skips the task)."""
+        from edgefl.litert import LiteRTLearner
+
+        if self.learner is None or self.learner.batch_size != task["batch_size"]:
+            self.model = self.client.download_training_model(self.model)
+            self.downloaded_at = time.monotonic()
+            if self.model.batch_size != task["batch_size"]:
+                return None
+            self.learner = LiteRTLearner(self.model.data, threads=self.threads)
+        return self.learner
+
+
 def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> DeviceSummary:
     """Serve the coordinator's tasks until it says the run is over."""
-    from edgefl.training import KerasLearner
-
+    if spec.runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {spec.runtime!r}; choose one of {', '.join(RUNTIMES)}")
     shard = device_shard(spec)
     client = client or CoordinatorClient(spec.coordinator)
-    summary = DeviceSummary(spec.index, num_examples=len(shard))
+    summary = DeviceSummary(spec.index, num_examples=len(shard), runtime=spec.runtime)
     summary.device_id = client.register()
-    log.info("device %d registered as %s with %d examples", spec.index, summary.device_id, len(shard))
-    learner: KerasLearner | None = None
+    log.info("device %d (%s) registered as %s with %d examples", spec.index, spec.runtime, summary.device_id, len(shard))
+    litert = _LiteRTRuntime(client, spec.threads) if spec.runtime == "litert" else None
+    imported_s = _process_age_s()
+    learner = None
     cached: tuple[str, list] | None = None
     while True:
         answer = client.checkin()
@@ -70,8 +116,21 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
         task = answer["task"]
         t_task = time.monotonic()
         if learner is None:
+            t_build = time.monotonic()
+        if litert is not None:
+            learner = litert.learner_for(task)
+            if learner is None:
+                log.info("device %d: no training file for batch %d yet; skipping round %d", spec.index, task["batch_size"], task["round_number"])
+                time.sleep(1.0)
+                continue
+            weight_spec = learner.spec
+        elif learner is None:
+            from edgefl.training import KerasLearner
+
             learner = KerasLearner(task["model"])
             weight_spec = model_spec(task["model"])
+        if summary.startup_s is None:  # not counting the download of the training file
+            summary.startup_s = imported_s + time.monotonic() - max(t_build, litert.downloaded_at if litert else 0.0)
         sha = task["checkpoint_sha256"]
         if cached is None or cached[0] != sha:
             weights, _ = wire.decode(client.download_checkpoint(sha), weight_spec)
@@ -110,4 +169,6 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
             log.info("device %d: round %d closed before its upload (%s)", spec.index, task["round_id"], exc.code)
     summary.bytes_down = client.traffic.bytes_down
     summary.bytes_up = client.traffic.bytes_up
+    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary.tensorflow_imported = "tensorflow" in sys.modules
     return summary

@@ -32,6 +32,7 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
         "--partition", spec.partition,
         "--seed", str(spec.seed),
         "--threads", str(spec.threads),
+        "--runtime", spec.runtime,
         "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
     ]
     return start_logged(command, log_dir / f"device-{spec.index:04d}.log")
@@ -97,13 +98,15 @@ def device_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runtime", default="keras")
     parser.add_argument("--summary", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from edgefl.training import limit_threads
+    if args.runtime == "keras":
+        from edgefl.training import limit_threads
 
-    limit_threads(args.threads)
+        limit_threads(args.threads)
     spec = DeviceSpec(
         coordinator=args.coordinator,
         index=args.index,
@@ -112,6 +115,7 @@ def device_main(argv: list[str] | None = None) -> int:
         partition=args.partition,
         seed=args.seed,
         threads=args.threads,
+        runtime=args.runtime,
     )
     try:
         summary = run_device(spec)

@@ -74,6 +74,11 @@ def _add_fleet_args(parser: argparse.ArgumentParser, *, count_default: int) -> N
     parser.add_argument("--count", type=int, default=count_default, help=f"device processes to start (default {count_default})")
     parser.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA or classes:K (default dirichlet:0.5)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the partition (default 0)")
+    parser.add_argument(
+        "--runtime", default="keras",
+        help="what devices train with: keras, litert (the on-device .tflite through LiteRT, no TensorFlow), or a"
+        " comma-separated list cycled over the devices, e.g. keras,litert (default keras)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="WSGI threads per worker process (default 16); all but 4 may hold check-ins until the next round opens",
     )
     serve.add_argument("--workers", type=int, default=1, help="WSGI worker processes sharing the store (default 1)")
+    serve.add_argument(
+        "--no-publish", action="store_true",
+        help="do not build the phone artefacts (/v1/models/...) when a round commits",
+    )
     serve.add_argument(
         "--db", help="database URL: sqlite:///PATH or postgresql://USER@HOST/DB (default: SQLite in the instance directory)"
     )
@@ -160,6 +169,7 @@ def _serve(args) -> int:
 
     from coordinator.database import DatabaseError
     from coordinator.server import serve
+    from edgefl.launcher import edgefl_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = run_config_from(args)
@@ -177,6 +187,7 @@ def _serve(args) -> int:
         serve(
             instance=args.instance, config=config, given=set(given_settings(args)), host=args.host, port=args.port,
             threads=args.threads, workers=args.workers, db_url=args.db, admin_token=admin_token,
+            publish_command=None if args.no_publish else edgefl_command("export"),
         )
     except (ValueError, RuntimeError, sqlite3.DatabaseError, DatabaseError) as exc:
         raise CliError(str(exc)) from None
@@ -194,6 +205,7 @@ def _devices(args) -> int:
     num_devices = args.num_devices or args.count
     if args.threads < 1:
         raise CliError("--threads must be at least 1")
+    runtimes = device_runtimes(args.runtime)
     if args.count < 1 or args.first_index < 0 or args.first_index + args.count > num_devices:
         raise CliError(f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices}")
     try:
@@ -211,10 +223,20 @@ def _devices(args) -> int:
             partition=args.partition,
             seed=args.data_seed,
             threads=args.threads,
+            runtime=runtimes[i % len(runtimes)],
         )
         for i in range(args.first_index, args.first_index + args.count)
     ]
     return run_fleet(specs, args.log_dir)
+
+
+def device_runtimes(flag: str) -> list[str]:
+    from device_sim.device import RUNTIMES
+
+    runtimes = flag.split(",")
+    if not all(r in RUNTIMES for r in runtimes):
+        raise CliError(f"bad --runtime {flag!r}: {' or '.join(RUNTIMES)}, or a comma-separated list of them")
+    return runtimes
 
 
 def _check_reachable(url: str) -> dict:
@@ -293,7 +315,9 @@ def _status(args) -> int:
 def _demo(args) -> int:
     from edgefl.demo import run_demo
 
-    return run_demo(args, run_config_from(args))
+    config = run_config_from(args)
+    device_runtimes(args.runtime)
+    return run_demo(args, config)
 
 
 _COMMANDS = {"serve": _serve, "devices": _devices, "export": _export, "status": _status, "demo": _demo}

@@ -41,6 +41,13 @@ class Traffic:
     bytes_up: int = 0
 
 
+@dataclass(frozen=True)
+class TrainingModel:
+    sha256: str
+    data: bytes
+    batch_size: int
+
+
 class CoordinatorClient:
     def __init__(self, base_url: str, *, give_up_after_s: float = 120.0, rng: random.Random | None = None):
         self.base_url = base_url.rstrip("/")
@@ -114,6 +121,19 @@ class CoordinatorClient:
             raise ProtocolError(200, "corrupt_checkpoint", f"checkpoint {sha256[:12]} does not hash to its name")
         self.traffic.bytes_down += len(data)
         return data
+
+    def download_training_model(self, cached: "TrainingModel | None" = None) -> "TrainingModel":
+        """The coordinator's newest on-device training file, or ``cached`` if that is it
+        still (ETag). Retried while the coordinator is still building the first one."""
+        headers = {"If-None-Match": f'"{cached.sha256}"'} if cached else {}
+        response, data = self._request("GET", "/v1/models/latest-train.tflite", headers=headers)
+        if response.status_code == 304 and cached:
+            return cached
+        sha256 = hashlib.sha256(data).hexdigest()
+        if response.headers.get("ETag", "").strip('"') != sha256:
+            raise ProtocolError(200, "corrupt_model", "the training model does not hash to its ETag")
+        self.traffic.bytes_down += len(data)
+        return TrainingModel(sha256, data, int(response.headers["X-Edgefl-Train-Batch"]))
 
     def upload_update(self, round_id: int, body: bytes) -> dict:
         answer = self._json(

@@ -259,6 +259,7 @@ def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path, uninterrupt
     with closing(Store(coordinator.instance, db_url).connect()) as db:
         kept = {tuple(row) for row in db.execute("SELECT round_id, blob_sha256 FROM updates")}
         needed = {sha for row in db.execute("SELECT sha256, server_state_sha256 FROM checkpoints") for sha in row}
+        needed |= {row[0] for row in db.execute("SELECT sha256 FROM artefacts")}  # the phone files served now
     acknowledged = {ack for device in devices for ack in device.acknowledged}
     assert len(acknowledged) == DEVICES * CONFIG.rounds and acknowledged == kept
     blobs = {p.name for p in (coordinator.instance / "blobs").glob("??/*")}

@@ -6,6 +6,7 @@ them survives.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import closing
@@ -214,3 +215,60 @@ def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path,
         assert not list((tmp_path / "coordinator").glob("*.sqlite3*"))
         with closing(Store(tmp_path / "coordinator", db_url).connect()) as db:
             assert [r[0] for r in db.execute("SELECT status FROM rounds ORDER BY id")] == ["committed"] * 3
+
+
+def test_litert_devices_run_without_tensorflow_and_a_mixed_fleet_learns_as_keras_does(tmp_path):
+    """The same run twice: four Keras devices, then two Keras and two LiteRT devices
+    (the on-device .tflite the coordinator publishes). LiteRT steps equal Keras's, so
+    the two runs' models are the same but for float rounding. The coordinator then
+    serves the final model's artefacts."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    config = RunConfig(model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300, epochs=2, client_lr=0.1)
+    before = descendant_pids()
+    seen: dict[int, str] = {}
+    histories = {}
+    for runtime in ("keras", "keras,litert"):
+        out = tmp_path / runtime.replace(",", "-")
+        with federation(out, config, count=4, partition="iid", data_seed=0, runtime=runtime) as fed:
+            status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
+            assert fed.fleet.wait(timeout=60) == 0, (out / "logs" / "devices.log").read_text()
+            histories[runtime] = [h["accuracy"] for h in status["history"]]
+            if runtime == "keras,litert":
+                served = wait_for_artefacts(fed.url, version=status["model"]["version"], timeout_s=180)
+            seen.update(descendant_pids(before))
+        summaries = [json.loads(p.read_text()) for p in sorted((out / "logs" / "devices").glob("device-*.json"))]
+        assert [s["runtime"] for s in summaries] == runtime.split(",") * (4 // len(runtime.split(",")))
+        for s in summaries:
+            assert s["rounds_trained"] == 3
+            assert s["tensorflow_imported"] == (s["runtime"] == "keras"), s
+    assert_all_gone(seen)
+    assert histories["keras,litert"][-1] > 0.8
+    assert histories["keras,litert"] == pytest.approx(histories["keras"], abs=0.02)
+
+    card, inference = served
+    assert card["round"] == 3 and card["training"]["custom_ops"] == [] and card["training"]["batch_size"] == config.batch_size
+    interpreter = Interpreter(model_content=inference)
+    assert interpreter.get_input_details()[0]["shape"].tolist() == [1, 28, 28, 1]
+    (int8,) = [f for f in card["files"] if f["kind"] == "int8"]
+    assert int8["bytes"] == len(inference) and int8["accuracy"] == pytest.approx(histories["keras,litert"][-1], abs=0.02)
+
+
+def wait_for_artefacts(url: str, *, version: int, timeout_s: float) -> tuple[dict, bytes]:
+    """The model card and int8 file once the coordinator serves ``version``'s, checking
+    the ETags: a second request with If-None-Match gets 304."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = requests.get(f"{url}/v1/models/latest.json", timeout=30)
+        if answer.status_code == 200 and int(answer.headers["X-Edgefl-Model-Version"]) == version:
+            break
+        assert answer.status_code in (200, 503) and time.monotonic() < deadline, answer.text
+        time.sleep(1)
+    files = {}
+    for name in ("latest.json", "latest.tflite", "latest-train.tflite"):
+        first = requests.get(f"{url}/v1/models/{name}", timeout=30)
+        assert first.status_code == 200 and first.headers["ETag"].strip('"') == hashlib.sha256(first.content).hexdigest()
+        again = requests.get(f"{url}/v1/models/{name}", headers={"If-None-Match": first.headers["ETag"]}, timeout=30)
+        assert again.status_code == 304
+        files[name] = first.content
+    return json.loads(files["latest.json"]), files["latest.tflite"]

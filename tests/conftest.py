@@ -88,3 +88,23 @@ def coordinator(tmp_path, small_parts, db_url):
     driver = RoundDriver(app.extensions["edgefl.store"], config, clock=Clock(), learner=learner, server=server)
     driver.ensure_run()
     return app, driver
+
+
+@pytest.fixture
+def app(coordinator):
+    return coordinator[0]
+
+
+@pytest.fixture
+def driver(coordinator):
+    return coordinator[1]
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def store(app):
+    return app.extensions["edgefl.store"]

@@ -18,25 +18,6 @@ from edgefl.models import model_spec
 SPEC = model_spec("cnn_small")
 
 
-@pytest.fixture
-def app(coordinator):
-    return coordinator[0]
-
-
-@pytest.fixture
-def driver(coordinator):
-    return coordinator[1]
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
-def store(app):
-    return app.extensions["edgefl.store"]
-
 
 def register(client) -> dict:
     response = client.post("/v1/devices")

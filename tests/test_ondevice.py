@@ -34,6 +34,14 @@ def digits():
     return load_dataset("digits").train
 
 
+def fresh_weights() -> list:
+    """A newly initialised model's weights (Keras order): the shared learner's model holds
+    whatever an earlier test left in it."""
+    from edgefl.models import build_model
+
+    return build_model("cnn_small", seed=0).get_weights()
+
+
 def keras_weights_in(litert, keras, weights):
     """Keras-ordered weights in the LiteRT learner's order."""
     return [weights[keras.names.index(n)] for n in litert.names]
@@ -55,7 +63,7 @@ def test_only_builtin_ops_and_every_signature(train_tflite):
 
 
 def test_weights_round_trip_and_inference_equals_keras(litert, keras, digits):
-    weights = keras_weights_in(litert, keras, keras.model.get_weights())
+    weights = keras_weights_in(litert, keras, fresh_weights())
     shifted = [w + 0.01 for w in weights]
     litert.set_weights(shifted)
     assert all(np.array_equal(a, b) for a, b in zip(litert.get_weights(), shifted))
@@ -66,7 +74,7 @@ def test_weights_round_trip_and_inference_equals_keras(litert, keras, digits):
 
 @pytest.mark.parametrize("rows", [BATCH, 7])  # a full batch, and a partial one under the mask
 def test_one_sgd_step_matches_keras(litert, keras, digits, rows):
-    start = keras.model.get_weights()
+    start = fresh_weights()
     x, y = digits.x[:rows], digits.y[:rows]
     by_keras = keras.client_update(start, x, y, epochs=1, batch_size=BATCH, learning_rate=0.1, seed=0)
     by_litert = litert.client_update(keras_weights_in(litert, keras, start), x, y, epochs=1, batch_size=BATCH, learning_rate=0.1, seed=0)
@@ -77,7 +85,7 @@ def test_one_sgd_step_matches_keras(litert, keras, digits, rows):
 
 
 def test_weights_after_local_training_equal_kerass(litert, keras, digits):
-    start = keras.model.get_weights()
+    start = fresh_weights()
     x, y = digits.x[:95], digits.y[:95]
     settings = dict(epochs=3, batch_size=BATCH, learning_rate=0.1, seed=7)  # 30 steps, the last of each epoch partial
     by_keras = keras.client_update(start, x, y, **settings)
@@ -90,7 +98,7 @@ def test_weights_after_local_training_equal_kerass(litert, keras, digits):
 
 
 def test_the_loss_falls_step_by_step(litert, keras, digits):
-    litert.set_weights(keras_weights_in(litert, keras, keras.model.get_weights()))
+    litert.set_weights(keras_weights_in(litert, keras, fresh_weights()))
     x, y = digits.x[:BATCH], digits.y[:BATCH]
     losses = [litert.train_step(x, y, learning_rate=0.1)[0] for _ in range(6)]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses

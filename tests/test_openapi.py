@@ -37,7 +37,19 @@ def fuzzed(request, tmp_path_factory, small_parts):
     device = register(client)
     assert driver.step()  # round 1 opens
     take_task(client, device)
+    publish_artefacts(app.extensions["edgefl.store"], tmp_path_factory.mktemp("publish"))  # else /v1/models/* are 503
     return app, device, CALLS.setdefault(request.param, {"requests": 0, "rejected": 0})
+
+
+def publish_artefacts(store, log_dir) -> None:
+    from contextlib import closing
+
+    from coordinator.artefacts import Publisher, wanted
+    from edgefl.launcher import edgefl_command
+
+    with closing(store.connect()) as db:
+        target = wanted(db)
+    assert Publisher(store, edgefl_command("export"), log_dir / "publish.log").build(target)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +94,7 @@ def test_the_document_is_openapi_3_with_every_endpoint(fuzzed_app):
     assert set(document["paths"]) == {
         "/v1/devices", "/v1/checkin", "/v1/checkpoints/{sha256}", "/v1/rounds/{round_id}/updates", "/v1/rounds",
         "/v1/status", "/v1/admin/{action}", "/v1/admin/config",
+        "/v1/models/latest.tflite", "/v1/models/latest-train.tflite", "/v1/models/latest.json",
     }
     upload = document["paths"]["/v1/rounds/{round_id}/updates"]["post"]
     assert "application/octet-stream" in upload["requestBody"]["content"] and upload["security"] == [{"deviceToken": []}]

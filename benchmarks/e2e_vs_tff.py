@@ -40,7 +40,11 @@ def run_edgefl(config: RunConfig, devices: int, partition_spec: str, data_seed: 
     work = Path(tempfile.mkdtemp(prefix="edgefl-bench-"))
     try:
         started = time.monotonic()
-        with federation(work, config, count=devices, partition=partition_spec, data_seed=data_seed) as fed:
+        # TFF's side trains on every example and builds no phone files: so does edgefl's here.
+        with federation(
+            work, config, count=devices, partition=partition_spec, data_seed=data_seed,
+            serve_flags=["--no-publish"], device_flags=["--holdout", "0"],
+        ) as fed:
             status = fed.follow(lambda e: print(f"  edgefl round {e['round']}: accuracy {e['accuracy']:.4f}, {e['seconds']:.2f}s", flush=True))
         wall = time.monotonic() - started
     finally:

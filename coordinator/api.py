@@ -406,6 +406,7 @@ def _summary(r: dict) -> dict:
         "seconds": r["committed_at"] - r["opened_at"],
         "aggregation_seconds": metrics.get("aggregation_s"),
         "phase_seconds": r["phase_seconds"],
+        "personalization": r["personalization"],
     }
 
 

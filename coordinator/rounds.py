@@ -390,7 +390,7 @@ def count_bytes_down(db: Connection, sha256: str, size: int) -> None:
 def history(db: Connection) -> list[dict]:
     """Every round, oldest first: participation (selected, reported, dropped: selected
     and never heard from by the close; late: reported after it; rejected uploads by
-    reason), bytes, how long each phase took, and metrics."""
+    reason), bytes, how long each phase took, metrics, and the devices' personalisation reports."""
     rows = db.execute(
         "SELECT r.*,"
         " (SELECT COUNT(*) FROM assignments a WHERE a.round_id = r.id) AS selected,"
@@ -400,6 +400,7 @@ def history(db: Connection) -> list[dict]:
         " FROM rounds r ORDER BY r.id"
     ).fetchall()
     rejected: dict[int, dict[str, int]] = {}
+    personalization = _personalization(db)
     for round_id, code, count in db.execute(
         "SELECT round_id, code, COUNT(*) FROM rejections WHERE late = 0 GROUP BY round_id, code ORDER BY code"
     ):
@@ -427,9 +428,30 @@ def history(db: Connection) -> list[dict]:
             "committed_at": r["committed_at"],
             "evaluated_at": r["evaluated_at"],
             "metrics": json.loads(r["metrics"]) if r["metrics"] else None,
+            "personalization": personalization.get(r["id"]),
         }
         for r in rows
     ]
+
+
+def _personalization(db: Connection) -> dict[int, dict]:
+    """Federated evaluation per round, from the reports devices send with their updates:
+    the accuracy on their own held-out examples of the global model they were sent
+    and of their locally fine-tuned (personalised) model, weighted by those examples."""
+    sums: dict[int, list[float]] = {}
+    for round_id, metrics in db.execute("SELECT round_id, metrics FROM updates"):
+        report = json.loads(metrics)
+        examples = report.get("holdout_examples", 0)
+        if examples > 0 and "holdout_accuracy_global" in report and "holdout_accuracy_personalized" in report:
+            total = sums.setdefault(round_id, [0, 0, 0.0, 0.0])
+            total[0] += 1
+            total[1] += examples
+            total[2] += examples * report["holdout_accuracy_global"]
+            total[3] += examples * report["holdout_accuracy_personalized"]
+    return {
+        round_id: {"devices": devices, "examples": int(examples), "global_accuracy": g / examples, "personalized_accuracy": p / examples}
+        for round_id, (devices, examples, g, p) in sums.items()
+    }
 
 
 def _between(start: float | None, end: float | None) -> float | None:

@@ -33,6 +33,7 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
         "--seed", str(spec.seed),
         "--threads", str(spec.threads),
         "--runtime", spec.runtime,
+        "--holdout", str(spec.holdout),
         "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
     ]
     return start_logged(command, log_dir / f"device-{spec.index:04d}.log")
@@ -99,6 +100,7 @@ def device_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runtime", default="keras")
+    parser.add_argument("--holdout", type=float, default=0.2)
     parser.add_argument("--summary", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -116,6 +118,7 @@ def device_main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         threads=args.threads,
         runtime=args.runtime,
+        holdout=args.holdout,
     )
     try:
         summary = run_device(spec)

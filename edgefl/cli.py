@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--dataset", default="digits", help="dataset the devices' shards come from (default digits)")
     devices.add_argument("--log-dir", type=Path, default=Path("runs/devices"), help="per-device logs (default runs/devices)")
     devices.add_argument("--threads", type=int, default=1, help="TensorFlow threads per device process (default 1)")
+    devices.add_argument(
+        "--holdout", type=float, default=0.2,
+        help="fraction of each device's examples kept out of training to report global vs personalised accuracy"
+        " (default 0.2; 0: no reports)",
+    )
 
     export = sub.add_parser("export", help="convert the newest global model to .tflite files and a model card")
     source = export.add_mutually_exclusive_group()
@@ -206,6 +211,8 @@ def _devices(args) -> int:
     if args.threads < 1:
         raise CliError("--threads must be at least 1")
     runtimes = device_runtimes(args.runtime)
+    if not 0 <= args.holdout < 1:
+        raise CliError("--holdout must be at least 0 and below 1")
     if args.count < 1 or args.first_index < 0 or args.first_index + args.count > num_devices:
         raise CliError(f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices}")
     try:
@@ -224,6 +231,7 @@ def _devices(args) -> int:
             seed=args.data_seed,
             threads=args.threads,
             runtime=runtimes[i % len(runtimes)],
+            holdout=args.holdout,
         )
         for i in range(args.first_index, args.first_index + args.count)
     ]

@@ -39,7 +39,7 @@ def run_demo(args, config: RunConfig) -> int:
     print("starting the coordinator (TensorFlow, TFF and its worker) and the device processes...", flush=True)
     export_dir = out / "tflite"
     try:
-        with federation(out, config, count=args.count, partition=args.partition, data_seed=args.data_seed, runtime=args.runtime) as fed:
+        with federation(out, config, count=args.count, partition=args.partition, data_seed=args.data_seed, device_flags=["--runtime", args.runtime]) as fed:
             print(f"coordinator at {fed.url} (dashboard: {fed.url}/); {args.count} devices are starting (the first round includes their start-up)", flush=True)
             status = fed.follow(lambda entry: print(progress_line(entry, config.rounds), flush=True))
             print("exporting the final model to TensorFlow Lite...", flush=True)

@@ -89,7 +89,7 @@ def wait_for_server(instance: Path, server: subprocess.Popen, log_path: Path) ->
 @contextmanager
 def federation(
     out: Path, config: RunConfig, *, count: int, partition: str, data_seed: int, start_devices: bool = True,
-    serve_flags: Sequence[str] = (), runtime: str = "keras",
+    serve_flags: Sequence[str] = (), device_flags: Sequence[str] = (),
 ) -> Iterator[Federation]:
     """Start a coordinator on a free port (and ``count`` devices), stop them on exit."""
     instance, logs = out / "coordinator", out / "logs"
@@ -104,7 +104,7 @@ def federation(
                 edgefl_command(
                     "devices", "--coordinator", url, "--count", str(count), "--partition", partition,
                     "--data-seed", str(data_seed), "--dataset", config.dataset, "--log-dir", str(logs / "devices"),
-                    "--runtime", runtime,
+                    *device_flags,
                 ),
                 logs / "devices.log",
             )

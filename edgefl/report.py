@@ -27,7 +27,16 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def rounds_table(history: list[dict]) -> str:
-    return _table(_COLUMNS, [round_row(e) for e in history])
+    """One row per round; with the devices' personalisation reports, two more columns:
+    accuracy on their held-out examples of the global model and of their own."""
+    if not any(e.get("personalization") for e in history):
+        return _table(_COLUMNS, [round_row(e) for e in history])
+
+    def personal(entry: dict) -> tuple[str, str]:
+        p = entry.get("personalization")
+        return (f"{p['global_accuracy']:.4f}", f"{p['personalized_accuracy']:.4f}") if p else ("-", "-")
+
+    return _table((*_COLUMNS, "on-device global", "personalised"), [(*round_row(e), *personal(e)) for e in history])
 
 
 def export_table(card: dict, out_dir: Path) -> str:

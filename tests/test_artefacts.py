@@ -18,6 +18,7 @@ MODELS = ("/v1/models/latest.tflite", "/v1/models/latest-train.tflite", "/v1/mod
 def test_artefacts_are_built_off_the_request_path_served_and_replaced(client, store, driver, tmp_path):
     from coordinator.artefacts import Publisher, published, wanted
 
+    others = {p.pid for p in psutil.Process().children(recursive=True)}  # what other fixtures started
     for path in MODELS:  # nothing built yet: come back later
         response = client.get(path)
         assert_error(response, 503, "not_built_yet")
@@ -64,5 +65,5 @@ def test_artefacts_are_built_off_the_request_path_served_and_replaced(client, st
         response = client.get(path, headers={"If-None-Match": f'"{served[path]}"'})
         assert response.status_code == 200 and response.headers["X-Edgefl-Model-Version"] == "1"
         assert not store.blobs.exists(served[path])
-    survivors = [p for p in psutil.Process().children(recursive=True) if p.name() != "postgres"]  # the test database's
+    survivors = [p for p in psutil.Process().children(recursive=True) if p.pid not in others and p.name() != "postgres"]
     assert not survivors, "an export process outlived its build"

@@ -81,6 +81,9 @@ def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int
             assert int(drawn[series, h["round"]]) == h[series]
         assert float(drawn["mb_down", h["round"]]) == pytest.approx(h["bytes_down"] / 1e6, abs=0.051)
         assert float(drawn["mb_up", h["round"]]) == pytest.approx(h["bytes_up"] / 1e6, abs=0.051)
+        personal = h["personalization"]
+        assert drawn["on_device_global", h["round"]] == f"{personal['global_accuracy']:.4f}"
+        assert drawn["personalized", h["round"]] == f"{personal['personalized_accuracy']:.4f}"
     assert f"{len(history)}/{len(history)} rounds" in dom and "run finished" in dom
 
     screenshot = out / "dashboard.png"
@@ -125,6 +128,12 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
     assert history[-1]["accuracy"] > history[0]["accuracy"]
     assert history[-1]["accuracy"] > 0.5
     assert all(h["bytes_up"] > 0 and h["bytes_down"] > 0 for h in history)
+    # Every device reported its held-out accuracy before and after its local fine-tuning.
+    for h in history:
+        personal = h["personalization"]
+        assert personal["devices"] == 4 and 0 < personal["examples"] < 360
+        assert 0 <= personal["global_accuracy"] <= 1 and 0 <= personal["personalized_accuracy"] <= 1
+    assert "personalised" in shown.stdout
 
     card = json.loads((tmp_path / "tflite" / "model_card.json").read_text())
     assert card["round"] == 3 and card["checkpoint_sha256"] == status["model"]["sha256"]
@@ -230,7 +239,7 @@ def test_litert_devices_run_without_tensorflow_and_a_mixed_fleet_learns_as_keras
     histories = {}
     for runtime in ("keras", "keras,litert"):
         out = tmp_path / runtime.replace(",", "-")
-        with federation(out, config, count=4, partition="iid", data_seed=0, runtime=runtime) as fed:
+        with federation(out, config, count=4, partition="iid", data_seed=0, device_flags=["--runtime", runtime]) as fed:
             status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
             assert fed.fleet.wait(timeout=60) == 0, (out / "logs" / "devices.log").read_text()
             histories[runtime] = [h["accuracy"] for h in status["history"]]

@@ -7,6 +7,7 @@ const W = 480, H = 240, LEFT = 48, RIGHT = 12, TOP = 12, BOTTOM = 30;
 const COLORS = {
   accuracy: "#2b7bb9", loss: "#c0392b", selected: "#9aa5b1", reported: "#27ae60",
   late: "#f39c12", dropped: "#c0392b", mb_down: "#2b7bb9", mb_up: "#8e44ad",
+  on_device_global: "#2b7bb9", personalized: "#27ae60",
 };
 
 function el(name, attrs, parent, text) {
@@ -36,20 +37,25 @@ function frame(svg, rounds, ymax, yfmt) {
   return { x, y };
 }
 
-function lineChart(svg, series, rounds, values, ymax, fmt) {
+function lineChart(svg, rounds, groups, ymax, fmt) {
+  // groups: [{series, values}]; a null value (no data that round) is not drawn.
   const { x, y } = frame(svg, rounds, ymax, fmt);
   if (!rounds.length) return;
-  const points = values.map((v, i) => `${x(i)},${y(v)}`).join(" ");
-  el("polyline", { points, class: "line", stroke: COLORS[series] }, svg);
-  values.forEach((v, i) => {
-    const dot = el("circle", {
-      cx: x(i), cy: y(v), r: 3.5, fill: COLORS[series],
-      "data-series": series, "data-round": rounds[i], "data-value": v.toFixed(4),
-    }, svg);
-    el("title", {}, dot, `round ${rounds[i]}: ${v.toFixed(4)}`);
+  groups.forEach((g, j) => {
+    const drawn = g.values.map((v, i) => [v, i]).filter(([v]) => v !== null && v !== undefined);
+    if (!drawn.length) return;
+    el("polyline", { points: drawn.map(([v, i]) => `${x(i)},${y(v)}`).join(" "), class: "line", stroke: COLORS[g.series] }, svg);
+    for (const [v, i] of drawn) {
+      const dot = el("circle", {
+        cx: x(i), cy: y(v), r: 3.5, fill: COLORS[g.series],
+        "data-series": g.series, "data-round": rounds[i], "data-value": v.toFixed(4),
+      }, svg);
+      el("title", {}, dot, `round ${rounds[i]} ${g.series.replaceAll("_", " ")}: ${v.toFixed(4)}`);
+    }
+    const [last] = drawn[drawn.length - 1];
+    const label = groups.length > 1 ? `${g.series.replaceAll("_", " ")} ${fmt(last)}` : `round ${rounds[rounds.length - 1]}: ${fmt(last)}`;
+    el("text", { x: W - RIGHT, y: TOP + 10 + 14 * j, "text-anchor": "end", fill: COLORS[g.series] }, svg, label);
   });
-  const last = values[values.length - 1];
-  el("text", { x: W - RIGHT, y: TOP + 10, "text-anchor": "end" }, svg, `round ${rounds[rounds.length - 1]}: ${fmt(last)}`);
 }
 
 function barChart(svg, rounds, groups, ymax, fmt) {
@@ -112,8 +118,13 @@ function render(status) {
   const rounds = history.map((h) => h.round);
   const accuracy = history.map((h) => h.accuracy);
   const loss = history.map((h) => h.loss);
-  lineChart(document.getElementById("accuracy"), "accuracy", rounds, accuracy, 1, (v) => v.toFixed(2));
-  lineChart(document.getElementById("loss"), "loss", rounds, loss, Math.max(...loss, 0.1) * 1.1, (v) => v.toFixed(2));
+  lineChart(document.getElementById("accuracy"), rounds, [{ series: "accuracy", values: accuracy }], 1, (v) => v.toFixed(2));
+  lineChart(document.getElementById("loss"), rounds, [{ series: "loss", values: loss }], Math.max(...loss, 0.1) * 1.1, (v) => v.toFixed(2));
+  const personal = (key) => history.map((h) => (h.personalization ? h.personalization[key] : null));
+  lineChart(document.getElementById("personalization"), rounds, [
+    { series: "on_device_global", values: personal("global_accuracy") },
+    { series: "personalized", values: personal("personalized_accuracy") },
+  ], 1, (v) => v.toFixed(2));
   const participation = ["selected", "reported", "late", "dropped"].map((series) => ({
     series, values: history.map((h) => h[series] || 0),
   }));

@@ -87,7 +87,7 @@ def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int
     assert f"{len(history)}/{len(history)} rounds" in dom and "run finished" in dom
 
     screenshot = out / "dashboard.png"
-    _, more = chromium(url + "/", out, f"--screenshot={screenshot}", "--window-size=1100,900", "--hide-scrollbars")
+    _, more = chromium(url + "/", out, f"--screenshot={screenshot}", "--window-size=1100,1250", "--hide-scrollbars")
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
     return {**started, **more}
 

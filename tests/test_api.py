@@ -281,6 +281,25 @@ def test_a_round_aggregates_commits_and_late_uploads_conflict(client, store, dri
     assert rejections(store) == [(task["round_id"], "round_closed", 0)] * 2  # neither is a straggler
 
 
+def test_personalisation_reports_are_averaged_per_round_by_held_out_examples(client, driver, open_round):
+    headers_a, task = open_round
+    headers_b = register(client)
+    take_task(client, headers_b)
+    reports = (
+        (headers_a, {"train_loss": 1.0, "holdout_examples": 30, "holdout_accuracy_global": 0.5, "holdout_accuracy_personalized": 0.9}),
+        (headers_b, {"train_loss": 1.0, "holdout_examples": 10, "holdout_accuracy_global": 0.9, "holdout_accuracy_personalized": 0.5}),
+    )
+    for seed, (headers, metrics) in enumerate(reports):
+        assert upload(client, headers, task["round_id"], update_body(metrics=json.dumps(metrics), seed=seed)).status_code == 202
+    assert driver.step()
+    (entry,) = client.get("/v1/status").json["history"]
+    assert entry["personalization"] == {
+        "devices": 2, "examples": 40, "global_accuracy": pytest.approx(0.6), "personalized_accuracy": pytest.approx(0.8),
+    }
+    first, second = client.get("/v1/rounds").json["rounds"]  # round 2 has opened
+    assert first["personalization"] == entry["personalization"] and second["personalization"] is None
+
+
 def test_the_round_record_counts_stragglers_drops_rejections_and_phases(client, driver, open_round):
     headers_a, task = open_round
     headers_b, headers_c = register(client), register(client)

@@ -1,8 +1,9 @@
 """The server side of FedAvg, from TFF's building blocks.
 
-The clients' deltas are combined by a ``tff.aggregators`` process (``MeanFactory``,
-weighted by example counts) and the model moves by a ``tff.learning.optimizers`` step
-on the negated mean delta (SGD at learning rate 1.0 is plain FedAvg). Both are written
+The clients' deltas are combined by a ``tff.aggregators`` process chosen by the run's
+configuration, composed as TFF composes it (``aggregator_factory``), and the model
+moves by a ``tff.learning.optimizers`` step on the negated aggregate (SGD at learning
+rate 1.0 is plain FedAvg; momentum gives FedAvgM, Adam FedAdam). Both are written
 as one TFF round computation, the shape TFF's ``simple_fedavg`` gives its server, and
 compiled to MapReduce form (``coordinator.mapreduce``): each update is folded into an
 accumulator on its own, so a cohort costs one accumulator of memory, and the round's
@@ -46,20 +47,77 @@ class ServerOutput:
     mean_delta: list[np.ndarray]
 
 
-def build_round(spec: Sequence[TensorSpec], server_optimizer: str, server_lr: float):
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """What shapes the server's round: the run configuration's server fields."""
+
+    aggregator: str = "mean"
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    dp_noise_multiplier: float = 1.0
+    dp_clip: float = 0.1
+    clients_per_round: int = 10  # what DP's noise is calibrated for: the target reports
+
+    @classmethod
+    def of(cls, config) -> "ServerSettings":
+        return cls(
+            aggregator=config.aggregator, server_optimizer=config.server_optimizer, server_lr=config.server_lr,
+            server_momentum=config.server_momentum, dp_noise_multiplier=config.dp_noise_multiplier,
+            dp_clip=config.dp_clip, clients_per_round=config.target_reports,
+        )
+
+
+def aggregator_factory(settings: ServerSettings):
+    """The ``tff.aggregators`` factory, and whether it is weighted by example counts.
+
+    ``robust`` is TFF's ``robust_aggregator`` (adaptive zeroing of outliers, then adaptive
+    L2 clipping at the median norm, around a weighted mean); the DP aggregators average
+    unweighted, as central DP must bound every client's influence alike:
+    ``dp_adaptive`` is TFF's ``dp_aggregator`` (zeroing, then Gaussian noise with the
+    clip adapted to a quantile of norms), ``dp_fixed`` a fixed clip.
+    """
+    import tensorflow_federated as tff
+
+    s = settings
+    if s.aggregator == "mean":
+        return tff.aggregators.MeanFactory(), True
+    if s.aggregator == "robust":
+        return tff.learning.robust_aggregator(zeroing=True, clipping=True, weighted=True), True
+    if s.aggregator == "dp_adaptive":
+        return tff.learning.dp_aggregator(s.dp_noise_multiplier, s.clients_per_round, zeroing=True), False
+    if s.aggregator == "dp_fixed":
+        return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(s.dp_noise_multiplier, s.clients_per_round, s.dp_clip), False
+    raise ValueError(f"unknown aggregator {s.aggregator!r}")
+
+
+def server_optimizer(settings: ServerSettings):
+    import tensorflow_federated as tff
+
+    s = settings
+    if s.server_optimizer == "sgd":
+        return tff.learning.optimizers.build_sgdm(learning_rate=s.server_lr)
+    if s.server_optimizer == "sgdm":
+        return tff.learning.optimizers.build_sgdm(learning_rate=s.server_lr, momentum=s.server_momentum)
+    if s.server_optimizer == "adam":
+        return tff.learning.optimizers.build_adam(learning_rate=s.server_lr)
+    raise ValueError(f"unknown server optimizer {s.server_optimizer!r}")
+
+
+def build_round(spec: Sequence[TensorSpec], settings: ServerSettings = ServerSettings()):
     """The federated ``initialize`` and round computations, before compilation.
 
     The round takes ``<model, aggregator, optimizer>@SERVER`` and each client's
-    ``<delta, weight>`` and returns the next state and the mean delta.
+    ``<delta, weight>`` and returns the next state and the aggregate delta (an
+    unweighted aggregator ignores the weights).
     """
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    if server_optimizer != "sgd":
-        raise ValueError(f"unknown server optimizer {server_optimizer!r}")
     model_type = tff.types.to_type([tff.TensorType(np.float32, s.shape) for s in spec])  # a Python list
-    aggregator = tff.aggregators.MeanFactory().create(model_type, tff.TensorType(np.float32))
-    optimizer = tff.learning.optimizers.build_sgdm(learning_rate=server_lr)
+    factory, weighted = aggregator_factory(settings)
+    aggregator = factory.create(model_type, tff.TensorType(np.float32)) if weighted else factory.create(model_type)
+    optimizer = server_optimizer(settings)
 
     @tff.tensorflow.computation
     def optimizer_initialize():
@@ -94,7 +152,10 @@ def build_round(spec: Sequence[TensorSpec], server_optimizer: str, server_lr: fl
 
     @tff.federated_computation(state_type, client_type)
     def next_round(state, clients):
-        aggregate = aggregator.next(state.aggregator, clients.delta, clients.weight)
+        if weighted:
+            aggregate = aggregator.next(state.aggregator, clients.delta, clients.weight)
+        else:
+            aggregate = aggregator.next(state.aggregator, clients.delta)
         optimizer_state, model = tff.federated_map(optimizer_next, (state.optimizer, state.model, aggregate.result))
         new_state = tff.federated_zip(
             collections.OrderedDict(model=model, aggregator=aggregate.state, optimizer=optimizer_state)
@@ -107,12 +168,17 @@ def build_round(spec: Sequence[TensorSpec], server_optimizer: str, server_lr: fl
 class FedAvgServer:
     """FedAvg's server for one model's weights, compiled once (about a second)."""
 
-    def __init__(self, spec: Sequence[TensorSpec], *, server_optimizer: str = "sgd", server_lr: float = 1.0):
+    def __init__(self, spec: Sequence[TensorSpec], settings: ServerSettings = ServerSettings()):
         self.spec = tuple(spec)
-        self.round = MapReduceRound(*build_round(self.spec, server_optimizer, server_lr))
+        self.settings = settings
+        self.round = MapReduceRound(*build_round(self.spec, settings))
+        # DP's state names its accounting event in string tensors and flags its first
+        # round in a bool: strings travel in the blob's metadata, bools as integers.
+        self._leaves = self.round.initialize.results
+        self._strings = {leaf.path for leaf in self._leaves if leaf.dtype.kind in "SUO"}
         self.state_spec = wire.spec_of(
-            [leaf.path for leaf in self.round.initialize.results],
-            [np.zeros(leaf.shape, leaf.dtype) for leaf in self.round.initialize.results],
+            [leaf.path for leaf in self._leaves if leaf.path not in self._strings],
+            [np.zeros(leaf.shape, np.int32 if leaf.dtype == bool else leaf.dtype) for leaf in self._leaves if leaf.path not in self._strings],
         )
 
     def initialize(self) -> ServerState:
@@ -147,8 +213,16 @@ class FedAvgServer:
         return self.finish(fold)
 
     def state_to_bytes(self, state: ServerState) -> bytes:
-        return wire.encode([s.name for s in self.state_spec], state)
+        named = dict(zip((leaf.path for leaf in self._leaves), state))
+        strings = {path: bytes(np.asarray(named.pop(path)).item()).decode() for path in self._strings}
+        arrays = [np.asarray(value, np.int32) if value.dtype == bool else value for value in named.values()]
+        return wire.encode(list(named), arrays, strings)
 
     def state_from_bytes(self, data: bytes) -> ServerState:
-        arrays, _ = wire.decode(data, self.state_spec)
-        return tuple(arrays)
+        arrays, metadata = wire.decode(data, self.state_spec)
+        numeric = iter(arrays)
+        return tuple(
+            np.asarray(metadata[leaf.path].encode(), dtype=object) if leaf.path in self._strings
+            else np.asarray(next(numeric), dtype=leaf.dtype)
+            for leaf in self._leaves
+        )

@@ -27,7 +27,7 @@ import numpy as np
 
 from coordinator import failpoints, leases, rounds
 from coordinator.database import Connection, Row
-from coordinator.aggregation import FedAvgServer, RoundFold
+from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
 from coordinator.lobby import Lobby
 from coordinator.store import Store
 from edgefl import wire
@@ -78,9 +78,7 @@ class RoundDriver:
         self.learner = learner or KerasLearner(config.model)
         self.names = weight_names(self.learner.model)
         self.spec = wire.spec_of(self.names, self.learner.model.get_weights())
-        self.server = server or FedAvgServer(
-            self.spec, server_optimizer=config.server_optimizer, server_lr=config.server_lr
-        )
+        self.server = server or FedAvgServer(self.spec, ServerSettings.of(config))
         self.test = load_dataset(config.dataset).test
         self._fold: _Fold | None = None
         self.lobby = lobby or Lobby()

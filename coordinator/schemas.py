@@ -75,8 +75,12 @@ class RunConfigBody(BaseModel):
     epochs: int
     batch_size: int
     client_lr: float
+    aggregator: str
     server_optimizer: str
     server_lr: float
+    server_momentum: float
+    dp_noise_multiplier: float
+    dp_clip: float
     seed: int
 
 

@@ -31,6 +31,8 @@ _RUN_FLAGS = {
     "model": "model", "dataset": "dataset", "rounds": "rounds", "target_reports": "target_reports",
     "min_reports": "min_reports", "over_selection": "over_selection", "round_timeout": "round_timeout_s",
     "epochs": "epochs", "batch_size": "batch_size", "client_lr": "client_lr", "server_lr": "server_lr", "seed": "seed",
+    "aggregator": "aggregator", "server_optimizer": "server_optimizer", "server_momentum": "server_momentum",
+    "dp_noise_multiplier": "dp_noise_multiplier", "dp_clip": "dp_clip",
 }
 
 
@@ -52,7 +54,15 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help=f"local epochs per round (default {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"local batch size (default {d.batch_size})")
     g.add_argument("--client-lr", type=float, help=f"device SGD learning rate (default {d.client_lr})")
-    g.add_argument("--server-lr", type=float, help=f"server SGD learning rate (default {d.server_lr}: FedAvg)")
+    g.add_argument("--server-lr", type=float, help=f"server optimizer's learning rate (default {d.server_lr}: FedAvg)")
+    g.add_argument("--server-optimizer", help=f"sgd (FedAvg), sgdm (FedAvgM) or adam (FedAdam) (default {d.server_optimizer})")
+    g.add_argument("--server-momentum", type=float, help=f"sgdm's momentum (default {d.server_momentum})")
+    g.add_argument(
+        "--aggregator",
+        help=f"mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP) (default {d.aggregator})",
+    )
+    g.add_argument("--dp-noise-multiplier", type=float, help=f"DP noise stddev over the clip norm (default {d.dp_noise_multiplier})")
+    g.add_argument("--dp-clip", type=float, help=f"dp_fixed's L2 clip norm per update (default {d.dp_clip})")
     g.add_argument("--seed", type=int, help=f"seed of the initial model (default {d.seed})")
 
 

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from edgefl.datasets import DATASET_NAMES
 from edgefl.models import MODEL_NAMES
 
-SERVER_OPTIMIZERS = ("sgd",)
+SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")  # FedAvg, FedAvgM, FedAdam
+AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,8 +28,12 @@ class RunConfig:
     epochs: int = 1
     batch_size: int = 10
     client_lr: float = 0.05
+    aggregator: str = "mean"
     server_optimizer: str = "sgd"
     server_lr: float = 1.0  # SGD at 1.0 on the mean delta is plain FedAvg
+    server_momentum: float = 0.9  # sgdm only
+    dp_noise_multiplier: float = 1.0  # dp_* only: noise stddev over the clip norm
+    dp_clip: float = 0.1  # dp_fixed's L2 clip norm of each update
     seed: int = 0  # initial weights
 
     def __post_init__(self) -> None:
@@ -39,6 +44,12 @@ class RunConfig:
             problems.append(f"dataset must be one of {', '.join(DATASET_NAMES)}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
             problems.append(f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}")
+        if self.aggregator not in AGGREGATORS:
+            problems.append(f"aggregator must be one of {', '.join(AGGREGATORS)}")
+        if not 0 <= self.server_momentum < 1:
+            problems.append("server_momentum must be at least 0 and below 1")
+        if not self.dp_noise_multiplier >= 0 or not self.dp_clip > 0:
+            problems.append("dp_noise_multiplier must not be negative and dp_clip must be positive")
         for name in ("rounds", "target_reports", "min_reports", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

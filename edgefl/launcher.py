@@ -34,6 +34,9 @@ def config_flags(config: RunConfig) -> list[str]:
         "--over-selection", str(config.over_selection), "--round-timeout", str(config.round_timeout_s),
         "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
         "--client-lr", str(config.client_lr), "--server-lr", str(config.server_lr), "--seed", str(config.seed),
+        "--aggregator", config.aggregator, "--server-optimizer", config.server_optimizer,
+        "--server-momentum", str(config.server_momentum), "--dp-noise-multiplier", str(config.dp_noise_multiplier),
+        "--dp-clip", str(config.dp_clip),
     ]
 
 

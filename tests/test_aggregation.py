@@ -1,5 +1,5 @@
-"""The server round (TFF's MeanFactory and SGD, compiled to MapReduce form) against
-numpy and against TFF's own executor."""
+"""The server round (TFF's aggregators and optimizers, compiled to MapReduce form)
+against numpy and against TFF's own executor."""
 from __future__ import annotations
 
 import collections
@@ -37,39 +37,70 @@ def test_compiled_mean_equals_numpy_weighted_mean(server):
         np.testing.assert_allclose(output.weights[i], weights[i] + expected, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_round_equals_tffs_executor(tff_runtime):
-    """The same federated computation, run by TFF's worker and compiled: same numbers."""
-    from coordinator.aggregation import FedAvgServer, build_round
+def _flat(value) -> list:
+    """A TFF result's tensors in TFF's order (dict fields as declared, not sorted)."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _flat(v)]
+    if hasattr(value, "__attrs_attrs__"):
+        return [leaf for a in value.__attrs_attrs__ for leaf in _flat(getattr(value, a.name))]
+    return [np.asarray(value)]
+
+
+def _assert_same(ours, theirs) -> None:
+    for a, b in zip(ours, theirs, strict=True):
+        if np.asarray(b).dtype.kind in "fc":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:  # counters, flags, DP's event names
+            assert np.asarray(a).tolist() == np.asarray(b).tolist()
+
+
+# Noise-free DP here: the noise is a fresh random draw in each runtime; its presence and
+# scale are tested apart.
+SETTINGS = {
+    "mean+sgd": dict(aggregator="mean", server_optimizer="sgd", server_lr=0.7),
+    "robust+sgdm": dict(aggregator="robust", server_optimizer="sgdm", server_lr=0.5, server_momentum=0.9),
+    "dp_fixed+adam": dict(aggregator="dp_fixed", server_optimizer="adam", server_lr=0.01, dp_noise_multiplier=0.0, dp_clip=2.0),
+    "dp_adaptive+sgd": dict(aggregator="dp_adaptive", server_optimizer="sgd", dp_noise_multiplier=0.0, clients_per_round=4),
+}
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
+    """The same factory and optimizer, run by TFF's worker and compiled, over two rounds
+    (so adaptive clip norms and optimizer state carry over): the same numbers."""
+    from coordinator.aggregation import FedAvgServer, ServerSettings, build_round
 
     spec = model_spec("cnn_small")
-    server = FedAvgServer(spec, server_lr=0.7)
-    _initialize, next_round = build_round(spec, "sgd", 0.7)
+    settings = ServerSettings(**SETTINGS[name])
+    server = FedAvgServer(spec, settings)
+    initialize, next_round = build_round(spec, settings)
     rng = np.random.default_rng(2)
     weights = _random_like(spec, rng)
-    deltas = [_random_like(spec, rng, 0.1) for _ in range(4)]
-    counts = [5, 50, 500, 1]
+    tff_state = collections.OrderedDict(model=weights, **initialize())
     state = server.initialize()
+    _assert_same(state, _flat(tff_state)[len(spec):])
 
-    compiled = server.next(state, weights, zip(deltas, counts))
-    tff_state = collections.OrderedDict(
-        model=weights, aggregator=collections.OrderedDict(value_sum_process=(), weight_sum_process=()),
-        optimizer=collections.OrderedDict(learning_rate=state[0]),
-    )
-    clients = [collections.OrderedDict(delta=d, weight=np.float32(n)) for d, n in zip(deltas, counts)]
-    tff_new_state, tff_mean = next_round(tff_state, clients)
-
-    for ours, theirs in zip(compiled.mean_delta, tff_mean):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
-    for ours, theirs in zip(compiled.weights, tff_new_state["model"]):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
-    assert compiled.state[0] == pytest.approx(tff_new_state["optimizer"]["learning_rate"])
+    for round_number in range(2):
+        deltas = [_random_like(spec, rng, scale) for scale in (0.1, 0.1, 3.0, 0.01)]  # one outlier
+        counts = [5, 50, 500, 1]
+        compiled = server.next(state, weights, zip(deltas, counts))
+        clients = [collections.OrderedDict(delta=d, weight=np.float32(n)) for d, n in zip(deltas, counts)]
+        tff_state, tff_mean = next_round(tff_state, clients)
+        _assert_same(compiled.mean_delta, tff_mean)
+        _assert_same(compiled.weights, tff_state["model"])
+        _assert_same(compiled.state, _flat(tff_state)[len(spec):])
+        state = server.state_from_bytes(server.state_to_bytes(compiled.state))  # as the store keeps it
+        _assert_same(state, compiled.state)
+        weights = compiled.weights
 
 
 def test_server_learning_rate_scales_the_step():
-    from coordinator.aggregation import FedAvgServer
+    from coordinator.aggregation import FedAvgServer, ServerSettings
 
     spec = model_spec("cnn_small")
-    half = FedAvgServer(spec, server_lr=0.5)
+    half = FedAvgServer(spec, ServerSettings(server_lr=0.5))
     rng = np.random.default_rng(1)
     weights = _random_like(spec, rng)
     deltas = [_random_like(spec, rng) for _ in range(2)]
@@ -99,3 +130,19 @@ def test_state_round_trips_through_bytes(server):
     assert [s.name for s in server.state_spec] == ["optimizer/learning_rate"]
     restored = server.state_from_bytes(server.state_to_bytes(state))
     assert server.state_to_bytes(restored) == server.state_to_bytes(state)
+
+
+def test_dp_noise_has_the_calibrated_scale():
+    """Gaussian noise of stddev noise_multiplier x clip, over the clients per round the
+    mean divides by; with the same inputs, every round draws afresh."""
+    from coordinator.aggregation import FedAvgServer, ServerSettings
+
+    spec = model_spec("cnn_small")
+    server = FedAvgServer(spec, ServerSettings(aggregator="dp_fixed", dp_noise_multiplier=1.0, dp_clip=1.0, clients_per_round=4))
+    rng = np.random.default_rng(3)
+    weights = _random_like(spec, rng)
+    deltas = [[np.full(s.shape, 1e-4, np.float32) for s in spec] for _ in range(4)]  # far inside the clip
+    first, second = (server.next(server.initialize(), weights, zip(deltas, [1] * 4)) for _ in range(2))
+    noise = np.concatenate([(m - 1e-4).ravel() for m in first.mean_delta])
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 4, rel=0.05) and abs(noise.mean()) < 0.01
+    assert not np.allclose(first.mean_delta[0], second.mean_delta[0])

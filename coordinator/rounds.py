@@ -434,6 +434,21 @@ def history(db: Connection) -> list[dict]:
     ]
 
 
+def privacy_spent(db: Connection, config: RunConfig) -> dict[int, dict]:
+    """For a DP run, (epsilon, delta) after each committed round, by round id."""
+    from coordinator import privacy
+
+    if not config.aggregator.startswith("dp"):
+        return {}
+    committed = db.execute(
+        "SELECT r.id, (SELECT COUNT(*) FROM updates u WHERE u.round_id = r.id),"
+        " (SELECT COUNT(*) FROM devices d WHERE d.created_at <= r.committed_at)"
+        " FROM rounds r WHERE r.status = 'committed' ORDER BY r.id"
+    ).fetchall()
+    spent = privacy.epsilons(config.dp_noise_multiplier, [(row[1], row[2]) for row in committed])
+    return {row[0]: {"epsilon": epsilon, "delta": privacy.DELTA} for row, epsilon in zip(committed, spent)}
+
+
 def _personalization(db: Connection) -> dict[int, dict]:
     """Federated evaluation per round, from the reports devices send with their updates:
     the accuracy on their own held-out examples of the global model they were sent

@@ -611,3 +611,46 @@ def test_an_operator_changes_the_configuration_mid_run(tmp_path, small_parts, db
     assert status["run"]["config"]["rounds"] == 1
     assert [c["changes"] for c in status["run"]["config_changes"]] == [{"epochs": 3, "over_selection": 1.0, "rounds": 1, "target_reports": 3}]
     assert_error(client.post("/v1/admin/config", json={"rounds": 5}, headers=ADMIN), 409, "bad_transition")
+
+
+def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_parts, db_url):
+    import dp_accounting
+    from dp_accounting import rdp
+
+    from coordinator import create_app
+    from coordinator.aggregation import FedAvgServer, ServerSettings
+    from coordinator.driver import RoundDriver
+    from edgefl.config import RunConfig
+
+    config = RunConfig(
+        model="cnn_small", rounds=2, target_reports=2, min_reports=2, over_selection=1.0,
+        aggregator="dp_fixed", dp_noise_multiplier=1.1, dp_clip=1.0,
+    )
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
+    driver = RoundDriver(
+        app.extensions["edgefl.store"], config, learner=small_parts[0], server=FedAvgServer(SPEC, ServerSettings.of(config))
+    )
+    driver.ensure_run()
+    client = app.test_client()
+    devices = [register(client) for _ in range(5)]  # a population of 5, cohorts of 2
+    assert driver.step()  # round 1 opens; each commit opens the next
+    for round_number in (1, 2):
+        for seed, headers in enumerate(devices[:2]):
+            assert upload(client, headers, take_task(client, headers)["round_id"], update_body(seed=seed)).status_code == 202
+        while driver.step():
+            pass
+    history = client.get("/v1/status").json["history"]
+    accountant = rdp.RdpAccountant()
+    for entry in history:  # the figure dp_accounting gives for the same events
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(2 / 5, dp_accounting.GaussianDpEvent(1.1)))
+        assert entry["privacy"] == {"epsilon": pytest.approx(accountant.get_epsilon(1e-5)), "delta": 1e-5}
+    assert len(history) == 2 and history[1]["privacy"]["epsilon"] > history[0]["privacy"]["epsilon"]
+
+
+def test_a_run_without_dp_reports_no_privacy(client, driver, open_round):
+    headers, task = open_round
+    assert upload(client, headers, task["round_id"], update_body()).status_code == 202
+    driver.clock.now += driver.config.round_timeout_s
+    while driver.step():
+        pass
+    assert [h["privacy"] for h in client.get("/v1/status").json["history"]] == [None]

@@ -7,7 +7,7 @@ const W = 480, H = 240, LEFT = 48, RIGHT = 12, TOP = 12, BOTTOM = 30;
 const COLORS = {
   accuracy: "#2b7bb9", loss: "#c0392b", selected: "#9aa5b1", reported: "#27ae60",
   late: "#f39c12", dropped: "#c0392b", mb_down: "#2b7bb9", mb_up: "#8e44ad",
-  on_device_global: "#2b7bb9", personalized: "#27ae60",
+  on_device_global: "#2b7bb9", personalized: "#27ae60", epsilon: "#8e44ad",
 };
 
 function el(name, attrs, parent, text) {
@@ -125,6 +125,10 @@ function render(status) {
     { series: "on_device_global", values: personal("global_accuracy") },
     { series: "personalized", values: personal("personalized_accuracy") },
   ], 1, (v) => v.toFixed(2));
+  const epsilon = history.map((h) => (h.privacy ? h.privacy.epsilon : null));
+  document.getElementById("privacy-figure").hidden = !epsilon.some((v) => v !== null);
+  lineChart(document.getElementById("privacy"), rounds, [{ series: "epsilon", values: epsilon }],
+    Math.max(1, ...epsilon.filter((v) => v !== null)) * 1.1, (v) => v.toFixed(2));
   const participation = ["selected", "reported", "late", "dropped"].map((series) => ({
     series, values: history.map((h) => h[series] || 0),
   }));

@@ -8,6 +8,7 @@ import time
 from contextlib import closing
 
 import psutil
+import pytest
 
 from edgefl.launcher import edgefl_command
 from tests.test_api import assert_error, register, take_task, update_body, upload
@@ -15,6 +16,7 @@ from tests.test_api import assert_error, register, take_task, update_body, uploa
 MODELS = ("/v1/models/latest.tflite", "/v1/models/latest-train.tflite", "/v1/models/latest.json")
 
 
+@pytest.mark.parametrize("db_url", [None])  # SQLite only: nothing here depends on the database, and a build is slow
 def test_artefacts_are_built_off_the_request_path_served_and_replaced(client, store, driver, tmp_path):
     from coordinator.artefacts import Publisher, published, wanted
 

@@ -50,6 +50,10 @@ class RunConfig:
             problems.append("server_momentum must be at least 0 and below 1")
         if not self.dp_noise_multiplier >= 0 or not self.dp_clip > 0:
             problems.append("dp_noise_multiplier must not be negative and dp_clip must be positive")
+        elif self.aggregator == "dp_adaptive" and self.dp_noise_multiplier >= 0.1 * self.target_reports:
+            # TFF's adaptive clipping spends part of the noise on its clip estimate, whose
+            # noise is 0.05 x the clients per round: it must stay above half the total.
+            problems.append("dp_adaptive needs target_reports above 10 x dp_noise_multiplier")
         for name in ("rounds", "target_reports", "min_reports", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -45,6 +45,8 @@ def test_bad_values_are_one_line():
     assert_one_line_error(edgefl("serve", "--min-reports", "5", "--target-reports", "2"), contains="min_reports")
     assert_one_line_error(edgefl("devices", "--partition", "dirichlet:-1"), contains="bad partition")
     assert_one_line_error(edgefl("devices", "--runtime", "keras,tpu"), contains="bad --runtime")
+    assert_one_line_error(edgefl("serve", "--aggregator", "dp_adaptive", "--port", "0"), contains="dp_adaptive needs target_reports")
+    assert_one_line_error(edgefl("serve", "--aggregator", "median", "--port", "0"), contains="aggregator must be one of")
     assert_one_line_error(edgefl("devices", "--holdout", "1"), contains="--holdout")
     assert_one_line_error(edgefl("export", "--variants", "int4"), contains="bad --variants")
     assert_one_line_error(edgefl("demo", "--runtime", "tflite"), contains="bad --runtime")

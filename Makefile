@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python benchmarks/e2e_vs_tff.py
 	$(BIN)/python benchmarks/coordinator_load.py
 	$(BIN)/python benchmarks/export.py
+	$(BIN)/python benchmarks/aggregation.py
 
 # Re-resolve requirements.txt from requirements.in (see the overrides there).
 lock:

@@ -75,12 +75,13 @@ def aggregator_factory(settings: ServerSettings):
     ``robust`` composes ``tff.aggregators`` as TFF's ``robust_aggregator`` does: adaptive
     zeroing of outliers around adaptive L2 clipping (at the 0.8 quantile of norms)
     around a weighted mean. TFF's zeroing tracks the 0.98 quantile of norms, which
-    assumes outliers are rarer than 2%: with one device in ten sending 100x updates, the
-    estimate climbed to the attackers' norm and let them through (only clipped), so
-    here it tracks the 0.8 quantile. The DP aggregators average
-    unweighted, as central DP must bound every client's influence alike:
-    ``dp_adaptive`` is TFF's ``dp_aggregator`` (zeroing, then Gaussian noise with the
-    clip adapted to a quantile of norms), ``dp_fixed`` a fixed clip.
+    assumes outliers are rarer than 2%: with one device in ten sending 100x updates,
+    the estimate climbed to the attackers' norm and let them through (only clipped), so
+    here zeroing tracks the 0.8 quantile too.
+
+    The DP aggregators average unweighted, as central DP must bound every client's
+    influence alike: ``dp_adaptive`` is TFF's ``dp_aggregator`` (zeroing, then Gaussian
+    noise with the clip adapted to a quantile of norms), ``dp_fixed`` a fixed clip.
     """
     import tensorflow_federated as tff
 

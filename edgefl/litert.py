@@ -3,15 +3,15 @@
 ``LiteRTLearner`` has ``KerasLearner``'s interface (``names``, ``client_update``,
 ``evaluate``, weights as lists in ``names`` order) but trains the on-device .tflite (``edgefl.ondevice``) through ``ai_edge_litert``'s
 interpreter, and imports no TensorFlow: a device process using it carries what a phone
-app would. Batches are drawn exactly as ``KerasLearner`` draws them (the same seeded
-permutation per epoch), so the two runtimes make the same steps.
+app would. Both learners draw their batches through ``training.local_sgd``, so the two
+runtimes make the same steps.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from edgefl.ondevice import signature_key, wire_name
-from edgefl.training import ClientResult
+from edgefl.training import ClientResult, client_result, local_sgd
 from edgefl.wire import TensorSpec
 
 
@@ -82,21 +82,10 @@ class LiteRTLearner:
         if batch_size != self.batch_size:
             raise ValueError(f"this model trains batches of {self.batch_size}, not {batch_size}")
         self.set_weights(global_weights)
-        rng = np.random.default_rng(seed)
-        loss_sum = correct_sum = 0.0
-        seen = 0
-        for _ in range(epochs):
-            order = rng.permutation(len(y))
-            for start in range(0, len(y), batch_size):
-                batch = order[start : start + batch_size]
-                loss, correct = self.train_step(x[batch], y[batch], learning_rate)
-                loss_sum += loss * len(batch)
-                correct_sum += correct
-                seen += len(batch)
-        local = self.get_weights()
-        delta = [(w_local - w_global).astype(np.float32) for w_local, w_global in zip(local, global_weights)]
-        metrics = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct_sum / max(seen, 1)}
-        return ClientResult(delta, len(y), metrics)
+        metrics = local_sgd(
+            lambda xb, yb: self.train_step(xb, yb, learning_rate), x, y, epochs=epochs, batch_size=batch_size, seed=seed
+        )
+        return client_result(global_weights, self.get_weights(), len(y), metrics)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         self.set_weights(weights)

@@ -8,6 +8,7 @@ model and its compiled steps per process; every call starts from the weights it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -21,6 +22,36 @@ class ClientResult:
     delta: list[np.ndarray]  # local weights minus global weights, in model order
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def local_sgd(
+    step: Callable[[np.ndarray, np.ndarray], tuple[float, float]],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """``step`` (one SGD step on a batch: its loss and correct count) over seeded,
+    per-epoch reshuffled batches: every runtime draws the same batches."""
+    rng = np.random.default_rng(seed)
+    loss_sum = correct_sum = 0.0
+    seen = 0
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        for start in range(0, len(y), batch_size):
+            batch = order[start : start + batch_size]
+            loss, correct = step(x[batch], y[batch])
+            loss_sum += float(loss) * len(batch)
+            correct_sum += float(correct)
+            seen += len(batch)
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct_sum / max(seen, 1)}
+
+
+def client_result(global_weights: list[np.ndarray], local_weights: list[np.ndarray], num_examples: int, metrics: dict) -> ClientResult:
+    delta = [(w_local - w_global).astype(np.float32) for w_local, w_global in zip(local_weights, global_weights)]
+    return ClientResult(delta, num_examples, metrics)
 
 
 class KerasLearner:
@@ -70,24 +101,10 @@ class KerasLearner:
         seed: int,
     ) -> ClientResult:
         """Local SGD from ``global_weights``; examples are reshuffled every epoch."""
-        tf = self._tf
         self.model.set_weights(global_weights)
-        rng = np.random.default_rng(seed)
-        lr = tf.constant(learning_rate, tf.float32)
-        loss_sum = correct_sum = 0.0
-        seen = 0
-        for _ in range(epochs):
-            order = rng.permutation(len(y))
-            for start in range(0, len(y), batch_size):
-                batch = order[start : start + batch_size]
-                loss, correct = self._sgd_step(x[batch], y[batch], lr)
-                loss_sum += float(loss) * len(batch)
-                correct_sum += float(correct)
-                seen += len(batch)
-        local = self.model.get_weights()
-        delta = [(w_local - w_global).astype(np.float32) for w_local, w_global in zip(local, global_weights)]
-        metrics = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct_sum / max(seen, 1)}
-        return ClientResult(delta, len(y), metrics)
+        lr = self._tf.constant(learning_rate, self._tf.float32)
+        metrics = local_sgd(lambda xb, yb: self._sgd_step(xb, yb, lr), x, y, epochs=epochs, batch_size=batch_size, seed=seed)
+        return client_result(global_weights, self.model.get_weights(), len(y), metrics)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         self.model.set_weights(weights)

@@ -92,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgefl.training import limit_threads
+    from edgefl.report import export_table
     from export import export_checkpoint
 
     limit_threads(1)
@@ -116,7 +117,6 @@ def main() -> None:
         for runtime in ("keras", "litert")
     }
 
-    float32 = next(f for f in card["files"] if f["kind"] == "float32")
     result = {
         "model": args.model,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -132,15 +132,7 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2))
 
     print()
-    print(f"{args.model}: Keras accuracy {result['keras_accuracy']:.4f} on {result['test_examples']} held-out examples")
-    print(f"{'variant':10}{'MB':>7}{'of f32':>8}{'accuracy':>10}{'agreement':>11}{'max|diff|':>11}{'ms/image':>10}")
-    for f in card["files"]:
-        print(
-            f"{f['kind']:10}{f['bytes'] / 1e6:>7.2f}{f['bytes'] / float32['bytes']:>8.0%}{f['accuracy']:>10.4f}"
-            f"{f['top1_agreement']:>11.2%}{f['max_abs_logit_diff']:>11.2g}{f['latency_ms']:>10.3f}"
-        )
-    t = card["training"]
-    print(f"training file: {t['bytes'] / 1e6:.2f} MB, builtin ops only: {not t['custom_ops']}, one step vs Keras max |diff| {t['one_sgd_step_max_abs_diff_vs_keras']:.1g}")
+    print(export_table(card, Path("(a temporary directory)")))
     k, l = steps["keras"]["median_ms_per_step"], steps["litert"]["median_ms_per_step"]
     print(f"SGD step (batch {args.batch_size}, 1 thread): Keras {k:.2f} ms, LiteRT {l:.2f} ms ({l / k:.2f}x)")
     for runtime, c in per_runtime.items():

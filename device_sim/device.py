@@ -103,7 +103,7 @@ class _LiteRTRuntime:
         self.client, self.threads = client, threads
         self.model: TrainingModel | None = None
         self.learner = None
-        self.downloaded_at = 0.0  # monotonic time the last download finished
+        self.build_s = 0.0  # loading LiteRT and the file, not downloading it
 
     def learner_for(self, task: dict):
         """A learner for the task's batch size, or None if the coordinator is still
@@ -112,10 +112,11 @@ class _LiteRTRuntime:
 
         if self.learner is None or self.learner.batch_size != task["batch_size"]:
             self.model = self.client.download_training_model(self.model)
-            self.downloaded_at = time.monotonic()
             if self.model.batch_size != task["batch_size"]:
                 return None
+            started = time.monotonic()
             self.learner = LiteRTLearner(self.model.data, threads=self.threads)
+            self.build_s = time.monotonic() - started
         return self.learner
 
 
@@ -141,8 +142,6 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
             continue
         task = answer["task"]
         t_task = time.monotonic()
-        if learner is None:
-            t_build = time.monotonic()
         if litert is not None:
             learner = litert.learner_for(task)
             if learner is None:
@@ -150,13 +149,15 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
                 time.sleep(1.0)
                 continue
             weight_spec = learner.spec
+            build_s = litert.build_s
         elif learner is None:
             from edgefl.training import KerasLearner
 
             learner = KerasLearner(task["model"])
             weight_spec = model_spec(task["model"])
-        if summary.startup_s is None:  # not counting the download of the training file
-            summary.startup_s = imported_s + time.monotonic() - max(t_build, litert.downloaded_at if litert else 0.0)
+            build_s = time.monotonic() - t_task
+        if summary.startup_s is None:
+            summary.startup_s = imported_s + build_s
         sha = task["checkpoint_sha256"]
         if cached is None or cached[0] != sha:
             weights, _ = wire.decode(client.download_checkpoint(sha), weight_spec)

@@ -371,7 +371,6 @@ def status():
         run = db.execute("SELECT * FROM run WHERE id = 1").fetchone()
         latest = rounds.latest_checkpoint(db)
         history = rounds.history(db)
-        privacy = rounds.privacy_spent(db, config)
         active = rounds.active_round(db)
         (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
         changes = rounds.config_changes(db)
@@ -387,7 +386,7 @@ def status():
         model={"version": latest["version"], "sha256": latest["sha256"], "size": latest["size"], "url": f"/v1/checkpoints/{latest['sha256']}"},
         round=current,
         devices=devices,
-        history=[{**_summary(r), "privacy": privacy.get(r["id"])} for r in history if r["evaluated_at"] is not None],
+        history=[_summary(r) for r in history if r["evaluated_at"] is not None],
     )
 
 
@@ -408,6 +407,7 @@ def _summary(r: dict) -> dict:
         "aggregation_seconds": metrics.get("aggregation_s"),
         "phase_seconds": r["phase_seconds"],
         "personalization": r["personalization"],
+        "privacy": metrics.get("privacy"),
     }
 
 

@@ -223,6 +223,7 @@ class RoundDriver:
             "train_accuracy": _weighted(updates, "train_accuracy", total),
             "fold_s": fold.seconds,
             "aggregation_s": aggregated - started,
+            "personalization": _personalization(updates),
         }
         with self._transition(db):
             rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
@@ -299,6 +300,26 @@ class _Fold:
     fold: RoundFold
     last_update_id: int = 0
     seconds: float = 0.0
+
+
+def _personalization(updates: list[Row]) -> dict | None:
+    """The devices' personalisation reports (sent with their updates), combined: the
+    accuracy on their own held-out examples of the global model they were sent and of
+    their locally fine-tuned one, weighted by those examples."""
+    reports = [json.loads(u["metrics"]) for u in updates]
+    reports = [
+        r for r in reports
+        if r.get("holdout_examples", 0) > 0 and "holdout_accuracy_global" in r and "holdout_accuracy_personalized" in r
+    ]
+    if not reports:
+        return None
+    examples = sum(r["holdout_examples"] for r in reports)
+    return {
+        "devices": len(reports),
+        "examples": int(examples),
+        "global_accuracy": sum(r["holdout_examples"] * r["holdout_accuracy_global"] for r in reports) / examples,
+        "personalized_accuracy": sum(r["holdout_examples"] * r["holdout_accuracy_personalized"] for r in reports) / examples,
+    }
 
 
 def _weighted(updates: list[Row], key: str, total: int) -> float | None:

@@ -319,9 +319,13 @@ def commit_round(
     metrics: dict,
     now: float,
 ) -> None:
+    """Record the round's new checkpoint and metrics; a DP run's metrics also get the
+    privacy spent up to and including this round (counted once, here, not per read)."""
     add_checkpoint(db, round_row["number"], checkpoint_sha256, size, state_sha256, round_row["id"], now)
-    db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (json.dumps(metrics), round_row["id"]))
     set_status(db, round_row["id"], "committed", now)
+    privacy = privacy_spent(db, run_config(db)).get(round_row["id"])
+    metrics = {**metrics, "privacy": privacy} if privacy else metrics
+    db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (json.dumps(metrics), round_row["id"]))
 
 
 def finish_run(db: Connection, now: float, status: str = "finished") -> None:
@@ -400,7 +404,6 @@ def history(db: Connection) -> list[dict]:
         " FROM rounds r ORDER BY r.id"
     ).fetchall()
     rejected: dict[int, dict[str, int]] = {}
-    personalization = _personalization(db)
     for round_id, code, count in db.execute(
         "SELECT round_id, code, COUNT(*) FROM rejections WHERE late = 0 GROUP BY round_id, code ORDER BY code"
     ):
@@ -428,7 +431,7 @@ def history(db: Connection) -> list[dict]:
             "committed_at": r["committed_at"],
             "evaluated_at": r["evaluated_at"],
             "metrics": json.loads(r["metrics"]) if r["metrics"] else None,
-            "personalization": personalization.get(r["id"]),
+            "personalization": json.loads(r["metrics"]).get("personalization") if r["metrics"] else None,
         }
         for r in rows
     ]
@@ -447,26 +450,6 @@ def privacy_spent(db: Connection, config: RunConfig) -> dict[int, dict]:
     ).fetchall()
     spent = privacy.epsilons(config.dp_noise_multiplier, [(row[1], row[2]) for row in committed])
     return {row[0]: {"epsilon": epsilon, "delta": privacy.DELTA} for row, epsilon in zip(committed, spent)}
-
-
-def _personalization(db: Connection) -> dict[int, dict]:
-    """Federated evaluation per round, from the reports devices send with their updates:
-    the accuracy on their own held-out examples of the global model they were sent
-    and of their locally fine-tuned (personalised) model, weighted by those examples."""
-    sums: dict[int, list[float]] = {}
-    for round_id, metrics in db.execute("SELECT round_id, metrics FROM updates"):
-        report = json.loads(metrics)
-        examples = report.get("holdout_examples", 0)
-        if examples > 0 and "holdout_accuracy_global" in report and "holdout_accuracy_personalized" in report:
-            total = sums.setdefault(round_id, [0, 0, 0.0, 0.0])
-            total[0] += 1
-            total[1] += examples
-            total[2] += examples * report["holdout_accuracy_global"]
-            total[3] += examples * report["holdout_accuracy_personalized"]
-    return {
-        round_id: {"devices": devices, "examples": int(examples), "global_accuracy": g / examples, "personalized_accuracy": p / examples}
-        for round_id, (devices, examples, g, p) in sums.items()
-    }
 
 
 def _between(start: float | None, end: float | None) -> float | None:

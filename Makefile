@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/coordinator_load.py
 	$(BIN)/python benchmarks/export.py
 	$(BIN)/python benchmarks/aggregation.py
+	$(BIN)/python benchmarks/compression.py
 
 # Re-resolve requirements.txt from requirements.in (see the overrides there).
 lock:

@@ -55,6 +55,8 @@ def run_edgefl(config: RunConfig, devices: int, partition_spec: str, data_seed: 
         "loss": [e["loss"] for e in history],
         "seconds": [e["seconds"] for e in history],
         "aggregation_seconds": [e["aggregation_seconds"] for e in history],
+        "bytes_up": [e["bytes_up"] for e in history],
+        "bytes_up_float32": [e["bytes_up_float32"] for e in history],
         "wall_seconds_including_startup": wall,
     }
 

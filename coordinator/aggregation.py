@@ -82,11 +82,16 @@ def aggregator_factory(settings: ServerSettings):
     The DP aggregators average unweighted, as central DP must bound every client's
     influence alike: ``dp_adaptive`` is TFF's ``dp_aggregator`` (zeroing, then Gaussian
     noise with the clip adapted to a quantile of norms), ``dp_fixed`` a fixed clip.
+
+    ``compressed`` is the weighted mean of updates the devices quantized: TFF's
+    ``EncodedFactory`` would quantize inside the computation, at TFF's clients, but
+    here the clients are devices without TFF, so they encode (``edgefl.compression``,
+    the same arithmetic) and the coordinator decodes each update before folding it.
     """
     import tensorflow_federated as tff
 
     s = settings
-    if s.aggregator == "mean":
+    if s.aggregator in ("mean", "compressed"):  # compressed updates arrive quantized, and are decoded before this
         return tff.aggregators.MeanFactory(), True
     if s.aggregator == "robust":
         return _robust(tff), True

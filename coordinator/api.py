@@ -27,7 +27,7 @@ from coordinator.errors import ApiError
 from coordinator.openapi import ADMIN, DEVICE, ErrorBody, raw_body, spec
 from coordinator.schemas import CheckinAnswer, ConfigChange, ConfigChanged, DeviceRegistration, RunControlled, UpdateAccepted
 from coordinator.store import Store
-from edgefl import wire
+from edgefl import compression, wire
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -238,12 +238,12 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
         raise ApiError(rejection.status, rejection.code, rejection.detail)
 
     spec = _update_spec(db)
-    limit = sum(s.nbytes for s in spec) + _HEADER_SLACK_BYTES
+    limit = compression.payload_bytes(spec, config.upload_bits) + _HEADER_SLACK_BYTES
     if (request.content_length or 0) > limit:
         raise ApiError(413, "update_too_large", f"An update for model {config.model} is at most {limit} bytes.")
     body = request.get_data(cache=False)
     try:
-        arrays, metadata = wire.decode(body, spec)
+        _, metadata = compression.decode_update(body, spec, config.upload_bits)
     except wire.WireError as exc:
         raise ApiError(400 if exc.code == "malformed" else 422, exc.code, exc.detail) from None
     num_examples, metrics = _update_metadata(metadata)
@@ -408,6 +408,8 @@ def _summary(r: dict) -> dict:
         "phase_seconds": r["phase_seconds"],
         "personalization": r["personalization"],
         "privacy": metrics.get("privacy"),
+        "bytes_up_float32": metrics.get("bytes_up_float32"),
+        "upload_bits": metrics.get("upload_bits"),
     }
 
 

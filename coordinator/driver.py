@@ -30,7 +30,7 @@ from coordinator.database import Connection, Row
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
 from coordinator.lobby import Lobby
 from coordinator.store import Store
-from edgefl import wire
+from edgefl import compression, wire
 from edgefl.config import RunConfig
 from edgefl.datasets import load_dataset
 from edgefl.models import weight_names
@@ -196,7 +196,7 @@ class RoundDriver:
         arrivals = rounds.round_updates(db, current["id"], after_id=self._fold.last_update_id)
         started = time.perf_counter()
         for update in arrivals:
-            delta, _ = wire.decode(self.store.blobs.get(update["blob_sha256"]), self.spec)
+            delta, _ = compression.decode_update(self.store.blobs.get(update["blob_sha256"]), self.spec, self.config.upload_bits)
             self._fold.fold = self.server.fold(self._fold.fold, delta, update["num_examples"])
             self._fold.last_update_id = update["id"]
         self._fold.seconds += time.perf_counter() - started
@@ -224,6 +224,9 @@ class RoundDriver:
             "fold_s": fold.seconds,
             "aggregation_s": aggregated - started,
             "personalization": _personalization(updates),
+            # what the same updates' tensors weigh as float32, beside the bytes that came
+            "bytes_up_float32": len(updates) * compression.payload_bytes(self.spec, None),
+            "upload_bits": self.config.upload_bits,
         }
         with self._transition(db):
             rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())

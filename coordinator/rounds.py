@@ -38,6 +38,7 @@ class Task:
     batch_size: int
     learning_rate: float
     seconds_left: float
+    quantization_bits: int | None  # None: the update travels as float32
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -158,6 +159,7 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
         batch_size=config.batch_size,
         learning_rate=config.client_lr,
         seconds_left=max(0.0, current["deadline_at"] - now),
+        quantization_bits=config.upload_bits,
     )
     return {"status": "task", "task": task.to_json()}
 
@@ -355,14 +357,21 @@ def change_config(db: Connection, changes: dict, now: float) -> RunConfig | Reje
 
     They take effect at once: the open round closes by the new target and minimum and
     takes a bigger or smaller cohort; a new deadline, epochs, batch size or learning rate
-    apply from the next round (its devices' tasks)."""
+    apply from the next round (its devices' tasks). A DP run keeps its target: the
+    server's noise was calibrated for it when the server was built."""
     status = run_status(db)
     if status not in ("running", "paused"):
         return Rejection(409, "bad_transition", f"A {status} run's configuration cannot change.")
+    config = run_config(db)
     try:
-        changed = replace(run_config(db), **changes)
+        changed = replace(config, **changes)
     except (TypeError, ValueError) as error:
         return Rejection(409, "config_conflict", f"{str(error).rstrip('.')}.")
+    if config.aggregator.startswith("dp") and changed.target_reports != config.target_reports:
+        return Rejection(
+            409, "config_conflict",
+            f"A DP run's noise is calibrated for its target_reports ({config.target_reports}), which cannot change mid-run.",
+        )
     current = active_round(db) or latest_round(db)
     if current is not None and changed.rounds < current["number"]:
         return Rejection(409, "config_conflict", f"rounds must be at least {current['number']}, the round the run has reached.")

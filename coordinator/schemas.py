@@ -23,6 +23,9 @@ class Task(BaseModel):
     batch_size: int
     learning_rate: float
     seconds_left: float = Field(description="Until the round's deadline")
+    quantization_bits: int | None = Field(
+        description="Upload the update quantized to this many bits per value (edgefl.compression); null: float32"
+    )
 
 
 class CheckinAnswer(BaseModel):
@@ -81,6 +84,7 @@ class RunConfigBody(BaseModel):
     server_momentum: float
     dp_noise_multiplier: float
     dp_clip: float
+    compression_bits: int
     seed: int
 
 

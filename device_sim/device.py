@@ -15,6 +15,9 @@ Personalisation, evaluated the federated way: a device keeps ``holdout`` of its
 examples out of training, and with each update reports the accuracy on them of the
 global model it was sent and of its locally trained model (the global model fine-tuned
 on its own data, by the same runtime). The coordinator aggregates the reports per round.
+
+A task may ask for the update quantized (a ``compressed`` run): the device then sends
+it as ``bits``-bit codes with their bounds (``edgefl.compression``), not float32.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
-from edgefl import wire
+from edgefl import compression, wire
 from edgefl.datasets import Split, load_dataset
 from edgefl.models import model_spec
 from edgefl.partition import partition
@@ -174,10 +177,12 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
         )
         t_trained = time.monotonic()
         metrics = {**result.metrics, **personalization_report(learner, cached[1], result.delta, held)}
-        body = wire.encode(
+        body = compression.encode_update(
             learner.names,
             result.delta,
             {"num_examples": str(result.num_examples), "metrics": json.dumps(metrics)},
+            task.get("quantization_bits"),
+            np.random.default_rng([spec.seed, spec.index, task["round_id"]]),  # stochastic rounding's draws
         )
         try:
             client.upload_update(task["round_id"], body)

@@ -32,7 +32,7 @@ _RUN_FLAGS = {
     "min_reports": "min_reports", "over_selection": "over_selection", "round_timeout": "round_timeout_s",
     "epochs": "epochs", "batch_size": "batch_size", "client_lr": "client_lr", "server_lr": "server_lr", "seed": "seed",
     "aggregator": "aggregator", "server_optimizer": "server_optimizer", "server_momentum": "server_momentum",
-    "dp_noise_multiplier": "dp_noise_multiplier", "dp_clip": "dp_clip",
+    "dp_noise_multiplier": "dp_noise_multiplier", "dp_clip": "dp_clip", "compression_bits": "compression_bits",
 }
 
 
@@ -59,10 +59,12 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--server-momentum", type=float, help=f"sgdm's momentum (default {d.server_momentum})")
     g.add_argument(
         "--aggregator",
-        help=f"mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP) (default {d.aggregator})",
+        help=f"mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP), or compressed"
+        f" (devices upload quantized updates) (default {d.aggregator})",
     )
     g.add_argument("--dp-noise-multiplier", type=float, help=f"DP noise stddev over the clip norm (default {d.dp_noise_multiplier})")
     g.add_argument("--dp-clip", type=float, help=f"dp_fixed's L2 clip norm per update (default {d.dp_clip})")
+    g.add_argument("--compression-bits", type=int, help=f"compressed's bits per uploaded value, 1-16 (default {d.compression_bits})")
     g.add_argument("--seed", type=int, help=f"seed of the initial model (default {d.seed})")
 
 

@@ -9,11 +9,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+from edgefl.compression import MAX_BITS
 from edgefl.datasets import DATASET_NAMES
 from edgefl.models import MODEL_NAMES
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")  # FedAvg, FedAvgM, FedAdam
-AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed")
+AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed", "compressed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,7 @@ class RunConfig:
     server_momentum: float = 0.9  # sgdm only
     dp_noise_multiplier: float = 1.0  # dp_* only: noise stddev over the clip norm
     dp_clip: float = 0.1  # dp_fixed's L2 clip norm of each update
+    compression_bits: int = 8  # compressed only: bits per value of a quantized upload
     seed: int = 0  # initial weights
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class RunConfig:
             # TFF's adaptive clipping spends part of the noise on its clip estimate, whose
             # noise is 0.05 x the clients per round: it must stay above half the total.
             problems.append("dp_adaptive needs target_reports above 10 x dp_noise_multiplier")
+        if not 1 <= self.compression_bits <= MAX_BITS:
+            problems.append(f"compression_bits must be from 1 to {MAX_BITS}")
         for name in ("rounds", "target_reports", "min_reports", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -66,6 +70,11 @@ class RunConfig:
                 problems.append(f"{name} must be positive")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def upload_bits(self) -> int | None:
+        """Bits per value devices quantize their updates to; None: they send float32."""
+        return self.compression_bits if self.aggregator == "compressed" else None
 
     @property
     def cohort_size(self) -> int:

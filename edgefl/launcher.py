@@ -36,7 +36,7 @@ def config_flags(config: RunConfig) -> list[str]:
         "--client-lr", str(config.client_lr), "--server-lr", str(config.server_lr), "--seed", str(config.seed),
         "--aggregator", config.aggregator, "--server-optimizer", config.server_optimizer,
         "--server-momentum", str(config.server_momentum), "--dp-noise-multiplier", str(config.dp_noise_multiplier),
-        "--dp-clip", str(config.dp_clip),
+        "--dp-clip", str(config.dp_clip), "--compression-bits", str(config.compression_bits),
     ]
 
 

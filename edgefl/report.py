@@ -27,16 +27,23 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def rounds_table(history: list[dict]) -> str:
-    """One row per round; with the devices' personalisation reports, two more columns:
+    """One row per round, with more columns when a run has them: for quantized uploads,
+    what they would have weighed as float32; with the devices' personalisation reports,
     accuracy on their held-out examples of the global model and of their own."""
-    if not any(e.get("personalization") for e in history):
-        return _table(_COLUMNS, [round_row(e) for e in history])
+    columns = {}
+    if any(e.get("upload_bits") for e in history):
+        columns["MB up as float32"] = lambda e: f"{e['bytes_up_float32'] / 1e6:.1f}"
+    if any(e.get("personalization") for e in history):
+        columns["on-device global"] = lambda e: f"{e['personalization']['global_accuracy']:.4f}"
+        columns["personalised"] = lambda e: f"{e['personalization']['personalized_accuracy']:.4f}"
 
-    def personal(entry: dict) -> tuple[str, str]:
-        p = entry.get("personalization")
-        return (f"{p['global_accuracy']:.4f}", f"{p['personalized_accuracy']:.4f}") if p else ("-", "-")
+    def cell(column, entry: dict) -> str:
+        try:
+            return column(entry)
+        except (KeyError, TypeError):  # a round without the figure
+            return "-"
 
-    return _table((*_COLUMNS, "on-device global", "personalised"), [(*round_row(e), *personal(e)) for e in history])
+    return _table((*_COLUMNS, *columns), [(*round_row(e), *(cell(c, e) for c in columns.values())) for e in history])
 
 
 def export_table(card: dict, out_dir: Path) -> str:

@@ -16,7 +16,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 _MAX_HEADER_BYTES = 1 << 20
-_DTYPES = {"F32": np.dtype(np.float32), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64)}
+_DTYPES = {
+    "F32": np.dtype(np.float32), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "U8": np.dtype(np.uint8),
+}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 

@@ -7,6 +7,7 @@ import collections
 import numpy as np
 import pytest
 
+from edgefl import wire
 from edgefl.models import model_spec
 
 
@@ -63,7 +64,26 @@ SETTINGS = {
     "robust+sgdm": dict(aggregator="robust", server_optimizer="sgdm", server_lr=0.5, server_momentum=0.9),
     "dp_fixed+adam": dict(aggregator="dp_fixed", server_optimizer="adam", server_lr=0.01, dp_noise_multiplier=0.0, dp_clip=2.0),
     "dp_adaptive+sgd": dict(aggregator="dp_adaptive", server_optimizer="sgd", dp_noise_multiplier=0.0, clients_per_round=4),
+    "compressed+sgd": dict(aggregator="compressed", server_optimizer="sgd"),
 }
+
+
+def _tensor_encoding_decode(body: bytes, spec) -> list[np.ndarray]:
+    """An 8-bit upload decoded by tensor_encoding's uniform quantization stage, the
+    decoder of TFF's EncodedFactory (8-bit codes are the packed bytes themselves)."""
+    from tensorflow_model_optimization.python.core.internal.tensor_encoding.stages.stages_impl import (
+        UniformQuantizationEncodingStage,
+    )
+
+    from edgefl.compression import quantized_spec
+
+    stage = UniformQuantizationEncodingStage(bits=8)
+    arrays, _ = wire.decode(body, quantized_spec(spec, 8))
+    decoded = []
+    for i, s in enumerate(spec):
+        encoded = {stage.ENCODED_VALUES_KEY: arrays[2 * i].astype(np.float32), stage.MIN_MAX_VALUES_KEY: arrays[2 * i + 1]}
+        decoded.append(np.asarray(stage.decode(encoded, {stage.MAX_INT_VALUE_PARAMS_KEY: 255.0})).reshape(s.shape))
+    return decoded
 
 
 @pytest.mark.parametrize("name", SETTINGS)
@@ -71,6 +91,7 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
     """The same factory and optimizer, run by TFF's worker and compiled, over two rounds
     (so adaptive clip norms and optimizer state carry over): the same numbers."""
     from coordinator.aggregation import FedAvgServer, ServerSettings, build_round
+    from edgefl.compression import decode_update, encode_update
 
     spec = model_spec("cnn_small")
     settings = ServerSettings(**SETTINGS[name])
@@ -85,8 +106,13 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
     for round_number in range(2):
         deltas = [_random_like(spec, rng, scale) for scale in (0.1, 0.1, 3.0, 0.01)]  # one outlier
         counts = [5, 50, 500, 1]
+        tff_deltas = deltas
+        if settings.aggregator == "compressed":  # the same uploads, decoded by each side
+            bodies = [encode_update([s.name for s in spec], d, {}, 8, rng) for d in deltas]
+            deltas = [decode_update(body, spec, 8)[0] for body in bodies]
+            tff_deltas = [_tensor_encoding_decode(body, spec) for body in bodies]
         compiled = server.next(state, weights, zip(deltas, counts))
-        clients = [collections.OrderedDict(delta=d, weight=np.float32(n)) for d, n in zip(deltas, counts)]
+        clients = [collections.OrderedDict(delta=d, weight=np.float32(n)) for d, n in zip(tff_deltas, counts)]
         tff_state, tff_mean = next_round(tff_state, clients)
         _assert_same(compiled.mean_delta, tff_mean)
         _assert_same(compiled.weights, tff_state["model"])

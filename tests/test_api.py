@@ -32,9 +32,13 @@ def take_task(client, headers) -> dict:
     return response.json["task"]
 
 
-def update_body(num_examples="10", metrics='{"train_loss": 1.5}', scale=0.01, seed=0, arrays=None, names=None):
+def random_delta(seed=0, scale=0.01) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    arrays = arrays or [rng.normal(scale=scale, size=s.shape).astype(np.float32) for s in SPEC]
+    return [rng.normal(scale=scale, size=s.shape).astype(np.float32) for s in SPEC]
+
+
+def update_body(num_examples="10", metrics='{"train_loss": 1.5}', scale=0.01, seed=0, arrays=None, names=None):
+    arrays = arrays or random_delta(seed, scale)
     metadata = {"num_examples": num_examples, "metrics": metrics} if num_examples is not None else {}
     return wire.encode(names or [s.name for s in SPEC], arrays, metadata)
 
@@ -272,6 +276,7 @@ def test_a_round_aggregates_commits_and_late_uploads_conflict(client, store, dri
     for b, n, d0, d1 in zip(base, new, *deltas):
         np.testing.assert_allclose(n, b + (30 * d0 + 10 * d1) / 40, rtol=1e-5, atol=1e-6)
     assert 0.0 <= status["history"][0]["accuracy"] <= 1.0
+    assert 0 < status["history"][0]["bytes_up"] - status["history"][0]["bytes_up_float32"] < 2 * 1024  # headers only
 
     third = register(client)  # selected into nothing: round 1 is over
     before = store.snapshot()
@@ -626,7 +631,7 @@ def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_par
         model="cnn_small", rounds=2, target_reports=2, min_reports=2, over_selection=1.0,
         aggregator="dp_fixed", dp_noise_multiplier=1.1, dp_clip=1.0,
     )
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:]})
     driver = RoundDriver(
         app.extensions["edgefl.store"], config, learner=small_parts[0], server=FedAvgServer(SPEC, ServerSettings.of(config))
     )
@@ -634,6 +639,9 @@ def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_par
     client = app.test_client()
     devices = [register(client) for _ in range(5)]  # a population of 5, cohorts of 2
     assert driver.step()  # round 1 opens; each commit opens the next
+    refused = client.post("/v1/admin/config", json={"target_reports": 3}, headers=ADMIN)
+    assert_error(refused, 409, "config_conflict")
+    assert "calibrated" in refused.json["detail"]
     for round_number in (1, 2):
         for seed, headers in enumerate(devices[:2]):
             assert upload(client, headers, take_task(client, headers)["round_id"], update_body(seed=seed)).status_code == 202
@@ -654,3 +662,54 @@ def test_a_run_without_dp_reports_no_privacy(client, driver, open_round):
     while driver.step():
         pass
     assert [h["privacy"] for h in client.get("/v1/status").json["history"]] == [None]
+
+
+def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_path, small_parts, db_url):
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+    from edgefl import compression
+    from edgefl.config import RunConfig
+
+    config = RunConfig(model="cnn_small", rounds=1, target_reports=2, min_reports=2, over_selection=1.0,
+                       aggregator="compressed", compression_bits=4)
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
+    store = app.extensions["edgefl.store"]
+    driver = RoundDriver(store, config, learner=small_parts[0], server=small_parts[1])  # compressed folds a plain mean
+    driver.ensure_run()
+    client = app.test_client()
+    devices = [register(client) for _ in range(2)]
+    assert driver.step()
+    tasks = [take_task(client, headers) for headers in devices]
+    assert [t["quantization_bits"] for t in tasks] == [4, 4]
+
+    before = store.snapshot()
+    float32 = upload(client, devices[0], tasks[0]["round_id"], update_body())
+    assert_error(float32, 422, "wrong_tensors")
+    assert "4-bit quantized" in float32.json["detail"]
+    names, quantized = [s.name for s in SPEC], compression.quantized_spec(SPEC, 4)
+    codes_and_bounds, _ = wire.decode(compression.encode_update(names, random_delta(), {}, 4, np.random.default_rng(0)), quantized)
+    min_above_max = [np.array([1, -1], np.float32) if s.dtype == "F32" else a for s, a in zip(quantized, codes_and_bounds)]
+    body = wire.encode([s.name for s in quantized], min_above_max, {"num_examples": "3", "quantization_bits": "4"})
+    assert_error(upload(client, devices[0], tasks[0]["round_id"], body), 422, "bad_bounds")
+    assert store.snapshot() == before
+
+    deltas = [random_delta(seed) for seed in (1, 2)]
+    bodies = [compression.encode_update(names, d, {"num_examples": n}, 4, np.random.default_rng(seed))
+              for seed, (d, n) in enumerate(zip(deltas, ("30", "10")))]
+    for headers, task, body in zip(devices, tasks, bodies):
+        assert upload(client, headers, task["round_id"], body).status_code == 202
+    base, _ = wire.decode(client.get(f"/v1/checkpoints/{tasks[0]['checkpoint_sha256']}").data, SPEC)
+    while driver.step():
+        pass
+
+    status = client.get("/v1/status").json
+    new, _ = wire.decode(client.get(status["model"]["url"]).data, SPEC)
+    decoded = [compression.decode_update(body, SPEC, 4)[0] for body in bodies]
+    for i, (b, n) in enumerate(zip(base, new)):
+        np.testing.assert_allclose(n, b + (30 * decoded[0][i] + 10 * decoded[1][i]) / 40, rtol=1e-5, atol=1e-6)
+        step = max((d[i].max() - d[i].min()) / 15 for d in deltas)
+        assert np.abs(n - (b + (30 * deltas[0][i] + 10 * deltas[1][i]) / 40)).max() <= step  # and near the float32 mean
+    (entry,) = status["history"]
+    assert entry["bytes_up"] == sum(len(b) for b in bodies)
+    assert entry["bytes_up_float32"] == 2 * sum(s.nbytes for s in SPEC)
+    assert entry["bytes_up"] < entry["bytes_up_float32"] / 7  # 4 bits of 32, with the headers

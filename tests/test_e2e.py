@@ -81,6 +81,8 @@ def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int
             assert int(drawn[series, h["round"]]) == h[series]
         assert float(drawn["mb_down", h["round"]]) == pytest.approx(h["bytes_down"] / 1e6, abs=0.051)
         assert float(drawn["mb_up", h["round"]]) == pytest.approx(h["bytes_up"] / 1e6, abs=0.051)
+        if h["upload_bits"]:
+            assert float(drawn["mb_up_float32", h["round"]]) == pytest.approx(h["bytes_up_float32"] / 1e6, abs=0.051)
         personal = h["personalization"]
         assert drawn["on_device_global", h["round"]] == f"{personal['global_accuracy']:.4f}"
         assert drawn["personalized", h["round"]] == f"{personal['personalized_accuracy']:.4f}"
@@ -93,9 +95,10 @@ def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int
 
 
 def test_real_processes_learn_export_and_leave_nothing(tmp_path):
+    """A compressed run: the devices upload 8-bit quantized deltas."""
     config = RunConfig(
         model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300,
-        epochs=2, batch_size=10, client_lr=0.1,
+        epochs=2, batch_size=10, client_lr=0.1, aggregator="compressed",
     )
     before = descendant_pids()
     seen: dict[int, str] = {}
@@ -127,7 +130,10 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
     assert all(h["reported"] == 4 for h in history)
     assert history[-1]["accuracy"] > history[0]["accuracy"]
     assert history[-1]["accuracy"] > 0.5
-    assert all(h["bytes_up"] > 0 and h["bytes_down"] > 0 for h in history)
+    assert all(h["bytes_down"] > 0 for h in history)
+    for h in history:  # 8 of 32 bits, with the bounds and headers
+        assert h["upload_bits"] == 8 and 0.25 < h["bytes_up"] / h["bytes_up_float32"] < 0.26
+    assert "MB up as float32" in shown.stdout
     # Every device reported its held-out accuracy before and after its local fine-tuning.
     for h in history:
         personal = h["personalization"]

@@ -6,7 +6,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const W = 480, H = 240, LEFT = 48, RIGHT = 12, TOP = 12, BOTTOM = 30;
 const COLORS = {
   accuracy: "#2b7bb9", loss: "#c0392b", selected: "#9aa5b1", reported: "#27ae60",
-  late: "#f39c12", dropped: "#c0392b", mb_down: "#2b7bb9", mb_up: "#8e44ad",
+  late: "#f39c12", dropped: "#c0392b", mb_down: "#2b7bb9", mb_up: "#8e44ad", mb_up_float32: "#d7bde2",
   on_device_global: "#2b7bb9", personalized: "#27ae60", epsilon: "#8e44ad",
 };
 
@@ -86,7 +86,7 @@ function barChart(svg, rounds, groups, ymax, fmt) {
   const legend = el("g", { class: "legend" }, svg);
   groups.forEach((g, j) => {
     el("rect", { x: LEFT + 8 + j * 90, y: TOP - 6, width: 10, height: 10, fill: COLORS[g.series] }, legend);
-    el("text", { x: LEFT + 22 + j * 90, y: TOP + 3 }, legend, g.series.replace("_", " "));
+    el("text", { x: LEFT + 22 + j * 90, y: TOP + 3 }, legend, g.series.replaceAll("_", " "));
   });
 }
 
@@ -138,6 +138,9 @@ function render(status) {
     { series: "mb_down", values: history.map((h) => +(h.bytes_down / 1e6).toFixed(1)) },
     { series: "mb_up", values: history.map((h) => +(h.bytes_up / 1e6).toFixed(1)) },
   ];
+  if (history.some((h) => h.upload_bits)) {
+    mb.push({ series: "mb_up_float32", values: history.map((h) => +((h.bytes_up_float32 || 0) / 1e6).toFixed(1)) });
+  }
   barChart(document.getElementById("bytes"), rounds, mb,
     Math.max(0.1, ...mb.flatMap((g) => g.values)), (v) => v.toFixed(1));
   document.body.dataset.rounds = String(history.length);

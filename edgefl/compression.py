@@ -1,0 +1,127 @@
+"""Quantized uploads: a device sends each tensor of its delta as ``bits``-bit codes
+with the tensor's (min, max) beside them; the coordinator decodes before averaging.
+
+The arithmetic is that of tensor_encoding's ``UniformQuantizationEncodingStage``, the
+stage TFF's ``EncodedFactory`` and ``compression_aggregator`` quantize with: a tensor
+is mapped from [min, max] onto [0, 2^bits - 1] and rounded stochastically (up with
+probability equal to the remainder), so the decoded value is unbiased and off by less
+than one step. It is numpy here because the encoder runs on the device, and a LiteRT
+device has no TensorFlow. Codes are packed ``bits`` to a byte stream, most significant
+bit first, so a 4-bit upload weighs half an 8-bit one.
+
+A quantized update is an ordinary safetensors payload whose spec is derived from the
+model's (``quantized_spec``), so the wire's header checks apply to it unchanged.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edgefl import wire
+from edgefl.wire import TensorSpec, WireError
+
+MAX_BITS = 16
+BOUNDS_SUFFIX = ":min_max"
+
+
+def packed_bytes(size: int, bits: int) -> int:
+    return -(-size * bits // 8)
+
+
+def quantized_spec(spec: Sequence[TensorSpec], bits: int) -> tuple[TensorSpec, ...]:
+    """Each float tensor as its packed codes (U8) and its bounds (two F32)."""
+    return tuple(
+        entry
+        for s in spec
+        for entry in (
+            TensorSpec(s.name, (packed_bytes(int(np.prod(s.shape, dtype=np.int64)), bits),), "U8"),
+            TensorSpec(s.name + BOUNDS_SUFFIX, (2,), "F32"),
+        )
+    )
+
+
+def quantize(array: np.ndarray, bits: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(packed codes, [min, max]) of one tensor, stochastically rounded."""
+    x = np.asarray(array, np.float32).ravel()
+    bounds = np.array([x.min(), x.max()], np.float32) if x.size else np.zeros(2, np.float32)
+    top = (1 << bits) - 1
+    span = bounds[1] - bounds[0]
+    if span > 0:
+        scaled = (x - bounds[0]) * np.float32(top / span)
+        scaled += rng.random(x.size, dtype=np.float32)
+        codes = np.clip(np.floor(scaled, out=scaled), 0, top)
+    else:  # a constant tensor decodes exactly from its bounds
+        codes = np.zeros(x.size, np.float32)
+    return _pack(codes.astype(np.uint16 if bits > 8 else np.uint8), bits), bounds
+
+
+def dequantize(packed: np.ndarray, bounds: np.ndarray, spec: TensorSpec, bits: int) -> np.ndarray:
+    if not bounds[0] <= bounds[1]:
+        raise WireError("bad_bounds", f"{spec.name}{BOUNDS_SUFFIX} must be [min, max] with min <= max.")
+    size = int(np.prod(spec.shape, dtype=np.int64))
+    values = _unpack(packed, size, bits).astype(np.float32)
+    with np.errstate(over="ignore"):  # in float32 and in tensor_encoding's order, for its very numbers
+        values /= np.float32((1 << bits) - 1)
+        values *= bounds[1] - bounds[0]
+        values += bounds[0]
+    if not np.isfinite(values).all():  # finite bounds whose span overflows float32
+        raise WireError("bad_bounds", f"{spec.name}{BOUNDS_SUFFIX} spans more than float32 holds.")
+    return values.reshape(spec.shape)
+
+
+def encode_update(
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    metadata: Mapping[str, str],
+    bits: int | None,
+    rng: np.random.Generator,
+) -> bytes:
+    """An update's upload body: float32 tensors, or with ``bits`` quantized ones."""
+    if bits is None:
+        return wire.encode(names, arrays, metadata)
+    out_names, out_arrays = [], []
+    for name, array in zip(names, arrays):
+        packed, bounds = quantize(array, bits, rng)
+        out_names += [name, name + BOUNDS_SUFFIX]
+        out_arrays += [packed, bounds]
+    return wire.encode(out_names, out_arrays, {**metadata, "quantization_bits": str(bits)})
+
+
+def decode_update(data: bytes, spec: Sequence[TensorSpec], bits: int | None) -> tuple[list[np.ndarray], dict[str, str]]:
+    """The float32 delta (in ``spec`` order) and metadata of an upload body that must be
+    quantized to ``bits`` (None: float32), or a ``WireError`` saying what is wrong."""
+    if bits is None:
+        return wire.decode(data, spec)
+    try:
+        arrays, metadata = wire.decode(data, quantized_spec(spec, bits))
+    except WireError as error:
+        if error.code in ("malformed", "non_finite"):
+            raise
+        raise WireError(error.code, f"This run takes {bits}-bit quantized updates: {error.detail}") from None
+    if metadata.get("quantization_bits") != str(bits):
+        raise WireError("wrong_quantization", f"Metadata quantization_bits must be {bits}, as the task said.")
+    return [dequantize(arrays[2 * i], arrays[2 * i + 1], s, bits) for i, s in enumerate(spec)], metadata
+
+
+def payload_bytes(spec: Sequence[TensorSpec], bits: int | None) -> int:
+    """The tensor bytes of one update (headers aside)."""
+    return sum(s.nbytes for s in (spec if bits is None else quantized_spec(spec, bits)))
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return codes
+    if bits == 16:
+        return codes.astype(">u2").view(np.uint8)
+    shifts = np.arange(bits - 1, -1, -1, dtype=codes.dtype)
+    return np.packbits(((codes[:, None] >> shifts) & 1).astype(np.uint8))
+
+
+def _unpack(packed: np.ndarray, size: int, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    if bits == 16:
+        return packed.view(">u2")
+    planes = np.unpackbits(packed, count=size * bits).reshape(size, bits)
+    return planes @ (1 << np.arange(bits - 1, -1, -1, dtype=np.uint16))

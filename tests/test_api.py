@@ -713,3 +713,48 @@ def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_
     assert entry["bytes_up"] == sum(len(b) for b in bodies)
     assert entry["bytes_up_float32"] == 2 * sum(s.nbytes for s in SPEC)
     assert entry["bytes_up"] < entry["bytes_up_float32"] / 7  # 4 bits of 32, with the headers
+
+
+def test_the_aggregator_and_optimizer_state_survive_a_restart(tmp_path, small_parts):
+    """robust + adam: the clip and zeroing norm estimates and Adam's moments are stored
+    beside each checkpoint, so a new coordinator (a new driver and a freshly built
+    server) continues the run exactly as the old one would have."""
+    from coordinator import create_app
+    from coordinator.aggregation import FedAvgServer, ServerSettings
+    from coordinator.driver import RoundDriver
+    from edgefl.config import RunConfig
+
+    config = RunConfig(model="cnn_small", rounds=2, target_reports=2, min_reports=2, over_selection=1.0,
+                       aggregator="robust", server_optimizer="adam", server_lr=0.01)
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True})
+    store, client = app.extensions["edgefl.store"], app.test_client()
+    server = FedAvgServer(SPEC, ServerSettings.of(config))
+    driver = RoundDriver(store, config, learner=small_parts[0], server=server)
+    driver.ensure_run()
+    devices = [register(client) for _ in range(2)]
+    deltas = {(r, i): random_delta(seed=10 * r + i, scale=(0.01, 1.0)[i]) for r in (1, 2) for i in (0, 1)}  # one outlier
+
+    def play(round_number: int, driver) -> None:
+        for i, headers in enumerate(devices):
+            task = take_task(client, headers)
+            assert upload(client, headers, task["round_id"], update_body(arrays=deltas[round_number, i])).status_code == 202
+        while driver.step():
+            pass
+
+    initial, _ = wire.decode(client.get(client.get("/v1/status").json["model"]["url"]).data, SPEC)
+    assert driver.step()
+    play(1, driver)
+    driver.release_lease()
+    restarted = RoundDriver(store, config, learner=small_parts[0], server=FedAvgServer(SPEC, ServerSettings.of(config)))
+    restarted.ensure_run()
+    play(2, restarted)
+
+    status = client.get("/v1/status").json
+    assert status["run"]["status"] == "finished" and status["model"]["version"] == 2
+    final, _ = wire.decode(client.get(status["model"]["url"]).data, SPEC)
+    first = server.next(server.initialize(), initial, [(deltas[1, 0], 10), (deltas[1, 1], 10)])
+    uninterrupted = server.next(first.state, first.weights, [(deltas[2, 0], 10), (deltas[2, 1], 10)])
+    forgetful = server.next(server.initialize(), first.weights, [(deltas[2, 0], 10), (deltas[2, 1], 10)])
+    for got, want in zip(final, uninterrupted.weights):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.allclose(w, f) for w, f in zip(uninterrupted.weights, forgetful.weights))  # the state mattered

@@ -95,14 +95,14 @@ def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int
 
 
 def test_real_processes_learn_export_and_leave_nothing(tmp_path):
-    """A compressed run: the devices upload 8-bit quantized deltas."""
+    """A compressed run: the devices (Keras and LiteRT alike) upload 8-bit quantized deltas."""
     config = RunConfig(
         model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300,
         epochs=2, batch_size=10, client_lr=0.1, aggregator="compressed",
     )
     before = descendant_pids()
     seen: dict[int, str] = {}
-    with federation(tmp_path, config, count=4, partition="dirichlet:0.5", data_seed=0) as fed:
+    with federation(tmp_path, config, count=4, partition="dirichlet:0.5", data_seed=0, device_flags=["--runtime", "keras,litert"]) as fed:
         seen.update(descendant_pids(before))
         status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
         seen.update(descendant_pids(before))
@@ -154,6 +154,7 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
     logs = (tmp_path / "logs" / "devices").glob("device-*.json")
     summaries = [json.loads(p.read_text()) for p in logs]
     assert len(summaries) == 4 and all(s["rounds_trained"] == 3 for s in summaries)
+    assert sorted(s["runtime"] for s in summaries) == ["keras", "keras", "litert", "litert"]
 
 
 def test_killing_the_owner_of_tffs_worker_takes_the_worker_with_it(tmp_path):

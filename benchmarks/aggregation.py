@@ -6,7 +6,8 @@ aggregators fold updates one at a time, as the round driver does, then close the
 (TFF's report and update); per-update time is the whole round's seconds over the
 cohort. The deltas are ten distinct random CNN deltas (1,663,370 parameters) cycled,
 made before the clock starts: arithmetic does not care which delta comes next
-(``compressed`` cycles their 8-bit uploads, and its time includes decoding each). The
+(``compressed`` cycles their 8-bit uploads, ``compressed:2`` their 2-bit ones, and
+their time includes decoding each). The
 numpy bound is a running example-weighted sum. The naive call is TFF's executor on the
 whole cohort at once (``worker_binary``), run where it can run: its client values
 travel as one protobuf, which passes 2 GB near 450 CNN deltas, so 1,000 is not tried.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed", "compressed")
+AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed", "compressed", "compressed:2")  # 8-bit and 2-bit uploads
 _NAIVE_LIMIT = 100  # cohorts above this are not sent to TFF's executor in one call
 _POOL = 10
 
@@ -77,16 +78,18 @@ def measure(kind: str, cohort: int) -> dict:
     else:
         from coordinator.aggregation import FedAvgServer, ServerSettings
 
+        aggregator, _, bits = kind.partition(":")
         # Noise 0.3: dp_adaptive's clip estimate needs noise under 0.1 x the cohort.
-        server = FedAvgServer(spec, ServerSettings(aggregator=kind, clients_per_round=cohort, dp_noise_multiplier=0.3))
+        server = FedAvgServer(spec, ServerSettings(aggregator=aggregator, clients_per_round=cohort, dp_noise_multiplier=0.3))
         state = server.initialize()
         server.next(state, weights, [(pool[0], 1)])  # first calls build TF's kernels: not the cohort's cost
         deltas = lambda: (pool[i % _POOL] for i in range(cohort))  # noqa: E731
-        if kind == "compressed":  # 8-bit uploads, each decoded as it is folded
+        if aggregator == "compressed":  # quantized uploads, each decoded as it is folded
             from edgefl.compression import decode_update, encode_update
 
-            bodies = [encode_update([s.name for s in spec], d, {}, 8, rng) for d in pool]
-            deltas = lambda: (decode_update(bodies[i % _POOL], spec, 8)[0] for i in range(cohort))  # noqa: E731
+            bits = int(bits or 8)
+            bodies = [encode_update([s.name for s in spec], d, {}, bits, rng) for d in pool]
+            deltas = lambda: (decode_update(bodies[i % _POOL], spec, bits)[0] for i in range(cohort))  # noqa: E731
         started = time.perf_counter()
         server.next(state, weights, zip(deltas(), counts))
         seconds = time.perf_counter() - started

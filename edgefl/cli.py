@@ -64,7 +64,7 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--dp-noise-multiplier", type=float, help=f"DP noise stddev over the clip norm (default {d.dp_noise_multiplier})")
     g.add_argument("--dp-clip", type=float, help=f"dp_fixed's L2 clip norm per update (default {d.dp_clip})")
-    g.add_argument("--compression-bits", type=int, help=f"compressed's bits per uploaded value, 1-16 (default {d.compression_bits})")
+    g.add_argument("--compression-bits", type=int, help=f"compressed's bits per uploaded value: 1, 2, 4, 8 or 16 (default {d.compression_bits})")
     g.add_argument("--seed", type=int, help=f"seed of the initial model (default {d.seed})")
 
 

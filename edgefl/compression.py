@@ -7,7 +7,7 @@ is mapped from [min, max] onto [0, 2^bits - 1] and rounded stochastically (up wi
 probability equal to the remainder), so the decoded value is unbiased and off by less
 than one step. It is numpy here because the encoder runs on the device, and a LiteRT
 device has no TensorFlow. Codes are packed ``bits`` to a byte stream, most significant
-bit first, so a 4-bit upload weighs half an 8-bit one.
+bit first, so a 4-bit upload weighs half an 8-bit one. Widths are 1, 2, 4, 8 or 16 bits.
 
 A quantized update is an ordinary safetensors payload whose spec is derived from the
 model's (``quantized_spec``), so the wire's header checks apply to it unchanged.
@@ -21,7 +21,7 @@ import numpy as np
 from edgefl import wire
 from edgefl.wire import TensorSpec, WireError
 
-MAX_BITS = 16
+BITS = (1, 2, 4, 8, 16)  # whole codes to a byte (or two): packing costs a few shifts
 BOUNDS_SUFFIX = ":min_max"
 
 
@@ -110,12 +110,18 @@ def payload_bytes(spec: Sequence[TensorSpec], bits: int | None) -> int:
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes as one stream, most significant bit first: below 8 bits, 8 // bits codes
+    to a byte, shifted into place one position at a time."""
     if bits == 8:
         return codes
     if bits == 16:
         return codes.astype(">u2").view(np.uint8)
-    shifts = np.arange(bits - 1, -1, -1, dtype=codes.dtype)
-    return np.packbits(((codes[:, None] >> shifts) & 1).astype(np.uint8))
+    per_byte = 8 // bits
+    columns = np.pad(codes, (0, -codes.size % per_byte)).reshape(-1, per_byte)
+    packed = np.zeros(len(columns), np.uint8)
+    for j in range(per_byte):
+        packed |= columns[:, j] << np.uint8(8 - bits * (j + 1))
+    return packed
 
 
 def _unpack(packed: np.ndarray, size: int, bits: int) -> np.ndarray:
@@ -123,5 +129,6 @@ def _unpack(packed: np.ndarray, size: int, bits: int) -> np.ndarray:
         return packed
     if bits == 16:
         return packed.view(">u2")
-    planes = np.unpackbits(packed, count=size * bits).reshape(size, bits)
-    return planes @ (1 << np.arange(bits - 1, -1, -1, dtype=np.uint16))
+    mask = np.uint8((1 << bits) - 1)
+    columns = [(packed >> np.uint8(8 - bits * (j + 1))) & mask for j in range(8 // bits)]
+    return np.stack(columns, axis=1).ravel()[:size]

@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from edgefl.compression import MAX_BITS
+from edgefl.compression import BITS
 from edgefl.datasets import DATASET_NAMES
 from edgefl.models import MODEL_NAMES
 
@@ -56,8 +56,8 @@ class RunConfig:
             # TFF's adaptive clipping spends part of the noise on its clip estimate, whose
             # noise is 0.05 x the clients per round: it must stay above half the total.
             problems.append("dp_adaptive needs target_reports above 10 x dp_noise_multiplier")
-        if not 1 <= self.compression_bits <= MAX_BITS:
-            problems.append(f"compression_bits must be from 1 to {MAX_BITS}")
+        if self.compression_bits not in BITS:
+            problems.append(f"compression_bits must be one of {', '.join(map(str, BITS))}")
         for name in ("rounds", "target_reports", "min_reports", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -18,7 +18,7 @@ def _delta(seed=0, scale=0.01):
     return [rng.normal(scale=scale, size=s.shape).astype(np.float32) for s in SPEC]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8, 12, 16])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
 def test_each_value_decodes_within_one_step_at_bits_per_value(bits):
     delta = _delta()
     body = compression.encode_update(NAMES, delta, {"num_examples": "3"}, bits, np.random.default_rng(1))
@@ -51,6 +51,15 @@ def test_stochastic_rounding_is_unbiased():
     assert np.abs(nearest - x).max() > 10 * np.abs(mean - x).max()
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 16])
+def test_codes_pack_into_one_most_significant_bit_first_stream(bits):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, size=1001).astype(np.uint16 if bits > 8 else np.uint8)
+    packed = compression._pack(codes, bits)
+    as_bits = np.unpackbits(codes.astype(">u2").view(np.uint8).reshape(-1, 2), axis=1)[:, 16 - bits :].ravel()  # each code's bits, in order
+    np.testing.assert_array_equal(packed, np.packbits(as_bits))
+    np.testing.assert_array_equal(compression._unpack(packed, codes.size, bits), codes)
+
+
 def test_a_constant_tensor_decodes_exactly():
     delta = [np.full(s.shape, 0.25, np.float32) for s in SPEC]
     body = compression.encode_update(NAMES, delta, {}, 8, np.random.default_rng(0))
@@ -58,7 +67,7 @@ def test_a_constant_tensor_decodes_exactly():
         assert (got == 0.25).all()
 
 
-@pytest.mark.parametrize("bits", [3, 8])
+@pytest.mark.parametrize("bits", [2, 8])
 def test_decoding_is_tensor_encodings_uniform_quantization(bits):
     """The coordinator's decoder gives the very numbers of tensor_encoding's
     UniformQuantizationEncodingStage (what TFF's EncodedFactory decodes with)."""
@@ -118,8 +127,8 @@ def test_the_configuration_asks_devices_for_quantized_updates_only_when_compress
     assert RunConfig(aggregator="compressed").upload_bits == 8
     assert RunConfig(aggregator="compressed", compression_bits=4).upload_bits == 4
     assert RunConfig(aggregator="mean", compression_bits=4).upload_bits is None
-    for bits in (0, 17):
-        with pytest.raises(ValueError, match="compression_bits must be from 1 to 16"):
+    for bits in (0, 3, 12, 17):
+        with pytest.raises(ValueError, match="compression_bits must be one of 1, 2, 4, 8, 16"):
             RunConfig(aggregator="compressed", compression_bits=bits)
 
 

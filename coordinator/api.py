@@ -406,7 +406,7 @@ def _summary(r: dict) -> dict:
         "seconds": r["committed_at"] - r["opened_at"],
         "aggregation_seconds": metrics.get("aggregation_s"),
         "phase_seconds": r["phase_seconds"],
-        "personalization": r["personalization"],
+        "personalization": metrics.get("personalization"),
         "privacy": metrics.get("privacy"),
         "bytes_up_float32": metrics.get("bytes_up_float32"),
         "upload_bits": metrics.get("upload_bits"),

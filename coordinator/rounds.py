@@ -403,7 +403,8 @@ def count_bytes_down(db: Connection, sha256: str, size: int) -> None:
 def history(db: Connection) -> list[dict]:
     """Every round, oldest first: participation (selected, reported, dropped: selected
     and never heard from by the close; late: reported after it; rejected uploads by
-    reason), bytes, how long each phase took, metrics, and the devices' personalisation reports."""
+    reason), bytes, how long each phase took, and metrics (the devices' combined
+    personalisation reports and a DP run's privacy spent among them)."""
     rows = db.execute(
         "SELECT r.*,"
         " (SELECT COUNT(*) FROM assignments a WHERE a.round_id = r.id) AS selected,"
@@ -440,7 +441,6 @@ def history(db: Connection) -> list[dict]:
             "committed_at": r["committed_at"],
             "evaluated_at": r["evaluated_at"],
             "metrics": json.loads(r["metrics"]) if r["metrics"] else None,
-            "personalization": json.loads(r["metrics"]).get("personalization") if r["metrics"] else None,
         }
         for r in rows
     ]

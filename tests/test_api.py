@@ -302,7 +302,7 @@ def test_personalisation_reports_are_averaged_per_round_by_held_out_examples(cli
         "devices": 2, "examples": 40, "global_accuracy": pytest.approx(0.6), "personalized_accuracy": pytest.approx(0.8),
     }
     first, second = client.get("/v1/rounds").json["rounds"]  # round 2 has opened
-    assert first["personalization"] == entry["personalization"] and second["personalization"] is None
+    assert first["metrics"]["personalization"] == entry["personalization"] and second["metrics"] is None
 
 
 def test_the_round_record_counts_stragglers_drops_rejections_and_phases(client, driver, open_round):

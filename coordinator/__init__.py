@@ -16,8 +16,34 @@ import threading
 from typing import Any, Mapping
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.routing import IntegerConverter
+
+from edgefl import jsonsafe
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+
+
+class StrictJSON(DefaultJSONProvider):
+    """Request bodies parsed by ``edgefl.jsonsafe`` (hostile nesting or digits are a 400,
+    not a 500); responses written as strict JSON (non-finite floats as null), so any
+    client's parser reads every answer whatever devices reported."""
+
+    def loads(self, s, **kwargs):
+        return jsonsafe.loads(s)
+
+    def dumps(self, obj, **kwargs):
+        return super().dumps(jsonsafe.finite(obj), allow_nan=False, **kwargs)
+
+
+class RoundId(IntegerConverter):
+    """``<int:...>`` route parameters: ASCII digits only (werkzeug's default also takes
+    other scripts' digits, e.g. '١'), at most what the database's integers hold."""
+
+    regex = r"[0-9]{1,10}"
+
+    def __init__(self, map, *args, **kwargs):
+        super().__init__(map, *args, max=2**31 - 1, **kwargs)
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -26,6 +52,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from coordinator.lobby import Lobby
 
     app = Flask(__name__)
+    app.json = StrictJSON(app)
+    app.url_map.converters["int"] = RoundId
     app.config.from_mapping(
         INSTANCE=None, DB_URL=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES, LONG_POLL_SLOTS=0,
         ADMIN_TOKEN_SHA256=None, WORKER_ID=None,

@@ -27,13 +27,12 @@ from coordinator.errors import ApiError
 from coordinator.openapi import ADMIN, DEVICE, ErrorBody, raw_body, spec
 from coordinator.schemas import CheckinAnswer, ConfigChange, ConfigChanged, DeviceRegistration, RunControlled, UpdateAccepted
 from coordinator.store import Store
-from edgefl import compression, wire
+from edgefl import compression, jsonsafe, limits, wire
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_SLACK_BYTES = 1 << 20
-_MAX_EXAMPLES = 10**9
 _LONG_POLL_S = 10.0  # well under the devices' read timeout and waitress's channel timeout
 _RECHECK_S = 1.0  # a held check-in asks again this often even unwoken (e.g. a deadline passed)
 _rng = random.Random()
@@ -231,8 +230,6 @@ def upload_update(round_id: int):
 
 def _accept_update(db: Connection, round_id: int, device_id: str):
     config = _require_run(db)
-    if round_id >= 2**31:  # no such round, and more than the database's integers hold
-        raise ApiError(404, "unknown_round", f"There is no round {round_id}.")
     rejection = rounds.upload_rejection(db, round_id, device_id)
     if rejection:
         raise ApiError(rejection.status, rejection.code, rejection.detail)
@@ -284,26 +281,18 @@ def _update_spec(db: Connection) -> tuple[wire.TensorSpec, ...]:
 
 
 def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:
+    """An update's example count and metrics, within ``edgefl.limits``."""
     raw = metadata.get("num_examples", "")
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_EXAMPLES:
-        raise ApiError(400, "bad_num_examples", "Metadata num_examples must be a whole number from 1 to 10^9.")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not 1 <= int(raw) <= limits.MAX_EXAMPLES:
+        raise ApiError(400, "bad_num_examples", f"Metadata num_examples must be a whole number from 1 to {limits.MAX_EXAMPLES}.")
     try:
-        metrics = json.loads(metadata.get("metrics", "{}"))
-    except json.JSONDecodeError:
-        metrics = None
-    if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
-        for k, v in metrics.items()
-    ):
-        raise ApiError(400, "bad_metrics", "Metadata metrics must be a JSON object of finite numbers.")
+        metrics = jsonsafe.loads(metadata.get("metrics", "{}"), max_depth=1)
+    except jsonsafe.JsonError as error:
+        raise ApiError(400, "bad_metrics", f"Metadata metrics are not JSON: {error}.") from None
+    problem = limits.metrics_problem(metrics)
+    if problem:
+        raise ApiError(400, "bad_metrics", f"Metadata metrics are refused: {problem}.")
     return int(raw), metrics
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 def admin_only(view):
@@ -387,6 +376,10 @@ def status():
         round=current,
         devices=devices,
         history=[_summary(r) for r in history if r["evaluated_at"] is not None],
+        abandoned=[
+            {"round": r["number"], "id": r["id"], "reason": r["abandon_reason"], "detail": r["abandon_detail"], "at": r["closed_at"]}
+            for r in history if r["status"] == "abandoned"
+        ],
     )
 
 

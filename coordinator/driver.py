@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -171,17 +172,26 @@ class RoundDriver:
                 if decision is None:
                     return False
                 if decision == "abandon":
-                    log.warning("round %d abandoned with %d reports", current["number"], reports)
-                    rounds.set_status(db, current["id"], "abandoned", now)
-                    self._begin_round(db, now)
+                    self._abandon(db, current, "too_few_reports", f"{reports} of the {self.config.min_reports} reports it needed arrived by its deadline")
                 else:
-                    rounds.set_status(db, current["id"], "aggregating", now)
+                    rounds.close_collection(db, current["id"], "aggregating", now)
             if decision == "abandon":
-                self.lobby.notify()
-                self._discard_updates(db, current["id"])
+                self._after_abandoning(db, current)
                 return True
         self._aggregate(db, rounds.active_round(db))
         return True
+
+    def _abandon(self, db: Connection, current: Row, reason: str, detail: str) -> None:
+        """Inside a transition: give the round up and open the next one on the same model."""
+        log.warning("round %d abandoned (%s): %s", current["number"], reason, detail)
+        rounds.abandon(db, current["id"], reason, detail, self.clock())
+        if rounds.run_status(db) == "running":
+            self._begin_round(db, self.clock())
+
+    def _after_abandoning(self, db: Connection, current: Row) -> None:
+        self._fold = None
+        self.lobby.notify()
+        self._discard_updates(db, current["id"])
 
     def _begin_round(self, db: Connection, now: float) -> None:
         rounds.begin_round(db, self.config, now, candidates=self.lobby.waiting())
@@ -211,6 +221,15 @@ class RoundDriver:
             raise RuntimeError(f"round {current['number']} folded {fold.fold.updates} of {len(updates)} updates")
         output = self.server.finish(fold.fold)
         aggregated = self.clock()
+        if not all(np.isfinite(w).all() for w in output.weights):
+            # Deterministic: the same updates give the same result, so retrying cannot help.
+            with self._transition(db):
+                self._abandon(
+                    db, current, "non_finite_model",
+                    f"the aggregate of its {len(updates)} updates is not finite; the run goes on from model version {current['base_version']}",
+                )
+            self._after_abandoning(db, current)
+            return
 
         number = current["number"]
         checkpoint = wire.encode(self.names, output.weights, {"version": str(number), "model": self.config.model})
@@ -219,8 +238,8 @@ class RoundDriver:
         total = sum(u["num_examples"] for u in updates)
         metrics = {
             "num_examples": total,
-            "train_loss": _weighted(updates, "train_loss", total),
-            "train_accuracy": _weighted(updates, "train_accuracy", total),
+            "train_loss": _weighted(updates, "train_loss"),
+            "train_accuracy": _weighted(updates, "train_accuracy"),
             "fold_s": fold.seconds,
             "aggregation_s": aggregated - started,
             "personalization": _personalization(updates),
@@ -276,19 +295,57 @@ class RoundDriver:
 
     def run(self, stop: threading.Event, *, wake: threading.Event | None = None, poll_s: float = 0.1) -> None:
         """Step until ``stop`` is set, at least every ``poll_s`` (deadlines, other
-        processes' uploads) and at once when ``wake`` is set; errors are logged and
-        retried, never fatal."""
+        processes' uploads) and at once when ``wake`` is set. A failed step is logged
+        and retried with backoff, never fatal; a round whose step fails
+        ``MAX_FAILURES`` times (counted in the store, so across restarts too) is given
+        up (see ``give_up_on_failures``)."""
         wake = wake or threading.Event()
+        failures = 0
         while not stop.is_set():
             try:
                 if self.step():
+                    failures = 0
                     continue
-            except Exception:
+            except Exception as error:
+                failures += 1
                 log.exception("round driver step failed; retrying")
-                stop.wait(1.0)
+                self.give_up_on_failures(error)
+                stop.wait(min(2.0 ** (failures - 1), 30.0))
             wake.wait(poll_s)
             wake.clear()
         self.release_lease()  # a successor need not wait for it to expire
+
+    def give_up_on_failures(self, error: Exception) -> None:
+        """Count a failed step against the round it was working on. Once a round has
+        failed ``MAX_FAILURES`` times it is abandoned (or, if only its evaluation
+        fails, recorded without one) with the error as the reason, and the run goes
+        on from the last good model: a deterministic failure cannot stall the run."""
+        detail = f"{type(error).__name__}: {error}"
+        try:
+            with closing(self.store.connect()) as db:
+                pending = rounds.unevaluated_round(db)
+                target = pending or rounds.active_round(db)
+                if target is None:
+                    return
+                with self._transition(db):
+                    if rounds.note_failure(db, target["id"]) < MAX_FAILURES:
+                        return
+                    if pending is not None:
+                        log.error("round %d could not be evaluated: %s", pending["number"], detail)
+                        rounds.record_evaluation(db, pending["id"], {"evaluation_error": detail[:500]}, self.clock())
+                        if pending["number"] >= self.config.rounds:
+                            rounds.finish_run(db, self.clock())
+                    else:
+                        self._abandon(db, target, "aggregation_failed", detail)
+                if pending is None:
+                    self._after_abandoning(db, target)
+                else:
+                    self.lobby.notify()
+        except Exception:  # the store itself is failing: nothing to record; the step is retried
+            log.exception("could not record the failed step")
+
+
+MAX_FAILURES = 3  # failed attempts at a round's next step before it is given up
 
 
 class LeaseLost(Exception):
@@ -316,17 +373,29 @@ def _personalization(updates: list[Row]) -> dict | None:
     ]
     if not reports:
         return None
-    examples = sum(r["holdout_examples"] for r in reports)
+    examples = [r["holdout_examples"] for r in reports]
     return {
         "devices": len(reports),
-        "examples": int(examples),
-        "global_accuracy": sum(r["holdout_examples"] * r["holdout_accuracy_global"] for r in reports) / examples,
-        "personalized_accuracy": sum(r["holdout_examples"] * r["holdout_accuracy_personalized"] for r in reports) / examples,
+        "examples": int(sum(examples)),
+        "global_accuracy": weighted_mean([r["holdout_accuracy_global"] for r in reports], examples),
+        "personalized_accuracy": weighted_mean([r["holdout_accuracy_personalized"] for r in reports], examples),
     }
 
 
-def _weighted(updates: list[Row], key: str, total: int) -> float | None:
-    values = [(json.loads(u["metrics"]).get(key), u["num_examples"]) for u in updates]
-    if total == 0 or any(v is None for v, _ in values):
+def _weighted(updates: list[Row], key: str) -> float | None:
+    values = [json.loads(u["metrics"]).get(key) for u in updates]
+    if not updates or any(v is None for v in values):
         return None
-    return sum(v * n for v, n in values) / total
+    return weighted_mean(values, [u["num_examples"] for u in updates])
+
+
+def weighted_mean(values: list[float], weights: list[float]) -> float | None:
+    """Σ w·v / Σ w in floats, exactly rounded (``math.fsum``); None if that is not a
+    finite number. The API bounds what devices report, so sums of them stay finite;
+    this is the guard behind that bound."""
+    try:
+        total = math.fsum(float(w) for w in weights)
+        mean = math.fsum(float(w) * float(v) for v, w in zip(values, weights)) / total
+    except (OverflowError, ZeroDivisionError, ValueError, TypeError):
+        return None
+    return mean if math.isfinite(mean) else None

@@ -95,6 +95,23 @@ CREATE TABLE IF NOT EXISTS rejections (
 );
 """
 
+# Changes to SCHEMA (the tables as the first release made them), in order: the store's
+# schema version is how many of them it has applied. A new store applies them all, so a
+# new instance and one migrated from an earlier release have the same tables.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: why a round was abandoned and how often closing it failed; each device's record
+        "ALTER TABLE rounds ADD COLUMN abandon_reason TEXT",
+        "ALTER TABLE rounds ADD COLUMN abandon_detail TEXT",
+        "ALTER TABLE rounds ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE devices ADD COLUMN tasks INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE devices ADD COLUMN reports INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE devices ADD COLUMN consecutive_drops INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE devices ADD COLUMN excluded_until INTEGER NOT NULL DEFAULT 0",
+        "UPDATE rounds SET abandon_reason = 'too_few_reports' WHERE status = 'abandoned'",  # the one reason there was
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
 # The run's state. Beside it: ``rejections``, the log of refused uploads (a refused
 # upload adds to it, nothing else reads it back), and ``leases`` (who drives the rounds).
 TABLES = ("run", "config_changes", "devices", "checkpoints", "rounds", "assignments", "updates", "artefacts")
@@ -110,6 +127,26 @@ class Store:
         self.database = open_database(db_url or f"sqlite:///{self.instance_dir / 'edgefl.sqlite3'}")
         self.blobs = BlobStore(self.instance_dir / "blobs")
         self.database.create(SCHEMA.format(identity=self.database.identity))
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the tables up to ``SCHEMA_VERSION``, under the write lock, so processes
+        starting together migrate once; a store newer than this code is refused."""
+        with closing(self.connect()) as db, self.transaction(db):
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if version > SCHEMA_VERSION:
+                raise ValueError(
+                    f"{self.instance_dir} was written by a newer edgefl (schema {version}; this one knows {SCHEMA_VERSION})"
+                )
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    db.execute(statement)
+            if row is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     def connect(self) -> Connection:
         return self.database.connect()

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from edgefl import wire
+from edgefl.limits import MAX_ABS_UPDATE
 from edgefl.wire import TensorSpec, WireError
 
 BITS = (1, 2, 4, 8, 16)  # whole codes to a byte (or two): packing costs a few shifts
@@ -90,13 +91,14 @@ def encode_update(
 
 def decode_update(data: bytes, spec: Sequence[TensorSpec], bits: int | None) -> tuple[list[np.ndarray], dict[str, str]]:
     """The float32 delta (in ``spec`` order) and metadata of an upload body that must be
-    quantized to ``bits`` (None: float32), or a ``WireError`` saying what is wrong."""
+    quantized to ``bits`` (None: float32), or a ``WireError`` saying what is wrong.
+    Values (and quantization bounds) beyond ``limits.MAX_ABS_UPDATE`` are refused."""
     if bits is None:
-        return wire.decode(data, spec)
+        return wire.decode(data, spec, max_abs=MAX_ABS_UPDATE)
     try:
-        arrays, metadata = wire.decode(data, quantized_spec(spec, bits))
+        arrays, metadata = wire.decode(data, quantized_spec(spec, bits), max_abs=MAX_ABS_UPDATE)
     except WireError as error:
-        if error.code in ("malformed", "non_finite"):
+        if error.code in ("malformed", "non_finite", "out_of_range"):
             raise
         raise WireError(error.code, f"This run takes {bits}-bit quantized updates: {error.detail}") from None
     if metadata.get("quantization_bits") != str(bits):

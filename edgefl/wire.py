@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from edgefl import jsonsafe
+
 _MAX_HEADER_BYTES = 1 << 20
 _DTYPES = {
     "F32": np.dtype(np.float32), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "U8": np.dtype(np.uint8),
@@ -80,9 +82,9 @@ def read_header(data: bytes) -> tuple[dict, dict[str, str], int]:
     if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise WireError("malformed", "Body is not a safetensors payload: its header length is out of range.")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireError("malformed", "Body is not a safetensors payload: its header is not JSON.") from None
+        header = jsonsafe.loads(data[8 : 8 + header_len])
+    except jsonsafe.JsonError as error:
+        raise WireError("malformed", f"Body is not a safetensors payload: its header is not JSON ({error}).") from None
     if not isinstance(header, dict):
         raise WireError("malformed", "Body is not a safetensors payload: its header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
@@ -100,9 +102,10 @@ def spec_of_payload(data: bytes) -> tuple[TensorSpec, ...]:
 
 
 def decode(
-    data: bytes, spec: Sequence[TensorSpec]
+    data: bytes, spec: Sequence[TensorSpec], *, max_abs: float | None = None
 ) -> tuple[list[np.ndarray], dict[str, str]]:
-    """Arrays in ``spec`` order and the metadata, or a ``WireError`` saying what is wrong."""
+    """Arrays in ``spec`` order and the metadata, or a ``WireError`` saying what is wrong.
+    With ``max_abs``, float values beyond it in magnitude are refused too."""
     header, metadata, start = read_header(data)
     expected = {s.name: s for s in spec}
     missing = sorted(set(expected) - set(header))
@@ -148,5 +151,7 @@ def decode(
         array = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
         if not np.isfinite(array).all():
             raise WireError("non_finite", f"{s.name} contains NaN or Inf values.")
+        if max_abs is not None and dtype.kind == "f" and array.size and np.abs(array).max() > max_abs:
+            raise WireError("out_of_range", f"{s.name} has values beyond +-{max_abs:g}.")
         arrays.append(array.reshape(s.shape))
     return arrays, metadata

@@ -108,3 +108,13 @@ def client(app):
 @pytest.fixture
 def store(app):
     return app.extensions["edgefl.store"]
+
+
+@pytest.fixture
+def open_round(client, driver):
+    """Round 1 open, and one device holding a task in it: (its headers, the task)."""
+    from tests.api_helpers import register, take_task
+
+    assert driver.step()  # opens round 1
+    headers = register(client)
+    return headers, take_task(client, headers)

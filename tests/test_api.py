@@ -13,62 +13,9 @@ import numpy as np
 import pytest
 
 from edgefl import wire
-from edgefl.models import model_spec
-
-SPEC = model_spec("cnn_small")
-
-
-
-def register(client) -> dict:
-    response = client.post("/v1/devices")
-    assert response.status_code == 201
-    return {"Authorization": f"Bearer {response.json['token']}"}
-
-
-def take_task(client, headers) -> dict:
-    response = client.post("/v1/checkin", headers=headers)
-    assert response.status_code == 200, response.json
-    assert response.json["status"] == "task", response.json
-    return response.json["task"]
-
-
-def random_delta(seed=0, scale=0.01) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.normal(scale=scale, size=s.shape).astype(np.float32) for s in SPEC]
-
-
-def update_body(num_examples="10", metrics='{"train_loss": 1.5}', scale=0.01, seed=0, arrays=None, names=None):
-    arrays = arrays or random_delta(seed, scale)
-    metadata = {"num_examples": num_examples, "metrics": metrics} if num_examples is not None else {}
-    return wire.encode(names or [s.name for s in SPEC], arrays, metadata)
-
-
-def upload(client, headers, round_id, body):
-    return client.post(
-        f"/v1/rounds/{round_id}/updates", data=body, headers={**headers, "Content-Type": "application/octet-stream"}
-    )
-
-
-def rejections(store) -> list[tuple]:
-    """The refused-upload log: (round id, code, late) in order."""
-    from contextlib import closing
-
-    with closing(store.connect()) as db:
-        return [tuple(r) for r in db.execute("SELECT round_id, code, late FROM rejections ORDER BY id")]
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.get_data(as_text=True)[:300]
-    assert response.is_json
-    assert response.json["error"] == code
-    assert isinstance(response.json["detail"], str) and response.json["detail"].endswith(".")
-
-
-@pytest.fixture
-def open_round(client, driver):
-    assert driver.step()  # opens round 1
-    headers = register(client)
-    return headers, take_task(client, headers)
+from tests.api_helpers import (
+    ADMIN, SPEC, administered, assert_error, random_delta, register, rejections, take_task, update_body, upload,
+)
 
 
 def test_register_returns_an_id_and_a_token_stored_hashed(client, store):
@@ -525,28 +472,10 @@ def test_held_checkins_get_the_next_round_and_slots_bound_them(tmp_path, small_p
     assert held["answer"]["status"] == "task" and held["answer"]["task"]["round_number"] == 2
 
 
-ADMIN = {"Authorization": "Bearer an-admin-token-of-some-length"}
-
-
 def test_control_endpoints_are_off_without_an_admin_token(client, store, open_round):
     before = store.snapshot()
     assert_error(client.post("/v1/admin/stop", headers=ADMIN), 403, "admin_disabled")
     assert store.snapshot() == before
-
-
-def administered(tmp_path, small_parts, config, db_url=None):
-    """An app started with the admin token, and its round driver with a started run."""
-    from coordinator import create_app
-    from coordinator.driver import RoundDriver
-
-    app = create_app({
-        "INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:],
-    })
-    assert "an-admin-token" not in json.dumps({k: str(v) for k, v in app.config.items()})  # kept hashed
-    learner, server = small_parts
-    driver = RoundDriver(app.extensions["edgefl.store"], config, learner=learner, server=server)
-    driver.ensure_run()
-    return app, driver
 
 
 def test_an_operator_pauses_resumes_and_stops_the_run(tmp_path, small_parts, db_url):
@@ -593,10 +522,14 @@ def test_an_operator_changes_the_configuration_mid_run(tmp_path, small_parts, db
         ({}, "invalid_request"), ({"round_timeout_s": None}, "invalid_request"),
         ({"model": "cnn"}, "invalid_request"), ({"seed": 1}, "invalid_request"), ({"rounds": "5"}, "invalid_request"),
         ({"rounds": True}, "invalid_request"), ({"epochs": 1.5}, "invalid_request"), ({"client_lr": -1}, "invalid_request"),
-        ({"client_lr": float("inf")}, "invalid_request"), ({"rounds": 10**12}, "invalid_request"),
+        ({"rounds": 10**12}, "invalid_request"),
     ):
         posted = client.post("/v1/admin/config", data=json.dumps(changes), headers={**ADMIN, "Content-Type": "application/json"})
         assert_error(posted, 422, code)
+    overflowing = client.post("/v1/admin/config", data='{"client_lr": 1e999}', headers={**ADMIN, "Content-Type": "application/json"})
+    assert_error(overflowing, 422, "invalid_request")  # JSON, but a number no float holds
+    for not_json in ('{"client_lr": Infinity}', '{"client_lr": NaN}', '{"rounds": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000):
+        assert_error(client.post("/v1/admin/config", data=not_json, headers={**ADMIN, "Content-Type": "application/json"}), 400, "bad_json")
     assert_error(client.post("/v1/admin/config", json={"min_reports": 3}, headers=ADMIN), 409, "config_conflict")  # > target
     assert store.snapshot() == before
 
@@ -628,7 +561,7 @@ def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_par
     from edgefl.config import RunConfig
 
     config = RunConfig(
-        model="cnn_small", rounds=2, target_reports=2, min_reports=2, over_selection=1.0,
+        model="cnn_small", rounds=2, target_reports=2, min_reports=2, over_selection=2.0,  # room for devices new to the run
         aggregator="dp_fixed", dp_noise_multiplier=1.1, dp_clip=1.0,
     )
     app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:]})
@@ -637,20 +570,24 @@ def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_par
     )
     driver.ensure_run()
     client = app.test_client()
-    devices = [register(client) for _ in range(5)]  # a population of 5, cohorts of 2
+    devices = [register(client) for _ in range(4)]  # cohorts of 2: devices 0 and 1, then 2 and 3
     assert driver.step()  # round 1 opens; each commit opens the next
     refused = client.post("/v1/admin/config", json={"target_reports": 3}, headers=ADMIN)
     assert_error(refused, 409, "config_conflict")
     assert "calibrated" in refused.json["detail"]
     for round_number in (1, 2):
-        for seed, headers in enumerate(devices[:2]):
+        for _ in range(200):  # bogus registrations: they must not make the privacy look better
+            client.post("/v1/devices")
+        cohort = devices[2 * round_number - 2 : 2 * round_number]
+        for seed, headers in enumerate(cohort):
             assert upload(client, headers, take_task(client, headers)["round_id"], update_body(seed=seed)).status_code == 202
         while driver.step():
             pass
     history = client.get("/v1/status").json["history"]
     accountant = rdp.RdpAccountant()
-    for entry in history:  # the figure dp_accounting gives for the same events
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(2 / 5, dp_accounting.GaussianDpEvent(1.1)))
+    # The population is the devices aggregated so far: 2 after round 1 (q = 1), 4 after round 2.
+    for entry, q in zip(history, (2 / 2, 2 / 4)):  # the figure dp_accounting gives for the same events
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1)))
         assert entry["privacy"] == {"epsilon": pytest.approx(accountant.get_epsilon(1e-5)), "delta": 1e-5}
     assert len(history) == 2 and history[1]["privacy"]["epsilon"] > history[0]["privacy"]["epsilon"]
 

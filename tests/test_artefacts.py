@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from edgefl.launcher import edgefl_command
-from tests.test_api import assert_error, register, take_task, update_body, upload
+from tests.api_helpers import assert_error, register, take_task, update_body, upload
 
 MODELS = ("/v1/models/latest.tflite", "/v1/models/latest-train.tflite", "/v1/models/latest.json")
 

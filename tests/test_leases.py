@@ -6,7 +6,7 @@ import math
 
 from coordinator import leases
 from coordinator.driver import RoundDriver
-from tests.test_api import register, take_task, update_body, upload
+from tests.api_helpers import register, take_task, update_body, upload
 
 
 def test_one_driver_at_a_time_and_a_frozen_one_commits_nothing(coordinator):

@@ -21,7 +21,7 @@ PROMISES = [
     checks.unsupported_method,
 ]
 
-from tests.test_api import ADMIN, administered, register, take_task
+from tests.api_helpers import ADMIN, administered, register, take_task
 
 CALLS: dict[str, dict[str, int]] = {}
 

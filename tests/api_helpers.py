@@ -1,0 +1,76 @@
+"""What the API tests share: a device's calls through Flask's test client, update bodies,
+and an app started with the admin token. Not a test module: test modules import this,
+never each other."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from edgefl import wire
+from edgefl.models import model_spec
+
+SPEC = model_spec("cnn_small")
+
+
+def register(client) -> dict:
+    response = client.post("/v1/devices")
+    assert response.status_code == 201
+    return {"Authorization": f"Bearer {response.json['token']}"}
+
+
+def take_task(client, headers) -> dict:
+    response = client.post("/v1/checkin", headers=headers)
+    assert response.status_code == 200, response.json
+    assert response.json["status"] == "task", response.json
+    return response.json["task"]
+
+
+def random_delta(seed=0, scale=0.01) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(scale=scale, size=s.shape).astype(np.float32) for s in SPEC]
+
+
+def update_body(num_examples="10", metrics='{"train_loss": 1.5}', scale=0.01, seed=0, arrays=None, names=None):
+    arrays = arrays or random_delta(seed, scale)
+    metadata = {"num_examples": num_examples, "metrics": metrics} if num_examples is not None else {}
+    return wire.encode(names or [s.name for s in SPEC], arrays, metadata)
+
+
+def upload(client, headers, round_id, body):
+    return client.post(
+        f"/v1/rounds/{round_id}/updates", data=body, headers={**headers, "Content-Type": "application/octet-stream"}
+    )
+
+
+def rejections(store) -> list[tuple]:
+    """The refused-upload log: (round id, code, late) in order."""
+    from contextlib import closing
+
+    with closing(store.connect()) as db:
+        return [tuple(r) for r in db.execute("SELECT round_id, code, late FROM rejections ORDER BY id")]
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)[:300]
+    assert response.is_json
+    assert response.json["error"] == code
+    assert isinstance(response.json["detail"], str) and response.json["detail"].endswith(".")
+
+
+ADMIN = {"Authorization": "Bearer an-admin-token-of-some-length"}
+
+
+def administered(tmp_path, small_parts, config, db_url=None):
+    """An app started with the admin token, and its round driver with a started run."""
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+
+    app = create_app({
+        "INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:],
+    })
+    assert "an-admin-token" not in json.dumps({k: str(v) for k, v in app.config.items()})  # kept hashed
+    learner, server = small_parts
+    driver = RoundDriver(app.extensions["edgefl.store"], config, learner=learner, server=server)
+    driver.ensure_run()
+    return app, driver

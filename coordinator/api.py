@@ -68,6 +68,14 @@ def _authenticated_device() -> str:
     return row["id"]
 
 
+def _device_if_any() -> str | None:
+    """The device whose token the request carries, if it carries a valid one."""
+    try:
+        return _authenticated_device()
+    except ApiError:
+        return None
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -146,7 +154,11 @@ def checkin():
 @bp.get("/checkpoints/<sha256:sha256>")
 @spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(404)), tags=["devices"], skip_validation=True)  # a file: nothing to validate
 def get_checkpoint(sha256: str):
-    """Download a checkpoint (safetensors; immutable, so cacheable forever)."""
+    """Download a checkpoint (safetensors; immutable, so cacheable forever).
+
+    Anyone may download one, as from a CDN, and that changes nothing. A device that
+    sends its token has the bytes of a full or partial GET charged to the round it
+    trains (HEAD and 304 answers carry none)."""
     db = get_db()
     row = db.execute("SELECT size FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone() if _SHA256.match(sha256) else None
     if row is None:
@@ -156,9 +168,9 @@ def get_checkpoint(sha256: str):
     )
     response.cache_control.public = True
     response.cache_control.immutable = True
-    if response.status_code == 200:
+    if request.method == "GET" and response.status_code in (200, 206) and (device_id := _device_if_any()):
         with get_store().transaction(db):
-            rounds.count_bytes_down(db, sha256, row["size"])
+            rounds.count_bytes_down(db, device_id, sha256, response.content_length or 0)
     return response
 
 

@@ -491,12 +491,14 @@ def config_changes(db: Connection) -> list[dict]:
     ]
 
 
-def count_bytes_down(db: Connection, sha256: str, size: int) -> None:
-    """Charge a checkpoint download to the open round that trains from it."""
+def count_bytes_down(db: Connection, device_id: str, sha256: str, size: int) -> None:
+    """Charge a device's checkpoint download to the open round it was selected into,
+    if that round trains from this checkpoint."""
     db.execute(
         "UPDATE rounds SET bytes_down = bytes_down + ? WHERE status = 'open' AND base_version IN"
-        " (SELECT version FROM checkpoints WHERE sha256 = ?)",
-        (size, sha256),
+        " (SELECT version FROM checkpoints WHERE sha256 = ?)"
+        " AND id IN (SELECT round_id FROM assignments WHERE device_id = ?)",
+        (size, sha256, device_id),
     )
 
 

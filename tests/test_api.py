@@ -61,18 +61,31 @@ def test_a_new_round_selects_waiting_devices_first_in_arrival_order(client, stor
 
 
 def test_checkpoint_is_served_by_hash_with_an_etag(client, store, open_round):
-    _, task = open_round
+    headers, task = open_round
     sha = task["checkpoint_sha256"]
-    response = client.get(f"/v1/checkpoints/{sha}")
+    response = client.get(f"/v1/checkpoints/{sha}", headers=headers)
     assert response.status_code == 200
     assert hashlib.sha256(response.data).hexdigest() == sha
     assert response.headers["ETag"] == f'"{sha}"'
     weights, metadata = wire.decode(response.data, SPEC)
     assert metadata["version"] == "0"
-    again = client.get(f"/v1/checkpoints/{sha}", headers={"If-None-Match": f'"{sha}"'})
+    again = client.get(f"/v1/checkpoints/{sha}", headers={**headers, "If-None-Match": f'"{sha}"'})
     assert again.status_code == 304 and again.data == b""
+    assert client.head(f"/v1/checkpoints/{sha}", headers=headers).status_code == 200
     history = client.get("/v1/rounds").json["rounds"]
-    assert history[0]["bytes_down"] == len(response.data)
+    assert history[0]["bytes_down"] == len(response.data)  # the GET's bytes; the 304 and the HEAD sent none
+
+
+def test_anonymous_checkpoint_downloads_change_nothing(client, store, open_round):
+    """Checkpoints are public and cacheable, like files on a CDN: anyone may GET or HEAD
+    one, and no such request writes anything (nor counts as a device's download)."""
+    headers, task = open_round
+    url = f"/v1/checkpoints/{task['checkpoint_sha256']}"
+    before = store.snapshot()
+    for call, extra in ((client.get, {}), (client.head, {}), (client.get, {"Range": "bytes=0-99"}),
+                        (client.get, {"Authorization": "Bearer not-a-device"}), (client.head, headers)):
+        assert call(url, headers=extra).status_code in (200, 206)
+    assert store.snapshot() == before
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """``GET /``: the page a person watches during a run.
 
-The page is static; its script polls ``/v1/status`` and draws the charts as inline SVG,
-so it needs nothing from the internet and shows exactly what the API reports.
+The page is static; its script polls ``v1/status`` and draws the charts with Chart.js,
+vendored in ``static/vendor/chartjs/``, so it needs nothing from the internet and shows
+exactly what the API reports.
 """
 from __future__ import annotations
 

@@ -96,23 +96,34 @@ def format_status(status: dict) -> str:
 
 
 def plot_history(history: list[dict], path: Path, *, title: str = "edgefl run") -> Path:
-    """Accuracy, loss and participation per round, as one PNG."""
+    """Accuracy, loss and participation per round, as one PNG. Rounds are whole numbers,
+    so every round axis ticks at integers; a missing figure (None: a round whose model
+    could not be evaluated) is a gap in its line, not an error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def values(key: str) -> list[float]:
+        return [float("nan") if e.get(key) is None else e[key] for e in history]
 
     rounds = [e["round"] for e in history]
     fig, (ax_acc, ax_loss, ax_dev) = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax_acc.plot(rounds, [e["accuracy"] for e in history], marker="o")
+    ax_acc.plot(rounds, values("accuracy"), marker="o")
     ax_acc.set(title="test accuracy", xlabel="round", ylim=(0, 1))
-    ax_loss.plot(rounds, [e["loss"] for e in history], marker="o", color="tab:red")
+    ax_loss.plot(rounds, values("loss"), marker="o", color="tab:red")
     ax_loss.set(title="test loss", xlabel="round")
-    ax_dev.bar(rounds, [e["selected"] for e in history], color="lightgray", label="selected")
-    ax_dev.bar(rounds, [e["reported"] for e in history], color="tab:green", label="reported")
+    ax_loss.set_ylim(bottom=0)
+    ax_dev.bar(rounds, values("selected"), color="lightgray", label="selected")
+    ax_dev.bar(rounds, values("reported"), color="tab:green", label="reported")
     ax_dev.set(title="devices", xlabel="round")
+    ax_dev.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_dev.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     for ax in (ax_acc, ax_loss, ax_dev):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if rounds:  # half a round either side, so even a single round gets an integer tick
+            ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -1,161 +1,299 @@
-// Polls /v1/status and draws it. Every plotted mark carries data-series, data-round
-// and data-value, so what is drawn can be checked against the API (the tests do).
+// Polls v1/status every 2 s and draws it with Chart.js (vendored beside this file).
+//
+// After every draw, each chart writes one hidden <i data-series data-round data-value>
+// per point it drew, read back from Chart.js's own parsed data and element positions,
+// so the tests check what was plotted rather than a copy of the input. Any number in
+// the status may be null (a round that could not be evaluated, a non-finite figure):
+// such a point is simply not drawn. <body data-rendered="ok"> marks a successful
+// render; data-error holds the message of any script error.
 "use strict";
 
-const SVG = "http://www.w3.org/2000/svg";
-const W = 480, H = 240, LEFT = 48, RIGHT = 12, TOP = 12, BOTTOM = 30;
+// Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 const COLORS = {
-  accuracy: "#2b7bb9", loss: "#c0392b", selected: "#9aa5b1", reported: "#27ae60",
-  late: "#f39c12", dropped: "#c0392b", mb_down: "#2b7bb9", mb_up: "#8e44ad", mb_up_float32: "#d7bde2",
-  on_device_global: "#2b7bb9", personalized: "#27ae60", epsilon: "#8e44ad",
+  accuracy: "#0072b2", loss: "#d55e00",
+  selected: "#a3acb9", reported: "#009e73", late: "#e69f00", dropped: "#d55e00",
+  mb_down: "#0072b2", mb_up: "#cc79a7", mb_up_float32: "#ead1e1",
+  on_device_global: "#0072b2", personalized: "#009e73", epsilon: "#cc79a7",
+};
+const LABELS = {
+  accuracy: "accuracy", loss: "loss", selected: "selected", reported: "reported", late: "late",
+  dropped: "dropped", mb_down: "down", mb_up: "up", mb_up_float32: "up as float32",
+  on_device_global: "global model", personalized: "personalised", epsilon: "ε",
+};
+const DECIMALS = {
+  accuracy: 4, loss: 4, on_device_global: 4, personalized: 4, epsilon: 4,
+  selected: 0, reported: 0, late: 0, dropped: 0, mb_down: 3, mb_up: 3, mb_up_float32: 3,
+};
+const percent = (v) => `${(100 * v).toFixed(1)}%`;
+const SHOW = {  // how a value reads in tooltips and captions
+  accuracy: percent, on_device_global: percent, personalized: percent,
+  loss: (v) => v.toFixed(4), epsilon: (v) => v.toFixed(2), mb_down: (v) => `${v.toFixed(2)} MB`,
+  mb_up: (v) => `${v.toFixed(2)} MB`, mb_up_float32: (v) => `${v.toFixed(2)} MB`,
+};
+const show = (series, v) => (SHOW[series] || String)(v);
+
+window.addEventListener("error", (e) => { document.body.dataset.error = String(e.message); });
+window.addEventListener("unhandledrejection", (e) => { document.body.dataset.error = String(e.reason); });
+
+Chart.defaults.animation = false;  // redrawn every 2 s: movement would only distract
+Chart.defaults.maintainAspectRatio = false;
+Chart.defaults.font.family = "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
+Chart.defaults.font.size = 12;
+Chart.defaults.color = "#4b5563";
+Chart.defaults.borderColor = "#e5e7eb";
+
+/** A finite number, or null for anything else (null, missing, a string). */
+const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+
+let abandoned = [];  // the status's abandoned rounds, as of the last render
+
+// Rounds with an abandoned attempt get a shaded column on every chart.
+const abandonedBands = {
+  id: "abandonedRounds",
+  beforeDatasetsDraw(chart, _args, options) {
+    const labels = chart.data.labels, area = chart.chartArea, x = chart.scales.x;
+    if (!labels.length || !options.rounds.length) return;
+    const slot = area.width / labels.length;  // x is offset: each round owns one slot
+    const ctx = chart.ctx;
+    ctx.save();
+    ctx.fillStyle = "rgba(213, 94, 0, 0.12)";
+    for (const round of new Set(options.rounds)) {
+      const i = labels.indexOf(round);
+      if (i >= 0) ctx.fillRect(x.getPixelForValue(i) - slot / 2, area.top, slot, area.height);
+    }
+    ctx.restore();
+  },
 };
 
-function el(name, attrs, parent, text) {
-  const node = document.createElementNS(SVG, name);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-  if (text !== undefined) node.textContent = text;
-  parent.appendChild(node);
-  return node;
+// The record of what was drawn, rewritten after each draw of the chart.
+const drawnPoints = {
+  id: "drawnPoints",
+  afterDraw(chart) {
+    const marks = [];
+    for (const meta of chart.getSortedVisibleDatasetMetas()) {
+      const series = chart.data.datasets[meta.index].series;
+      meta.data.forEach((element, j) => {
+        const parsed = meta._parsed[j];
+        if (!parsed || element.skip || num(parsed.y) === null || !chart.isPointInArea(element)) return;
+        const mark = document.createElement("i");
+        mark.dataset.series = series;
+        mark.dataset.round = chart.scales.x.getLabelForValue(parsed.x);
+        mark.dataset.value = parsed.y.toFixed(DECIMALS[series]);
+        marks.push(mark);
+      });
+    }
+    const figure = chart.canvas.closest("figure");
+    let record = figure.querySelector(".drawn");
+    if (!record) record = figure.appendChild(Object.assign(document.createElement("div"), { className: "drawn", hidden: true }));
+    record.replaceChildren(...marks);
+  },
+};
+
+function makeChart(id, type, series, yTitle, y = {}) {
+  const single = series.length === 1;
+  const datasets = series.map((s) => ({
+    series: s, label: LABELS[s], data: [],
+    borderColor: COLORS[s], pointBackgroundColor: COLORS[s],
+    backgroundColor: type === "bar" ? COLORS[s] : `${COLORS[s]}1f`,
+    ...(type === "bar"
+      ? { pointStyle: "rectRounded", borderRadius: 2, maxBarThickness: 28, categoryPercentage: 0.8, barPercentage: 0.9 }
+      : { borderWidth: 2, pointRadius: 3, pointHoverRadius: 5, fill: single ? "origin" : false, spanGaps: false }),
+  }));
+  return new Chart(document.getElementById(id), {
+    type,
+    data: { labels: [], datasets },
+    options: {
+      interaction: { mode: "index", intersect: false },
+      plugins: {
+        abandonedRounds: { rounds: [] },
+        legend: {
+          display: !single, align: "start",
+          labels: {
+            usePointStyle: true, boxWidth: type === "bar" ? 8 : 5, boxHeight: type === "bar" ? 8 : 5, padding: 14,
+            generateLabels: legendWithLatest,
+            filter: (item, data) => data.datasets[item.datasetIndex].data.some((v) => v !== null),
+          },
+        },
+        tooltip: {
+          filter: (item) => num(item.parsed.y) !== null,
+          callbacks: {
+            // Items can be empty: at a round where every value is null the filter leaves none.
+            title: (items) => (items.length ? `round ${items[0].label}` : ""),
+            label: (item) => `${item.dataset.label}: ${show(item.dataset.series, item.parsed.y)}`,
+            footer: (items) => {
+              const round = items.length ? Number(items[0].label) : null;
+              return abandoned.filter((a) => a.round === round).map((a) => `an attempt was abandoned: ${a.reason ?? "no reason given"}`);
+            },
+          },
+        },
+      },
+      scales: {
+        x: { type: "category", offset: true, title: { display: true, text: "round" }, ticks: { maxRotation: 0, autoSkipPadding: 8 } },
+        y: { beginAtZero: true, title: { display: true, text: yTitle }, ...y, ticks: { maxTicksLimit: 7, ...y.ticks } },
+      },
+    },
+    plugins: [abandonedBands, drawnPoints],
+  });
 }
 
-function frame(svg, rounds, ymax, yfmt) {
-  svg.replaceChildren();
-  const x = (i) => LEFT + (rounds.length <= 1 ? (W - LEFT - RIGHT) / 2 : i * (W - LEFT - RIGHT) / (rounds.length - 1));
-  const y = (v) => H - BOTTOM - (ymax > 0 ? v / ymax : 0) * (H - TOP - BOTTOM);
-  el("line", { x1: LEFT, y1: H - BOTTOM, x2: W - RIGHT, y2: H - BOTTOM, class: "axis" }, svg);
-  el("line", { x1: LEFT, y1: TOP, x2: LEFT, y2: H - BOTTOM, class: "axis" }, svg);
-  for (const f of [0, 0.5, 1]) {
-    el("text", { x: LEFT - 4, y: y(f * ymax) + 4, "text-anchor": "end" }, svg, yfmt(f * ymax));
+const accuracyAxis = { max: 1, ticks: { callback: (v) => `${Math.round(100 * v)}%` } };
+const charts = {
+  accuracy: makeChart("accuracy", "line", ["accuracy"], "accuracy", accuracyAxis),
+  loss: makeChart("loss", "line", ["loss"], "loss"),
+  participation: makeChart("participation", "bar", ["selected", "reported", "late", "dropped"], "devices", { ticks: { precision: 0 } }),
+  bytes: makeChart("bytes", "bar", ["mb_down", "mb_up", "mb_up_float32"], "MB", { grace: "8%" }),
+  personalization: makeChart("personalization", "line", ["on_device_global", "personalized"], "accuracy", accuracyAxis),
+  privacy: makeChart("privacy", "line", ["epsilon"], "ε"),
+};
+
+/** One number per history entry (null where there is none) for each series. */
+function seriesValues(history) {
+  const mb = (v) => (num(v) === null ? null : v / 1e6);
+  return {
+    accuracy: history.map((h) => num(h.accuracy)),
+    loss: history.map((h) => num(h.loss)),
+    selected: history.map((h) => num(h.selected)),
+    reported: history.map((h) => num(h.reported)),
+    late: history.map((h) => num(h.late)),
+    dropped: history.map((h) => num(h.dropped)),
+    mb_down: history.map((h) => mb(h.bytes_down)),
+    mb_up: history.map((h) => mb(h.bytes_up)),
+    mb_up_float32: history.map((h) => (h.upload_bits ? mb(h.bytes_up_float32) : null)),
+    on_device_global: history.map((h) => num(h.personalization?.global_accuracy)),
+    personalized: history.map((h) => num(h.personalization?.personalized_accuracy)),
+    epsilon: history.map((h) => num(h.privacy?.epsilon)),
+  };
+}
+
+/** The round axis: every evaluated round and every round with an abandoned attempt. */
+function roundAxis(history) {
+  const rounds = new Set([...history.map((h) => h.round), ...abandoned.map((a) => a.round)].filter((r) => num(r) !== null));
+  return [...rounds].sort((a, b) => a - b);
+}
+
+function drawCharts(history) {
+  const labels = roundAxis(history);
+  const values = seriesValues(history);
+  const position = new Map(history.map((h, i) => [h.round, i]));
+  const figure = document.getElementById("privacy-figure");
+  const showPrivacy = values.epsilon.some((v) => v !== null);
+  if (figure.hidden === showPrivacy) {
+    figure.hidden = !showPrivacy;
+    if (showPrivacy) charts.privacy.resize();
   }
-  const step = Math.max(1, Math.ceil(rounds.length / 10));
-  rounds.forEach((r, i) => {
-    if (i % step === 0 || i === rounds.length - 1) {
-      el("text", { x: x(i), y: H - BOTTOM + 16, "text-anchor": "middle" }, svg, String(r));
+  for (const chart of Object.values(charts)) {
+    chart.data.labels = labels;
+    for (const dataset of chart.data.datasets) {
+      dataset.data = labels.map((r) => (position.has(r) ? values[dataset.series][position.get(r)] : null));
     }
-  });
-  el("text", { x: (LEFT + W - RIGHT) / 2, y: H - 2, "text-anchor": "middle" }, svg, "round");
-  return { x, y };
+    chart.options.plugins.abandonedRounds.rounds = abandoned.map((a) => a.round);
+    chart.update();
+    caption(chart, labels);
+  }
 }
 
-function lineChart(svg, rounds, groups, ymax, fmt) {
-  // groups: [{series, values}]; a null value (no data that round) is not drawn.
-  const { x, y } = frame(svg, rounds, ymax, fmt);
-  if (!rounds.length) return;
-  groups.forEach((g, j) => {
-    const drawn = g.values.map((v, i) => [v, i]).filter(([v]) => v !== null && v !== undefined);
-    if (!drawn.length) return;
-    el("polyline", { points: drawn.map(([v, i]) => `${x(i)},${y(v)}`).join(" "), class: "line", stroke: COLORS[g.series] }, svg);
-    for (const [v, i] of drawn) {
-      const dot = el("circle", {
-        cx: x(i), cy: y(v), r: 3.5, fill: COLORS[g.series],
-        "data-series": g.series, "data-round": rounds[i], "data-value": v.toFixed(4),
-      }, svg);
-      el("title", {}, dot, `round ${rounds[i]} ${g.series.replaceAll("_", " ")}: ${v.toFixed(4)}`);
-    }
-    const [last] = drawn[drawn.length - 1];
-    const label = groups.length > 1 ? `${g.series.replaceAll("_", " ")} ${fmt(last)}` : `round ${rounds[rounds.length - 1]}: ${fmt(last)}`;
-    el("text", { x: W - RIGHT, y: TOP + 10 + 14 * j, "text-anchor": "end", fill: COLORS[g.series] }, svg, label);
-  });
+/** The newest value in a dataset and its index, or null. */
+function latest(dataset) {
+  const i = dataset.data.findLastIndex((v) => v !== null);
+  return i < 0 ? null : { i, value: dataset.data[i] };
 }
 
-function barChart(svg, rounds, groups, ymax, fmt) {
-  // groups: [{series, values}], drawn side by side within each round's slot.
-  svg.replaceChildren();
-  const top = TOP + 18;  // room for the legend above the bars
-  const slot = (W - LEFT - RIGHT) / Math.max(rounds.length, 1);
-  const width = Math.max(1, (slot * 0.8) / groups.length);
-  const y = (v) => H - BOTTOM - (ymax > 0 ? v / ymax : 0) * (H - top - BOTTOM);
-  el("line", { x1: LEFT, y1: H - BOTTOM, x2: W - RIGHT, y2: H - BOTTOM, class: "axis" }, svg);
-  el("line", { x1: LEFT, y1: top, x2: LEFT, y2: H - BOTTOM, class: "axis" }, svg);
-  for (const f of [0, 0.5, 1]) el("text", { x: LEFT - 4, y: y(f * ymax) + 4, "text-anchor": "end" }, svg, fmt(f * ymax));
-  const step = Math.max(1, Math.ceil(rounds.length / 10));
-  rounds.forEach((r, i) => {
-    const x0 = LEFT + i * slot + slot * 0.1;
-    groups.forEach((g, j) => {
-      const v = g.values[i];
-      const bar = el("rect", {
-        x: x0 + j * width, y: y(v), width: Math.max(width - 1, 1), height: H - BOTTOM - y(v), fill: COLORS[g.series],
-        "data-series": g.series, "data-round": r, "data-value": String(v),
-      }, svg);
-      el("title", {}, bar, `round ${r} ${g.series}: ${v}`);
-    });
-    if (i % step === 0 || i === rounds.length - 1) {
-      el("text", { x: LEFT + (i + 0.5) * slot, y: H - BOTTOM + 16, "text-anchor": "middle" }, svg, String(r));
+/** Legend entries that also name each series' newest value. */
+function legendWithLatest(chart) {
+  const items = Chart.defaults.plugins.legend.labels.generateLabels(chart);
+  for (const item of items) {
+    const dataset = chart.data.datasets[item.datasetIndex];
+    const last = latest(dataset);
+    if (last) item.text = `${dataset.label}  ${show(dataset.series, last.value)}`;
+  }
+  return items;
+}
+
+/** A single series' newest value, beside the chart's title (never over the curve). */
+function caption(chart, labels) {
+  const [dataset, ...more] = chart.data.datasets;
+  const last = latest(dataset);
+  const parts = [];
+  if (!more.length && last) {
+    const dot = Object.assign(document.createElement("b"), { className: "dot" });
+    dot.style.background = dataset.borderColor;
+    parts.push(dot, `round ${labels[last.i]}: ${show(dataset.series, last.value)}`);
+  }
+  chart.canvas.closest("figure").querySelector(".latest").replaceChildren(...parts);
+}
+
+function drawAbandoned() {
+  document.getElementById("abandoned").hidden = !abandoned.length;
+  document.getElementById("abandoned-rows").replaceChildren(...abandoned.map((a) => {
+    const row = document.createElement("tr");
+    row.dataset.abandonedRound = String(a.round);
+    row.dataset.reason = String(a.reason ?? "");
+    const at = num(a.at) === null ? "" : new Date(a.at * 1000).toLocaleTimeString();
+    for (const text of [a.round ?? "", a.reason ?? "", a.detail ?? "", at]) {
+      row.appendChild(document.createElement("td")).textContent = String(text);
     }
-  });
-  const legend = el("g", { class: "legend" }, svg);
-  groups.forEach((g, j) => {
-    el("rect", { x: LEFT + 8 + j * 90, y: TOP - 6, width: 10, height: 10, fill: COLORS[g.series] }, legend);
-    el("text", { x: LEFT + 22 + j * 90, y: TOP + 3 }, legend, g.series.replaceAll("_", " "));
-  });
+    return row;
+  }));
+}
+
+function drawRun(status, history) {
+  const run = status.run;
+  const text = document.getElementById("run");
+  const roundText = document.getElementById("round-text");
+  const bar = document.getElementById("round-bar");
+  if (!run) {
+    text.textContent = "no run yet";
+    roundText.textContent = "no round open";
+    bar.style.width = "0";
+    return;
+  }
+  const cfg = run.config || {};
+  const done = history.length ? history[history.length - 1].round : 0;
+  const model = status.model ? `model version ${status.model.version}` : "no model yet";
+  text.textContent = `run ${run.status}: model ${cfg.model} on ${cfg.dataset}, ${done}/${cfg.rounds} rounds, ` +
+    `${status.devices ?? 0} devices registered, ${model}`;
+  const current = status.round;
+  if (current) {
+    const target = num(current.target_reports) ?? 0;
+    const reported = num(current.reported) ?? 0;
+    const left = num(current.seconds_left);
+    roundText.textContent = `round ${current.number} ${current.status}: ${reported}/${target} reports, ` +
+      `${current.selected ?? 0} selected` + (left === null ? "" : `, ${left.toFixed(0)} s to its deadline`);
+    bar.style.width = `${Math.min(100, (100 * reported) / Math.max(target, 1))}%`;
+  } else {
+    const finished = run.status === "finished";
+    roundText.textContent = finished ? "run finished" : "no round open";
+    bar.style.width = finished ? "100%" : "0";
+  }
 }
 
 function render(status) {
-  if (!status.run) {
-    document.getElementById("run").textContent = "no run yet";
-    return;
-  }
-  const cfg = status.run.config;
-  const history = status.history;
-  const done = history.length ? history[history.length - 1].round : 0;
-  document.getElementById("run").textContent =
-    `run ${status.run.status}: model ${cfg.model} on ${cfg.dataset}, ${done}/${cfg.rounds} rounds, ` +
-    `${status.devices} devices registered, model version ${status.model.version}`;
-
-  const current = status.round;
-  const bar = document.getElementById("round-bar");
-  if (current) {
-    const target = current.target_reports;
-    document.getElementById("round-text").textContent =
-      `round ${current.number} ${current.status}: ${current.reported}/${target} reports, ` +
-      `${current.selected} selected, ${current.seconds_left.toFixed(0)} s to its deadline`;
-    bar.style.width = `${Math.min(100, (100 * current.reported) / Math.max(target, 1))}%`;
-  } else {
-    document.getElementById("round-text").textContent = status.run.status === "finished" ? "run finished" : "no round open";
-    bar.style.width = status.run.status === "finished" ? "100%" : "0";
-  }
-
-  const rounds = history.map((h) => h.round);
-  const accuracy = history.map((h) => h.accuracy);
-  const loss = history.map((h) => h.loss);
-  lineChart(document.getElementById("accuracy"), rounds, [{ series: "accuracy", values: accuracy }], 1, (v) => v.toFixed(2));
-  lineChart(document.getElementById("loss"), rounds, [{ series: "loss", values: loss }], Math.max(...loss, 0.1) * 1.1, (v) => v.toFixed(2));
-  const personal = (key) => history.map((h) => (h.personalization ? h.personalization[key] : null));
-  lineChart(document.getElementById("personalization"), rounds, [
-    { series: "on_device_global", values: personal("global_accuracy") },
-    { series: "personalized", values: personal("personalized_accuracy") },
-  ], 1, (v) => v.toFixed(2));
-  const epsilon = history.map((h) => (h.privacy ? h.privacy.epsilon : null));
-  document.getElementById("privacy-figure").hidden = !epsilon.some((v) => v !== null);
-  lineChart(document.getElementById("privacy"), rounds, [{ series: "epsilon", values: epsilon }],
-    Math.max(1, ...epsilon.filter((v) => v !== null)) * 1.1, (v) => v.toFixed(2));
-  const participation = ["selected", "reported", "late", "dropped"].map((series) => ({
-    series, values: history.map((h) => h[series] || 0),
-  }));
-  barChart(document.getElementById("participation"), rounds, participation,
-    Math.max(1, ...history.map((h) => h.selected)), (v) => v.toFixed(0));
-  const mb = [
-    { series: "mb_down", values: history.map((h) => +(h.bytes_down / 1e6).toFixed(1)) },
-    { series: "mb_up", values: history.map((h) => +(h.bytes_up / 1e6).toFixed(1)) },
-  ];
-  if (history.some((h) => h.upload_bits)) {
-    mb.push({ series: "mb_up_float32", values: history.map((h) => +((h.bytes_up_float32 || 0) / 1e6).toFixed(1)) });
-  }
-  barChart(document.getElementById("bytes"), rounds, mb,
-    Math.max(0.1, ...mb.flatMap((g) => g.values)), (v) => v.toFixed(1));
+  const history = (Array.isArray(status.history) ? status.history : []).filter((h) => h && num(h.round) !== null);
+  abandoned = (Array.isArray(status.abandoned) ? status.abandoned : []).filter((a) => a && num(a.round) !== null);
+  drawRun(status, history);
+  drawAbandoned();
+  drawCharts(history);
   document.body.dataset.rounds = String(history.length);
-  return status.run.status;
 }
 
 async function refresh() {
-  let state = "running";
+  let status = null;
   try {
     const response = await fetch("v1/status", { cache: "no-store" });
-    state = render(await response.json());
+    status = await response.json();
   } catch (error) {
     document.getElementById("run").textContent = `coordinator unreachable (${error})`;
   }
-  if (state !== "finished") setTimeout(refresh, 2000);
+  if (status) {
+    try {
+      render(status);
+      document.body.dataset.rendered = "ok";
+    } catch (error) {
+      document.body.dataset.rendered = "error";
+      document.body.dataset.error = String(error && error.stack || error);
+    }
+  }
+  setTimeout(refresh, 2000);
 }
 
 refresh();

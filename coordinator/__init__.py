@@ -47,25 +47,32 @@ class RoundId(IntegerConverter):
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    from coordinator import api, dashboard, errors, openapi
-    from coordinator.store import Store
+    from coordinator import api, dashboard, enrolment, errors, openapi
+    from coordinator.credentials import DeviceTokens
+    from coordinator.enrolment import Enrolment
     from coordinator.lobby import Lobby
+    from coordinator.store import Store
 
     app = Flask(__name__)
     app.json = StrictJSON(app)
     app.url_map.converters["int"] = RoundId
     app.config.from_mapping(
         INSTANCE=None, DB_URL=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES, LONG_POLL_SLOTS=0,
-        ADMIN_TOKEN_SHA256=None, WORKER_ID=None,
+        ADMIN_TOKEN_SHA256=None, WORKER_ID=None, ENROLMENT_SECRET_SHA256=None, MAX_DEVICES=None,
     )
     if test_config:
         app.config.from_mapping(test_config)
-    admin_token = app.config.pop("ADMIN_TOKEN", None)  # kept only as its hash
-    if admin_token:
-        app.config["ADMIN_TOKEN_SHA256"] = hashlib.sha256(admin_token.encode()).hexdigest()
+    for secret in ("ADMIN_TOKEN", "ENROLMENT_SECRET"):  # kept only as their hashes
+        value = app.config.pop(secret, None)
+        if value:
+            app.config[f"{secret}_SHA256"] = hashlib.sha256(value.encode()).hexdigest()
     if not app.config["INSTANCE"]:
         raise ValueError("create_app needs INSTANCE, the instance directory")
     app.extensions["edgefl.store"] = Store(app.config["INSTANCE"], app.config["DB_URL"])
+    app.extensions["edgefl.device_tokens"] = DeviceTokens()
+    app.extensions["edgefl.enrolment"] = Enrolment(
+        secret_sha256=app.config["ENROLMENT_SECRET_SHA256"], max_devices=app.config["MAX_DEVICES"] or enrolment.MAX_DEVICES
+    )
     app.extensions["edgefl.update_arrived"] = threading.Event()
     app.extensions["edgefl.lobby"] = Lobby()
     slots = app.config["LONG_POLL_SLOTS"]

@@ -7,12 +7,10 @@ acknowledged (202) only after its blob is fsynced and its row committed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import random
 import re
-import secrets
 import time
 import uuid
 from dataclasses import asdict
@@ -21,10 +19,11 @@ from flask import Blueprint, current_app, g, jsonify, request, send_file
 
 from spectree import Response
 
-from coordinator import DEFAULT_MAX_UPLOAD_BYTES, failpoints, rounds
+from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, failpoints, rounds
+from coordinator.access import takes_body
 from coordinator.database import Connection
 from coordinator.errors import ApiError
-from coordinator.openapi import ADMIN, DEVICE, ErrorBody, raw_body, spec
+from coordinator.openapi import ADMIN, DEVICE, ENROLMENT, ErrorBody, raw_body, spec
 from coordinator.schemas import CheckinAnswer, ConfigChange, ConfigChanged, DeviceRegistration, RunControlled, UpdateAccepted
 from coordinator.store import Store
 from edgefl import compression, jsonsafe, limits, wire
@@ -56,28 +55,17 @@ def _close_db(_exc) -> None:
 
 
 def _authenticated_device() -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing_token", "Send the device token as 'Authorization: Bearer <token>'.")
-    row = get_db().execute(
-        "SELECT id FROM devices WHERE token_hash = ?", (_token_hash(token.strip()),)
-    ).fetchone()
-    if row is None:
-        raise ApiError(401, "unknown_token", "This token belongs to no registered device.")
-    return row["id"]
+    return access.device_of(get_db(), request.headers.get("Authorization"), current_app)
 
 
 def _device_if_any() -> str | None:
     """The device whose token the request carries, if it carries a valid one."""
-    try:
-        return _authenticated_device()
-    except ApiError:
-        return None
+    return current_app.extensions["edgefl.device_tokens"].device_of(get_db(), credentials.bearer(request.headers.get("Authorization")))
 
 
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+@bp.before_request
+def _answer_withheld_bodies() -> None:
+    access.answer_withheld(get_db())
 
 
 def _require_run(db: Connection):
@@ -97,16 +85,21 @@ def openapi_document():
 
 
 @bp.post("/devices")
-@spec.validate(resp=Response(HTTP_201=DeviceRegistration), tags=["devices"])
+@spec.validate(resp=Response(HTTP_201=DeviceRegistration, **_errors(401, 429)), security=ENROLMENT, tags=["devices"])
 def register_device():
-    """Register a device: its id and bearer token."""
-    token = secrets.token_urlsafe(32)
+    """Register a device: its id and bearer token.
+
+    With an enrolment secret configured, only a caller that sends it may register;
+    without one, anyone may, at a bounded rate and up to a bounded number of devices."""
+    token, token_sha256 = credentials.new_token()
     device_id = uuid.uuid4().hex
     db = get_db()
     with get_store().transaction(db):
+        (registered,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
+        current_app.extensions["edgefl.enrolment"].admit(request.headers.get("Authorization"), registered)
         db.execute(
             "INSERT INTO devices (id, token_hash, created_at) VALUES (?, ?, ?)",
-            (device_id, _token_hash(token), time.time()),
+            (device_id, token_sha256, time.time()),
         )
     return jsonify(device_id=device_id, token=token), 201
 
@@ -222,6 +215,7 @@ def get_latest_model_card():
 
 
 @bp.post("/rounds/<int:round_id>/updates")
+@takes_body("device", lambda store, db: _largest_upload(store, db), view_refuses_oversize=True)
 @raw_body("application/octet-stream", DEFAULT_MAX_UPLOAD_BYTES)
 @spec.validate(
     resp=Response(HTTP_202=UpdateAccepted, **_errors(400, 401, 403, 404, 409, 413, 422, 503)), security=DEVICE, tags=["devices"]
@@ -246,10 +240,12 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
     if rejection:
         raise ApiError(rejection.status, rejection.code, rejection.detail)
 
-    spec = _update_spec(db)
+    spec = _update_spec(get_store(), db)
     limit = compression.payload_bytes(spec, config.upload_bits) + _HEADER_SLACK_BYTES
     if (request.content_length or 0) > limit:
         raise ApiError(413, "update_too_large", f"An update for model {config.model} is at most {limit} bytes.")
+    if request.headers.get("Edgefl-Body-Withheld"):  # the server could not check it, so did not read it
+        raise ApiError(503, "busy", "The coordinator could not take this upload now; retry.", {"Retry-After": "1"})
     body = request.get_data(cache=False)
     try:
         _, metadata = compression.decode_update(body, spec, config.upload_bits)
@@ -282,14 +278,21 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
 _SPECS: dict[str, tuple[wire.TensorSpec, ...]] = {}
 
 
-def _update_spec(db: Connection) -> tuple[wire.TensorSpec, ...]:
+def _update_spec(store: Store, db: Connection) -> tuple[wire.TensorSpec, ...]:
     """What every update must hold: the tensors of the run's checkpoints, read from the
     first one (once per process). The API never builds the model, so WSGI worker
     processes need no TensorFlow."""
     (sha256,) = db.execute("SELECT sha256 FROM checkpoints WHERE version = 0").fetchone()
     if sha256 not in _SPECS:
-        _SPECS[sha256] = wire.spec_of_payload(get_store().blobs.get(sha256))
+        _SPECS[sha256] = wire.spec_of_payload(store.blobs.get(sha256))
     return _SPECS[sha256]
+
+
+def _largest_upload(store: Store, db: Connection) -> int:
+    """The most bytes any acceptable upload of this run can have (float32 tensors)."""
+    if rounds.run_config(db) is None:
+        return 0
+    return compression.payload_bytes(_update_spec(store, db), None) + _HEADER_SLACK_BYTES
 
 
 def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:
@@ -313,7 +316,7 @@ def admin_only(view):
 
     @functools.wraps(view)
     def guarded(*args, **kwargs):
-        _require_admin()
+        access.require_admin(request.headers.get("Authorization"), current_app)
         return view(*args, **kwargs)
 
     return guarded
@@ -335,6 +338,7 @@ def control(action: str):
 
 
 @bp.post("/admin/config")
+@takes_body("admin", access.JSON_BODY_BYTES)
 @admin_only
 @spec.validate(json=ConfigChange, resp=Response(HTTP_200=ConfigChanged, **_errors(400, 401, 403, 409, 415, 422, 503)), security=ADMIN, tags=["operators"])
 def change_config(json: ConfigChange):
@@ -347,17 +351,6 @@ def change_config(json: ConfigChange):
             raise ApiError(changed.status, changed.code, changed.detail)
     current_app.extensions["edgefl.lobby"].notify()  # a bigger cohort may take held devices now
     return ConfigChanged(config=asdict(changed))
-
-
-def _require_admin() -> None:
-    expected = current_app.config.get("ADMIN_TOKEN_SHA256")
-    if not expected:
-        raise ApiError(403, "admin_disabled", "Control endpoints are off: start the coordinator with an admin token.")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing_token", "Send the admin token as 'Authorization: Bearer <token>'.")
-    if not secrets.compare_digest(_token_hash(token.strip()), expected):
-        raise ApiError(401, "bad_admin_token", "That is not the admin token.")
 
 
 @bp.get("/status")

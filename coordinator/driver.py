@@ -86,9 +86,10 @@ class RoundDriver:
         self.holder = leases.holder_name(uuid.uuid4().hex[:8])
         self._lease_checked_until = 0.0
 
-    def ensure_run(self) -> None:
-        """Create the run with its initial checkpoint, or check an existing run's config
-        (a restart resumes it: see ``step``)."""
+    def ensure_run(self, initial_checkpoint: bytes | None = None) -> None:
+        """Create the run with its initial checkpoint (fresh weights from the seed, or
+        those of ``initial_checkpoint``, say the last run's final model), or check an
+        existing run's config (a restart resumes it: see ``step``)."""
         with closing(self.store.connect()) as db:
             existing = rounds.run_config(db)
             if existing is not None:
@@ -98,13 +99,20 @@ class RoundDriver:
                         f"({existing.to_json()}); use a new instance directory or the same settings"
                     )
                 return
-            initial = self._initial_weights()
+            initial = self._initial_weights() if initial_checkpoint is None else self._weights_of(initial_checkpoint)
             checkpoint = wire.encode(self.names, initial, {"version": "0", "model": self.config.model})
             sha = self.store.blobs.put(checkpoint)
             state_sha = self.store.blobs.put(self.server.state_to_bytes(self.server.initialize()))
             with self.store.transaction(db):
                 if rounds.run_config(db) is None:  # another coordinator may have just created it
                     rounds.start_run(db, self.config, sha, len(checkpoint), state_sha, self.clock())
+
+    def _weights_of(self, checkpoint: bytes) -> list[np.ndarray]:
+        try:
+            weights, _ = wire.decode(checkpoint, self.spec)
+        except wire.WireError as error:
+            raise ValueError(f"the previous run's model does not fit model {self.config.model}: {error.detail}") from None
+        return weights
 
     def _initial_weights(self) -> list[np.ndarray]:
         from edgefl.models import build_model
@@ -289,9 +297,14 @@ class RoundDriver:
             rounds.record_evaluation(db, committed["id"], {**evaluation, "evaluation_s": self.clock() - started}, self.clock())
             if committed["number"] >= self.config.rounds:
                 rounds.finish_run(db, self.clock())
+        log.info("round %d evaluated: accuracy %.4f loss %.4f", committed["number"], evaluation["accuracy"], evaluation["loss"])
         if committed["number"] >= self.config.rounds:
             self.lobby.notify()
-        log.info("round %d evaluated: accuracy %.4f loss %.4f", committed["number"], evaluation["accuracy"], evaluation["loss"])
+            log.info(
+                "the run finished after %d rounds (final test accuracy %.4f); still serving its model and record."
+                " To start another on this instance: edgefl serve --new-run [--from-final]",
+                committed["number"], evaluation["accuracy"],
+            )
 
     def run(self, stop: threading.Event, *, wake: threading.Event | None = None, poll_s: float = 0.1) -> None:
         """Step until ``stop`` is set, at least every ``poll_s`` (deadlines, other

@@ -26,7 +26,7 @@ def take(db: Connection, name: str, holder: str, now: float, seconds: float = LE
     if row is None:
         db.execute("INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)", (name, holder, now + seconds))
         return True
-    if row["holder"] != holder and row["expires_at"] > now and not _died_here(row["holder"]):
+    if row["holder"] != holder and row["expires_at"] > now and not died_here(row["holder"]):
         return False
     db.execute("UPDATE leases SET holder = ?, expires_at = ? WHERE name = ?", (holder, now + seconds, name))
     return True
@@ -41,7 +41,7 @@ def holder_name(nonce: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{nonce}"
 
 
-def _died_here(holder: str) -> bool:
+def died_here(holder: str) -> bool:
     """Whether ``holder`` ran on this host in a process that no longer exists."""
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]

@@ -22,6 +22,7 @@ from coordinator.errors import ApiError
 
 DEVICE = {"deviceToken": []}
 ADMIN = {"adminToken": []}
+ENROLMENT = {"enrolmentSecret": []}
 
 
 class ErrorBody(BaseModel):
@@ -98,6 +99,10 @@ spec = _Spec(
     security_schemes=[
         SecurityScheme(name="deviceToken", data=SecuritySchemeData(type="http", scheme="bearer", description="A device's token from POST /v1/devices")),
         SecurityScheme(name="adminToken", data=SecuritySchemeData(type="http", scheme="bearer", description="The token of serve --admin-token-file")),
+        SecurityScheme(
+            name="enrolmentSecret",
+            data=SecuritySchemeData(type="http", scheme="bearer", description="The secret of serve --enrolment-secret-file, when one is set"),
+        ),
     ],
 )
 

@@ -187,7 +187,7 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
     not queue for the write lock to learn that."""
     status = run_status(db)
     if status in ("finished", "stopped"):
-        return {"status": "finished"}
+        return {"status": "finished", "reason": f"run_{status}"}
     if status == "paused":
         return _retry(rng, LATER_RETRY_S, "paused")
     config = run_config(db)

@@ -32,9 +32,10 @@ class CheckinAnswer(BaseModel):
     status: Literal["task", "wait", "finished"]
     task: Task | None = None
     retry_after: float | None = Field(None, description="Seconds to wait before the next check-in (also the Retry-After header)")
-    reason: Literal["between_rounds", "reported", "cohort_full", "paused", "deferred"] | None = Field(
+    reason: Literal["between_rounds", "reported", "cohort_full", "paused", "deferred", "run_finished", "run_stopped"] | None = Field(
         None, description="deferred: this device's record keeps it out of the round for now (it missed recent rounds,"
-        " or the round's seats are kept for devices that have reported before)",
+        " or the round's seats are kept for devices that have reported before); run_finished, run_stopped: why there"
+        " is no more work",
     )
 
 

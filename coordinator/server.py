@@ -45,21 +45,12 @@ def _raise_stop_on_signals() -> None:
 
 
 def wsgi_server(app, *, threads: int, **where):
-    """Waitress tuned for megabyte bodies: read in large chunks and keep bodies in
-    memory, instead of its default 8 KB reads and temp-file spooling."""
-    import waitress
+    """The hardened waitress server (``coordinator.httpserver``), reading a request's
+    body only when the app's declarations accept it (``coordinator.access``)."""
+    from coordinator import httpserver
+    from coordinator.access import BodyPolicy
 
-    from coordinator import DEFAULT_MAX_UPLOAD_BYTES
-
-    return waitress.create_server(
-        app,
-        threads=threads,
-        channel_timeout=120,
-        recv_bytes=1 << 18,
-        inbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
-        outbuf_overflow=DEFAULT_MAX_UPLOAD_BYTES,
-        **where,
-    )
+    return httpserver.create(app, threads=threads, body_policy=BodyPolicy(app), **where)
 
 
 def long_poll_slots(threads: int) -> int:
@@ -69,12 +60,15 @@ def long_poll_slots(threads: int) -> int:
 def serve(
     *, instance: Path, config: RunConfig, given: Collection[str] = (), host: str = "127.0.0.1", port: int = 8080,
     threads: int = 16, workers: int = 1, db_url: str | None = None, admin_token: str | None = None,
+    enrolment_secret: str | None = None, max_devices: int | None = None, new_run: bool = False, from_final: bool = False,
     publish_command: list[str] | None = None,
 ) -> None:
     """Serve ``instance``: a new run with ``config``, or the run the instance holds (see
     ``resumed_config``; ``given`` names the settings the user set explicitly). With
+    ``new_run``, an instance whose run is over starts another (``coordinator.archive``),
+    from fresh weights or, with ``from_final``, from the last run's final model. With
     ``publish_command`` (``edgefl export``), the phone artefacts follow the newest model."""
-    from coordinator import create_app
+    from coordinator import archive, create_app
     from coordinator.artefacts import Publisher
     from coordinator.driver import RoundDriver, resumed_config
     from coordinator.store import Store
@@ -87,14 +81,21 @@ def serve(
     stop_serving = lambda: None  # noqa: E731
     try:
         if workers == 1:
-            app = create_app(
-                {"INSTANCE": str(instance), "DB_URL": db_url, "LONG_POLL_SLOTS": long_poll_slots(threads), "ADMIN_TOKEN": admin_token}
-            )
+            app = create_app({
+                "INSTANCE": str(instance), "DB_URL": db_url, "LONG_POLL_SLOTS": long_poll_slots(threads), "ADMIN_TOKEN": admin_token,
+                "ENROLMENT_SECRET": enrolment_secret, "MAX_DEVICES": max_devices,
+            })
             store, lobby, wake = app.extensions["edgefl.store"], app.extensions["edgefl.lobby"], app.extensions["edgefl.update_arrived"]
         else:
             store, lobby, wake = Store(instance, db_url), None, None
+        initial = None
+        if new_run:
+            record, final = archive.start_over(store)
+            print(f"edgefl serve: the previous run's record and final model are in {record.parent}", flush=True)
+            initial = final if from_final else None
         driver = RoundDriver(store, resumed_config(store, config, given), lobby=lobby)
-        driver.ensure_run()
+        driver.ensure_run(initial_checkpoint=initial)
+        _say_if_over(store)
         # Without an in-process wake-up the driver polls for other processes' uploads.
         driver_thread = threading.Thread(
             target=driver.run, args=(stop,), kwargs={"wake": wake, "poll_s": 0.1 if wake else 0.02},
@@ -106,14 +107,14 @@ def serve(
             publisher_thread.start()
         if workers == 1:
             server = wsgi_server(app, threads=threads, host=host, port=port)
-            stop_serving = lambda: (lobby.close(), server.close())  # noqa: E731
+            stop_serving = lambda: (lobby.close(), server.shutdown())  # noqa: E731
             url = f"http://{host}:{server.effective_port}"
             driver_thread.start()
             _announce(info_path, url, instance)
             server.run()
         else:
             listener = socket.create_server((host, port), backlog=2048)
-            supervisor = _Workers(listener, workers, threads, instance, store.database.url, admin_token)
+            supervisor = _Workers(listener, workers, threads, instance, store.database.url, admin_token, enrolment_secret, max_devices)
             stop_serving = supervisor.stop
             url = f"http://{host}:{listener.getsockname()[1]}"
             supervisor.start()
@@ -132,6 +133,23 @@ def serve(
         sys.stdout.flush()
 
 
+def _say_if_over(store) -> None:
+    """An instance whose run is over is still served (its model, status, dashboard);
+    say so, and how to start another."""
+    from contextlib import closing
+
+    from coordinator import rounds
+
+    with closing(store.connect()) as db:
+        status = rounds.run_status(db)
+    if status in ("finished", "stopped"):
+        print(
+            f"edgefl serve: the run on {store.instance_dir} is {status}; serving its model and record (devices are told it is"
+            f" over). To start another here: edgefl serve --instance {store.instance_dir} --new-run [--from-final]",
+            flush=True,
+        )
+
+
 def _announce(info_path: Path, url: str, instance: Path, workers: int = 1) -> None:
     info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
     log.info("serving %s (instance %s, %d worker process%s)", url, instance, workers, "es" if workers > 1 else "")
@@ -141,15 +159,22 @@ def _announce(info_path: Path, url: str, instance: Path, workers: int = 1) -> No
 class _Workers:
     """WSGI worker processes accepting on one inherited socket; a dead one is replaced."""
 
-    def __init__(self, listener: socket.socket, count: int, threads: int, instance: Path, db_url: str, admin_token: str | None):
+    def __init__(
+        self, listener: socket.socket, count: int, threads: int, instance: Path, db_url: str, admin_token: str | None,
+        enrolment_secret: str | None, max_devices: int | None,
+    ):
         self.listener = listener
         self.count = count
         self.command = [
             sys.executable, "-m", "coordinator.worker", "--fd", str(listener.fileno()), "--instance", str(instance),
-            "--db", db_url, "--threads", str(threads),
+            "--db", db_url, "--threads", str(threads), *(["--max-devices", str(max_devices)] if max_devices else []),
         ]
-        # Workers get the token's hash only, through the environment (not the command line, which anyone can read).
-        self.env = {**os.environ, "EDGEFL_ADMIN_TOKEN_SHA256": hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else ""}
+        # Workers get the secrets' hashes only, through the environment (not the command line, which anyone can read).
+        self.env = {
+            **os.environ,
+            "EDGEFL_ADMIN_TOKEN_SHA256": hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else "",
+            "EDGEFL_ENROLMENT_SECRET_SHA256": hashlib.sha256(enrolment_secret.encode()).hexdigest() if enrolment_secret else "",
+        }
         self.processes: list[subprocess.Popen] = []
         self.stopping = False
 

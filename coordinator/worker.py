@@ -16,6 +16,7 @@ import threading
 from coordinator import create_app
 from coordinator.lobby import watch_rounds
 from coordinator.server import _Stop, _raise_stop_on_signals, long_poll_slots, wsgi_server
+from edgefl import logs
 
 log = logging.getLogger("edgefl.coordinator")
 
@@ -26,17 +27,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instance", required=True)
     parser.add_argument("--db", required=True)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--max-devices", type=int)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    logs.configure()  # the level serve was given, inherited
     _raise_stop_on_signals()
 
     app = create_app({
         "INSTANCE": args.instance, "DB_URL": args.db, "LONG_POLL_SLOTS": long_poll_slots(args.threads),
         "ADMIN_TOKEN_SHA256": os.environ.get("EDGEFL_ADMIN_TOKEN_SHA256") or None, "WORKER_ID": str(os.getpid()),
+        "ENROLMENT_SECRET_SHA256": os.environ.get("EDGEFL_ENROLMENT_SECRET_SHA256") or None, "MAX_DEVICES": args.max_devices,
     })
     lobby, stop = app.extensions["edgefl.lobby"], threading.Event()
     watcher = threading.Thread(target=watch_rounds, args=(app.extensions["edgefl.store"], lobby, stop), daemon=True)
-    server = wsgi_server(app, threads=args.threads, sockets=[socket.socket(fileno=args.fd)])
+    server = wsgi_server(app, threads=args.threads, sock=socket.socket(fileno=args.fd))
     try:
         watcher.start()
         server.run()
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         stop.set()
         lobby.close()
-        server.close()
+        server.shutdown()
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class DeviceSummary:
     startup_s: float | None = None  # process start to imports done, plus building the first learner
     peak_rss_mb: float = 0.0
     tensorflow_imported: bool = False
+    stopped_because: str = ""  # the coordinator's reason: run_finished or run_stopped
 
 
 def device_shard(spec: DeviceSpec) -> Split:
@@ -123,14 +124,14 @@ class _LiteRTRuntime:
         return self.learner
 
 
-def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> DeviceSummary:
+def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None, enrolment_secret: str | None = None) -> DeviceSummary:
     """Serve the coordinator's tasks until it says the run is over."""
     if spec.runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {spec.runtime!r}; choose one of {', '.join(RUNTIMES)}")
     shard, held = holdout_split(device_shard(spec), spec.holdout, hash((spec.seed, spec.index)) & 0xFFFFFFFF)
     client = client or CoordinatorClient(spec.coordinator)
     summary = DeviceSummary(spec.index, num_examples=len(shard), runtime=spec.runtime)
-    summary.device_id = client.register()
+    summary.device_id = client.register(enrolment_secret)
     log.info("device %d (%s) registered as %s with %d examples", spec.index, spec.runtime, summary.device_id, len(shard))
     litert = _LiteRTRuntime(client, spec.threads) if spec.runtime == "litert" else None
     imported_s = _process_age_s()
@@ -139,6 +140,8 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None) -> 
     while True:
         answer = client.checkin()
         if answer["status"] == "finished":
+            summary.stopped_because = answer.get("reason") or "run_finished"
+            log.info("device %d: the coordinator says the run is over (%s)", spec.index, summary.stopped_because)
             break
         if answer["status"] == "wait":
             time.sleep(answer["retry_after"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,11 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from device_sim.device import DeviceSpec, run_device
+from edgefl import logs
 from edgefl.client import CoordinatorUnreachable, ProtocolError
 from edgefl.processes import start_logged, stop_process
 
 
-def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
+def spawn_device(spec: DeviceSpec, log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "device_sim",
         "--coordinator", spec.coordinator,
@@ -36,13 +38,20 @@ def spawn_device(spec: DeviceSpec, log_dir: Path) -> subprocess.Popen:
         "--holdout", str(spec.holdout),
         "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
     ]
-    return start_logged(command, log_dir / f"device-{spec.index:04d}.log")
+    return start_logged(command, log_dir / f"device-{spec.index:04d}.log", env=env)
 
 
-def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
-    """Start every device, wait for all, print one line per device; 0 if all succeeded."""
+_SECRET_ENV = "EDGEFL_ENROLMENT_SECRET"  # to the device processes, not on their command lines
+_WHY = {"run_finished": "the run is finished", "run_stopped": "an operator stopped the run"}
+
+
+def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout, enrolment_secret: str | None = None) -> int:
+    """Start every device, wait for all, print one line per device (and why they
+    stopped); 0 if all succeeded. Ctrl-C or SIGTERM stops every device and raises
+    KeyboardInterrupt once they are gone."""
     log_dir.mkdir(parents=True, exist_ok=True)
     processes: dict[int, subprocess.Popen] = {}
+    env = {**os.environ, _SECRET_ENV: enrolment_secret} if enrolment_secret else None
 
     def _forward(signum, _frame):
         for process in processes.values():
@@ -52,9 +61,11 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
 
     previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
     failures = 0
+    reasons: set[str] = set()
+    interrupted = False
     try:
         for spec in specs:
-            processes[spec.index] = spawn_device(spec, log_dir)
+            processes[spec.index] = spawn_device(spec, log_dir, env)
         print(f"started {len(specs)} device processes (logs in {log_dir})", file=out, flush=True)
         pending = dict(processes)
         while pending:
@@ -66,9 +77,11 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
                 summary_path = log_dir / f"device-{index:04d}.json"
                 if code == 0 and summary_path.exists():
                     s = json.loads(summary_path.read_text())
+                    reasons.add(s["stopped_because"])
                     print(
                         f"device {index}: {s['rounds_trained']} rounds, {s['num_examples']} examples,"
-                        f" {s['bytes_down'] / 1e6:.1f} MB down, {s['bytes_up'] / 1e6:.1f} MB up",
+                        f" {s['bytes_down'] / 1e6:.1f} MB down, {s['bytes_up'] / 1e6:.1f} MB up"
+                        f" (stopped: {_WHY.get(s['stopped_because'], s['stopped_because'])})",
                         file=out,
                         flush=True,
                     )
@@ -77,7 +90,7 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
                     print(f"device {index}: exited with code {code}; see {log_dir / f'device-{index:04d}.log'}", file=out, flush=True)
             time.sleep(0.2)
     except KeyboardInterrupt:
-        failures += 1
+        interrupted = True
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -86,6 +99,11 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout) -> int:
             stop_process(process, timeout_s=10)
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if interrupted:
+        raise KeyboardInterrupt
+    if reasons and not failures:
+        print(f"all {len(specs)} devices stopped because {' and '.join(sorted(_WHY.get(r, r) for r in reasons))};"
+              " the coordinator can start another run with edgefl serve --new-run", file=out, flush=True)
     return 1 if failures else 0
 
 
@@ -103,7 +121,7 @@ def device_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", type=float, default=0.2)
     parser.add_argument("--summary", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure()  # at the level the fleet was given, inherited
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.runtime == "keras":
         from edgefl.training import limit_threads
@@ -121,7 +139,7 @@ def device_main(argv: list[str] | None = None) -> int:
         holdout=args.holdout,
     )
     try:
-        summary = run_device(spec)
+        summary = run_device(spec, enrolment_secret=os.environ.get(_SECRET_ENV))
     except (CoordinatorUnreachable, ProtocolError) as exc:
         logging.getLogger("edgefl.device").error("device %d stopped: %s", args.index, exc)
         return 1

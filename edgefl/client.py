@@ -1,9 +1,9 @@
 """A client of the /v1 protocol (devices, export, the CLI), with the retries a phone on a bad network needs.
 
-Connection errors, timeouts and 5xx answers are retried with capped exponential
-backoff and full jitter (honouring Retry-After), so a coordinator restart or a burst of
-load costs a device time, not its work. 4xx answers are final and raised as
-``ProtocolError`` with the server's error code.
+Connection errors, timeouts, 5xx and 429 (too many requests) answers are retried with
+capped exponential backoff and full jitter (honouring Retry-After), so a coordinator
+restart or a burst of load costs a device time, not its work. Other 4xx answers are
+final and raised as ``ProtocolError`` with the server's error code.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class CoordinatorClient:
                 )
                 with response:
                     body = b"".join(response.iter_content(_READ_CHUNK_BYTES))
-                if response.status_code < 500:
+                if response.status_code < 500 and response.status_code != 429:
                     break
                 retry_after = response.headers.get("Retry-After", "")
                 wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
@@ -88,7 +88,7 @@ class CoordinatorClient:
                 )
             backoff = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt) * self._rng.random()
             pause = min(wait if wait is not None else backoff, max(0.0, deadline - time.monotonic()))
-            log.info("%s %s failed (%s); retrying in %.2fs", method, path, problem, pause)
+            log.debug("%s %s failed (%s); retrying in %.2fs", method, path, problem, pause)
             time.sleep(pause)
             attempt += 1
         if response.status_code >= 400:
@@ -107,8 +107,10 @@ class CoordinatorClient:
         except ValueError:
             raise ProtocolError(response.status_code, "not_json", f"{path} did not answer JSON") from None
 
-    def register(self) -> str:
-        body = self._json("POST", "/v1/devices")
+    def register(self, enrolment_secret: str | None = None) -> str:
+        """Register as a new device (with the coordinator's enrolment secret, if it has one)."""
+        headers = {"Authorization": f"Bearer {enrolment_secret}"} if enrolment_secret else {}
+        body = self._json("POST", "/v1/devices", headers=headers)
         self.device_id, self.token = body["device_id"], body["token"]
         return self.device_id
 

@@ -1,13 +1,19 @@
 """Run configuration: what a federated run trains, and how rounds are paced.
 
 One frozen dataclass, stored as JSON with the run so that a restarted coordinator
-resumes with exactly the configuration it started with.
+resumes with exactly the configuration it started with. Each setting is declared
+once, with its help text, its command-line flag, the values it accepts and whether
+an operator may change it mid-run: the CLI's flags, the launcher's command lines and
+the validation of every value are derived from these declarations, and a problem is
+reported by the name its reader knows (``--round-timeout`` on the command line,
+``round_timeout_s`` in the API).
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator
 
 from edgefl.compression import BITS
 from edgefl.datasets import DATASET_NAMES
@@ -17,59 +23,94 @@ SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")  # FedAvg, FedAvgM, FedAdam
 AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed", "compressed")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What a configuration field accepts, and how people name it."""
+
+    help: str
+    flag: str = ""  # the command line's name, without "--"; default: the field's name with "-"
+    low: float | None = None
+    high: float | None = None
+    above_low: bool = False  # low itself is not allowed
+    below_high: bool = False  # high itself is not allowed
+    choices: tuple = ()
+    mutable: bool = False  # POST /v1/admin/config may change it mid-run
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not acceptable ("must be ..."), or None."""
+        if self.choices:
+            return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        too_low = self.low is not None and (value <= self.low if self.above_low else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.below_high else value > self.high)
+        if not (too_low or too_high):
+            return None
+        lower = f"{'above' if self.above_low else 'at least'} {self.low:g}" if self.low is not None else ""
+        upper = f"{'below' if self.below_high else 'at most'} {self.high:g}" if self.high is not None else ""
+        return "must be " + " and ".join(filter(None, (lower, upper)))
+
+
+def setting(default: Any, help: str, **accepts: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(help=help, **accepts)})
+
+
+class ConfigError(ValueError):
+    """Settings that do not fit; ``problems`` are (field, "must be ...") pairs, whose
+    text names other fields as ``{field}``, so each reader can name fields its own way
+    (``describe``)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__(self.describe(lambda name: name))
+
+    def describe(self, name_of: Callable[[str], str]) -> str:
+        names = {f.name: name_of(f.name) for f in fields(RunConfig)}
+        return "; ".join(f"{name_of(name)} {text.format_map(names)}" for name, text in self.problems)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    model: str = "cnn"
-    dataset: str = "digits"
-    rounds: int = 10
-    target_reports: int = 10  # a round closes as soon as this many updates arrived
-    min_reports: int = 8  # ...or at its deadline if at least this many did
-    over_selection: float = 1.3  # cohort = ceil(target_reports * over_selection)
-    round_timeout_s: float = 120.0
-    epochs: int = 1
-    batch_size: int = 10
-    client_lr: float = 0.05
-    aggregator: str = "mean"
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0  # SGD at 1.0 on the mean delta is plain FedAvg
-    server_momentum: float = 0.9  # sgdm only
-    dp_noise_multiplier: float = 1.0  # dp_* only: noise stddev over the clip norm
-    dp_clip: float = 0.1  # dp_fixed's L2 clip norm of each update
-    compression_bits: int = 8  # compressed only: bits per value of a quantized upload
-    seed: int = 0  # initial weights
+    model: str = setting("cnn", "model to train", choices=MODEL_NAMES)
+    dataset: str = setting("digits", "dataset whose test split the coordinator holds", choices=DATASET_NAMES)
+    rounds: int = setting(10, "rounds to run", low=1, high=1_000_000, mutable=True)
+    target_reports: int = setting(10, "updates that close a round", low=1, high=1_000_000, mutable=True)
+    min_reports: int = setting(8, "updates a round needs by its deadline", low=1, high=1_000_000, mutable=True)
+    over_selection: float = setting(1.3, "cohort = target reports x this", low=1.0, high=100.0, mutable=True)
+    round_timeout_s: float = setting(
+        120.0, "seconds before a round's deadline", flag="round-timeout", low=0, high=7 * 86400, above_low=True, mutable=True
+    )
+    epochs: int = setting(1, "local epochs per round", low=1, high=1000, mutable=True)
+    batch_size: int = setting(10, "local batch size", low=1, high=100_000, mutable=True)
+    client_lr: float = setting(0.05, "device SGD learning rate", low=0, high=1000, above_low=True, mutable=True)
+    aggregator: str = setting(
+        "mean", "mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP), or compressed"
+        " (devices upload quantized updates)", choices=AGGREGATORS,
+    )
+    server_optimizer: str = setting("sgd", "sgd (FedAvg), sgdm (FedAvgM) or adam (FedAdam)", choices=SERVER_OPTIMIZERS)
+    server_lr: float = setting(1.0, "server optimizer's learning rate (1.0 with sgd: FedAvg)", low=0, high=1000, above_low=True)
+    server_momentum: float = setting(0.9, "sgdm's momentum", low=0, high=1, below_high=True)
+    dp_noise_multiplier: float = setting(1.0, "DP noise stddev over the clip norm (dp_* only)", low=0, high=1000)
+    dp_clip: float = setting(0.1, "dp_fixed's L2 clip norm per update", low=0, high=1e6, above_low=True)
+    compression_bits: int = setting(8, "compressed's bits per uploaded value", choices=BITS)
+    seed: int = setting(0, "seed of the initial model", low=0, high=2**32 - 1)
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.model not in MODEL_NAMES:
-            problems.append(f"model must be one of {', '.join(MODEL_NAMES)}")
-        if self.dataset not in DATASET_NAMES:
-            problems.append(f"dataset must be one of {', '.join(DATASET_NAMES)}")
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            problems.append(f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}")
-        if self.aggregator not in AGGREGATORS:
-            problems.append(f"aggregator must be one of {', '.join(AGGREGATORS)}")
-        if not 0 <= self.server_momentum < 1:
-            problems.append("server_momentum must be at least 0 and below 1")
-        if not self.dp_noise_multiplier >= 0 or not self.dp_clip > 0:
-            problems.append("dp_noise_multiplier must not be negative and dp_clip must be positive")
-        elif self.aggregator == "dp_adaptive" and self.dp_noise_multiplier >= 0.1 * self.target_reports:
+        problems = [(name, problem) for name, value, s in self.settings() if (problem := s.problem(value))]
+        if problems:
+            raise ConfigError(problems)
+        if self.min_reports > self.target_reports:
+            problems.append(("min_reports", "must not exceed {target_reports}"))
+        if self.aggregator == "dp_adaptive" and self.dp_noise_multiplier >= 0.1 * self.target_reports:
             # TFF's adaptive clipping spends part of the noise on its clip estimate, whose
             # noise is 0.05 x the clients per round: it must stay above half the total.
-            problems.append("dp_adaptive needs target_reports above 10 x dp_noise_multiplier")
-        if self.compression_bits not in BITS:
-            problems.append(f"compression_bits must be one of {', '.join(map(str, BITS))}")
-        for name in ("rounds", "target_reports", "min_reports", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        if self.min_reports > self.target_reports:
-            problems.append("min_reports must not exceed target_reports")
-        if self.over_selection < 1.0:
-            problems.append("over_selection must be at least 1.0")
-        for name in ("round_timeout_s", "client_lr", "server_lr"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be positive")
+            problems.append(("target_reports", "must be above 10 x {dp_noise_multiplier} for dp_adaptive"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems)
+
+    def settings(self) -> Iterator[tuple[str, Any, Setting]]:
+        for f in fields(self):
+            yield f.name, getattr(self, f.name), f.metadata["setting"]
 
     @property
     def upload_bits(self) -> int | None:
@@ -87,3 +128,14 @@ class RunConfig:
     def from_json(cls, text: str) -> "RunConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a RunConfig field, with its dashes."""
+    flag = next(f.metadata["setting"].flag for f in fields(RunConfig) if f.name == name)
+    return "--" + (flag or name.replace("_", "-"))
+
+
+def command_line(config: RunConfig) -> list[str]:
+    """The flags that give ``config`` to ``edgefl serve`` (or ``demo``)."""
+    return [arg for name, value, _ in config.settings() for arg in (flag_of(name), str(value))]

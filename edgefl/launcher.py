@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from edgefl.client import CoordinatorClient
-from edgefl.config import RunConfig
+from edgefl.config import RunConfig, command_line
 from edgefl.processes import start_logged, stop_process
 
 _SERVER_START_TIMEOUT_S = 180
@@ -25,19 +25,6 @@ _SERVER_START_TIMEOUT_S = 180
 
 def edgefl_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgefl", *args]
-
-
-def config_flags(config: RunConfig) -> list[str]:
-    return [
-        "--model", config.model, "--dataset", config.dataset, "--rounds", str(config.rounds),
-        "--target-reports", str(config.target_reports), "--min-reports", str(config.min_reports),
-        "--over-selection", str(config.over_selection), "--round-timeout", str(config.round_timeout_s),
-        "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
-        "--client-lr", str(config.client_lr), "--server-lr", str(config.server_lr), "--seed", str(config.seed),
-        "--aggregator", config.aggregator, "--server-optimizer", config.server_optimizer,
-        "--server-momentum", str(config.server_momentum), "--dp-noise-multiplier", str(config.dp_noise_multiplier),
-        "--dp-clip", str(config.dp_clip), "--compression-bits", str(config.compression_bits),
-    ]
 
 
 @dataclass
@@ -100,7 +87,7 @@ def federation(
     server = fleet = None
     try:
         server_log = logs / "coordinator.log"
-        server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", *config_flags(config), *serve_flags), server_log)
+        server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", *command_line(config), *serve_flags), server_log)
         url = wait_for_server(instance, server, server_log)
         if start_devices:
             fleet = start_logged(

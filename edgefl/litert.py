@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgefl.logs import native_stderr_silenced
 from edgefl.ondevice import signature_key, wire_name
 from edgefl.training import ClientResult, client_result, local_sgd
 from edgefl.wire import TensorSpec
@@ -21,13 +22,14 @@ class LiteRTLearner:
     def __init__(self, tflite_model: bytes, *, threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interpreter = Interpreter(model_content=tflite_model, num_threads=threads)
-        self._train = self._interpreter.get_signature_runner("train")
-        self._infer = self._interpreter.get_signature_runner("infer")
-        self._get_weights = self._interpreter.get_signature_runner("get_weights")
-        self._set_weights = self._interpreter.get_signature_runner("set_weights")
+        with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate on stderr
+            self._interpreter = Interpreter(model_content=tflite_model, num_threads=threads)
+            self._train = self._interpreter.get_signature_runner("train")
+            self._infer = self._interpreter.get_signature_runner("infer")
+            self._get_weights = self._interpreter.get_signature_runner("get_weights")
+            self._set_weights = self._interpreter.get_signature_runner("set_weights")
+            initial = self._get_weights()
         self.batch_size = int(self._train.get_input_details()["x"]["shape"][0])
-        initial = self._get_weights()
         # The file's own order (its signatures sort their keys), not Keras's: without
         # TensorFlow there is no Keras model to ask, and tensors travel by name anyway.
         self.names = [wire_name(key) for key in sorted(initial)]

@@ -26,7 +26,8 @@ import requests
 from coordinator.store import Store
 from edgefl import wire
 from edgefl.config import RunConfig
-from edgefl.launcher import config_flags, edgefl_command, start_logged, stop_process, wait_for_server
+from edgefl.config import command_line
+from edgefl.launcher import edgefl_command, start_logged, stop_process, wait_for_server
 from edgefl.models import model_spec
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +52,7 @@ class Coordinator:
     def start(self, hold_at: str = "") -> None:
         self.log.write_text("")  # a fresh log per start: holds are found in it
         env = {**os.environ, "EDGEFL_HOLD_AT": hold_at}
-        command = edgefl_command("serve", "--instance", str(self.instance), "--port", "0", *self.db_flags, *config_flags(CONFIG))
+        command = edgefl_command("serve", "--instance", str(self.instance), "--port", "0", *self.db_flags, *command_line(CONFIG))
         self.process = start_logged(command, self.log, env=env)
         self.pids.add(self.process.pid)
         self.url = wait_for_server(self.instance, self.process, self.log)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgefl import limits, wire
-from tests.api_helpers import SPEC, assert_error, random_delta, register, rejections, take_task, update_body, upload
+from tests.api_helpers import SPEC, assert_error, register, rejections, take_task, update_body, upload
 
 
 def strict_json(text: str):

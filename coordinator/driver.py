@@ -121,9 +121,11 @@ class RoundDriver:
 
     def step(self) -> bool:
         """Advance the run by at most one transition; True if something changed. Only
-        the holder of the round-driver lease does (see ``coordinator.leases``)."""
+        the holder of the round-driver lease does (see ``coordinator.leases``); the
+        lease is held while the run is paused or over too, so that no other process
+        takes the instance over meanwhile (``serve --new-run`` checks it)."""
         with closing(self.store.connect()) as db:
-            if rounds.run_status(db) != "running" or not self._hold_lease(db):
+            if not self._hold_lease(db) or rounds.run_status(db) != "running":
                 return False
             try:
                 return self._step(db)

@@ -46,6 +46,7 @@ def bounded(kind: type, low: float | None = None, high: float | None = None, *, 
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
+    parse.rule, parse.kind = rule, kind
     return parse
 
 

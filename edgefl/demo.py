@@ -14,7 +14,7 @@ import time
 from edgefl.config import RunConfig
 from edgefl.launcher import edgefl_command, federation
 from edgefl.processes import raise_on_sigterm
-from edgefl.report import export_table, plot_history, progress_line, rounds_table
+from edgefl.report import export_table, figure, plot_history, progress_line, rounds_table
 
 _MARKER = ".edgefl-demo"
 
@@ -60,7 +60,7 @@ def run_demo(args, config: RunConfig) -> int:
     print(rounds_table(history))
     print()
     print(
-        f"final test accuracy {history[-1]['accuracy']:.4f} after {len(history)} rounds"
+        f"final test accuracy {figure(history[-1]['accuracy'])} after {len(history)} rounds"
         f" ({time.monotonic() - started:.0f}s in all; every process started has been stopped)"
     )
     print(f"plot: {plot}")

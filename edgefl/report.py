@@ -6,11 +6,16 @@ from pathlib import Path
 _COLUMNS = ("round", "accuracy", "loss", "devices", "MB down", "MB up", "seconds")
 
 
+def figure(value: float | None, places: int = 4) -> str:
+    """A figure the API may give as null (a model that could not be evaluated)."""
+    return "-" if value is None else f"{value:.{places}f}"
+
+
 def round_row(entry: dict) -> tuple[str, ...]:
     return (
         str(entry["round"]),
-        f"{entry['accuracy']:.4f}",
-        f"{entry['loss']:.4f}",
+        figure(entry["accuracy"]),
+        figure(entry["loss"]),
         f"{entry['reported']}/{entry['selected']}",
         f"{entry['bytes_down'] / 1e6:.1f}",
         f"{entry['bytes_up'] / 1e6:.1f}",
@@ -69,7 +74,7 @@ def export_table(card: dict, out_dir: Path) -> str:
 
 def progress_line(entry: dict, total_rounds: int) -> str:
     return (
-        f"round {entry['round']:>3}/{total_rounds}  accuracy {entry['accuracy']:.4f}  loss {entry['loss']:.4f}"
+        f"round {entry['round']:>3}/{total_rounds}  accuracy {figure(entry['accuracy'])}  loss {figure(entry['loss'])}"
         f"  devices {entry['reported']}/{entry['selected']}  {entry['seconds']:.2f}s"
     )
 
@@ -92,6 +97,10 @@ def format_status(status: dict) -> str:
         )
     if status["history"]:
         lines += ["", rounds_table(status["history"])]
+    abandoned = status.get("abandoned") or []
+    if abandoned:
+        lines += ["", f"abandoned rounds ({len(abandoned)}; each was retried from the last good model):"]
+        lines += [f"  round {a['round']}: {a['reason']}: {a['detail']}" for a in abandoned[-5:]]
     return "\n".join(lines)
 
 

@@ -125,6 +125,7 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
         )
         assert exported.returncode == 0, exported.stderr
+        assert exported.stderr == "", exported.stderr  # no converter or LiteRT chatter unless --log-level debug
         shown = subprocess.run(
             edgefl_command("status", "--coordinator", fed.url), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
         )
@@ -162,6 +163,12 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
         assert (tmp_path / "tflite" / f["file"]).stat().st_size == f["bytes"]
     assert card["training"]["batch_size"] == config.batch_size and not card["training"]["custom_ops"]
     assert "cnn_small_int8.tflite" in exported.stdout and "builtin ops only: yes" in exported.stdout
+
+    # A user sees edgefl's own lines: no TensorFlow, TFF, absl, waitress or LiteRT noise.
+    for log in [tmp_path / "logs" / "coordinator.log", *(tmp_path / "logs" / "devices").glob("device-*.log")]:
+        foreign = [line for line in log.read_text().splitlines() if not re.match(r"^\S+ \S+ edgefl[.\w]*\[\d+\] ", line)
+                   and not line.startswith("edgefl ")]
+        assert not foreign, (log.name, foreign[:5])
 
     # Devices upload deltas and counts, never examples: no device data on the coordinator.
     logs = (tmp_path / "logs" / "devices").glob("device-*.json")

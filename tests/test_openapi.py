@@ -98,4 +98,4 @@ def test_the_document_is_openapi_3_with_every_endpoint(fuzzed_app):
     }
     upload = document["paths"]["/v1/rounds/{round_id}/updates"]["post"]
     assert "application/octet-stream" in upload["requestBody"]["content"] and upload["security"] == [{"deviceToken": []}]
-    assert set(document["components"]["securitySchemes"]) == {"deviceToken", "adminToken"}
+    assert set(document["components"]["securitySchemes"]) == {"deviceToken", "adminToken", "enrolmentSecret"}

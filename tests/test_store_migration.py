@@ -1,0 +1,61 @@
+"""An instance written before the store had a schema version resumes after an upgrade:
+its tables gain the new columns, its abandoned rounds their reason, and the run goes on."""
+from __future__ import annotations
+
+from contextlib import closing
+
+from coordinator.store import MIGRATIONS, SCHEMA_VERSION, Store
+from tests.api_helpers import register, take_task, update_body, upload
+
+
+def as_first_release_made_it(store: Store) -> None:
+    """Undo every migration, leaving the tables the first release created."""
+    with closing(store.connect()) as db, store.transaction(db):
+        for statements in MIGRATIONS:
+            for statement in statements:
+                words = statement.split()
+                if words[:2] == ["ALTER", "TABLE"]:
+                    db.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+        db.execute("DROP TABLE schema_version")
+
+
+def test_an_instance_of_the_first_release_is_migrated_and_resumed(tmp_path, small_parts, db_url):
+    from coordinator import create_app
+    from coordinator.driver import RoundDriver
+    from edgefl.config import RunConfig
+
+    config = RunConfig(model="cnn_small", rounds=2, target_reports=1, min_reports=1, round_timeout_s=60)
+    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
+    store, client = app.extensions["edgefl.store"], app.test_client()
+    now = [0.0]
+    driver = RoundDriver(store, config, learner=small_parts[0], server=small_parts[1], clock=lambda: now[0])
+    driver.ensure_run()
+    headers = register(client)
+    assert driver.step()  # round 1 opens; its deadline passes with no report: abandoned, retried
+    now[0] = 61.0
+    assert driver.step()
+    assert upload(client, headers, take_task(client, headers)["round_id"], update_body()).status_code == 202
+    driver.release_lease()
+    as_first_release_made_it(store)
+    with closing(store.connect()) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(rounds)")] if db_url is None else None
+    assert columns is None or "abandon_reason" not in columns
+
+    upgraded = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
+    store = upgraded.extensions["edgefl.store"]
+    with closing(store.connect()) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+    restarted = RoundDriver(store, config, learner=small_parts[0], server=small_parts[1])
+    restarted.ensure_run()
+    client = upgraded.test_client()
+    while restarted.step():
+        pass
+    rounds = client.get("/v1/rounds").json["rounds"]
+    assert [(r["status"], r["abandon_reason"]) for r in rounds[:3]] == [
+        ("abandoned", "too_few_reports"), ("committed", None), ("open", None)
+    ]
+    assert upload(client, headers, take_task(client, headers)["round_id"], update_body(seed=2)).status_code == 202
+    while restarted.step():
+        pass
+    assert client.get("/v1/status").json["run"]["status"] == "finished"
+    Store(tmp_path / "instance", db_url)  # opening a current store again changes nothing

@@ -26,7 +26,7 @@ from typing import Callable, Collection
 
 import numpy as np
 
-from coordinator import failpoints, leases, rounds
+from coordinator import failpoints, guard, leases, rounds
 from coordinator.database import Connection, Row
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
 from coordinator.lobby import Lobby
@@ -81,6 +81,8 @@ class RoundDriver:
         self.spec = wire.spec_of(self.names, self.learner.model.get_weights())
         self.server = server or FedAvgServer(self.spec, ServerSettings.of(config))
         self.test = load_dataset(config.dataset).test
+        self.probe = (self.test.x[: guard.PROBE_EXAMPLES], self.test.y[: guard.PROBE_EXAMPLES])
+        self._base_losses: dict[int, float] = {}
         self._fold: _Fold | None = None
         self.lobby = lobby or Lobby()
         self.holder = leases.holder_name(uuid.uuid4().hex[:8])
@@ -216,7 +218,7 @@ class RoundDriver:
         arrivals = rounds.round_updates(db, current["id"], after_id=self._fold.last_update_id)
         started = time.perf_counter()
         for update in arrivals:
-            delta, _ = compression.decode_update(self.store.blobs.get(update["blob_sha256"]), self.spec, self.config.upload_bits)
+            delta = self._delta_of(update)
             self._fold.fold = self.server.fold(self._fold.fold, delta, update["num_examples"])
             self._fold.last_update_id = update["id"]
         self._fold.seconds += time.perf_counter() - started
@@ -230,16 +232,21 @@ class RoundDriver:
         if fold.fold.updates != len(updates):
             raise RuntimeError(f"round {current['number']} folded {fold.fold.updates} of {len(updates)} updates")
         output = self.server.finish(fold.fold)
+        base = list(fold.fold.round_state[: len(self.spec)])
+        excluded: list[Row] = []
+        problem = self._problem(output.weights, base, current["base_version"])
+        if problem is not None:
+            output, excluded = self._without_culprits(fold.fold, updates, base, current["base_version"])
         aggregated = self.clock()
-        if not all(np.isfinite(w).all() for w in output.weights):
-            # Deterministic: the same updates give the same result, so retrying cannot help.
+        if output is None:  # deterministic: the same updates give the same result, so retrying cannot help
             with self._transition(db):
-                self._abandon(
-                    db, current, "non_finite_model",
-                    f"the aggregate of its {len(updates)} updates is not finite; the run goes on from model version {current['base_version']}",
-                )
+                self._abandon(db, current, *problem)
             self._after_abandoning(db, current)
             return
+        if excluded:
+            log.warning("round %d: left out %d update(s) that ruin the model alone", current["number"], len(excluded))
+            left_out = {u["id"] for u in excluded}
+            updates = [u for u in updates if u["id"] not in left_out]
 
         number = current["number"]
         checkpoint = wire.encode(self.names, output.weights, {"version": str(number), "model": self.config.model})
@@ -257,8 +264,11 @@ class RoundDriver:
             "bytes_up_float32": len(updates) * compression.payload_bytes(self.spec, None),
             "upload_bits": self.config.upload_bits,
         }
+        if excluded:
+            metrics["excluded_updates"] = {"count": len(excluded), "reason": "applied alone, each made the model diverge"}
         with self._transition(db):
             rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
+            rounds.exclude_devices(db, [u["device_id"] for u in excluded], current["id"])
             if number < self.config.rounds:
                 self._begin_round(db, self.clock())
         self.lobby.notify()
@@ -266,6 +276,52 @@ class RoundDriver:
         failpoints.hold("committed", at=number)  # its update blobs not yet discarded, its model not evaluated
         self._discard_updates(db, current["id"])
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
+
+    def _probe_loss(self, weights: list[np.ndarray]) -> float:
+        return self.learner.evaluate(weights, *self.probe)["loss"]
+
+    def _base_loss(self, base: list[np.ndarray], base_version: int) -> float:
+        if base_version not in self._base_losses:
+            self._base_losses = {base_version: self._probe_loss(base)}
+        return self._base_losses[base_version]
+
+    def _problem(self, weights: list[np.ndarray], base: list[np.ndarray], base_version: int) -> tuple[str, str] | None:
+        """Why a round's new model may not be committed (``coordinator.guard``), or None."""
+        if not guard.finite(weights):
+            return "non_finite_model", f"its aggregate is not finite; the run goes on from model version {base_version}"
+        if self.config.aggregator not in guard.UNBOUNDED_AGGREGATORS:
+            return None
+        try:
+            loss, base_loss = self._probe_loss(weights), self._base_loss(base, base_version)
+        except Exception:  # the check itself failed (its evaluation is reported on its own): commit unchecked
+            log.exception("could not check the new model against model version %d", base_version)
+            return None
+        if guard.diverged(loss, base_loss):
+            return "diverged", (
+                f"its model's loss on {len(self.probe[1])} held-out examples is {loss:.3g}, against {base_loss:.3g} for model"
+                f" version {base_version}, from which the run goes on"
+            )
+        return None
+
+    def _without_culprits(self, fold: RoundFold, updates: list[Row], base: list[np.ndarray], base_version: int):
+        """The round aggregated again without the updates that ruin the model alone:
+        (output, the updates left out), or (None, []) if that does not give a sound model."""
+        deltas = [(u["id"], self._delta_of(u)) for u in updates]
+        found = guard.culprits(base, deltas, self._probe_loss, self._base_loss(base, base_version))
+        if not found or len(found) == len(updates):
+            return None, []
+        refold = self.server.begin(fold.round_state[len(self.spec):], base)
+        for update, (_, delta) in zip(updates, deltas):
+            if update["id"] not in found:
+                refold = self.server.fold(refold, delta, update["num_examples"])
+        output = self.server.finish(refold)
+        if self._problem(output.weights, base, base_version) is not None:
+            return None, []
+        return output, [u for u in updates if u["id"] in found]
+
+    def _delta_of(self, update: Row) -> list[np.ndarray]:
+        delta, _ = compression.decode_update(self.store.blobs.get(update["blob_sha256"]), self.spec, self.config.upload_bits)
+        return delta
 
     def _sweep_blobs(self, db: Connection) -> None:
         """On taking the lease, delete what a crashed predecessor left behind: the update

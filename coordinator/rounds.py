@@ -334,6 +334,14 @@ def set_status(db: Connection, round_id: int, status: str, now: float) -> None:
     db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
 
 
+def exclude_devices(db: Connection, device_ids: Sequence[str], round_id: int) -> None:
+    """Devices whose update ruined the model by itself sit out the longest exclusion."""
+    db.executemany(
+        "UPDATE devices SET consecutive_drops = consecutive_drops + 1, excluded_until = ? WHERE id = ?",
+        [(round_id + 1 + MAX_EXCLUSION_ROUNDS, device_id) for device_id in device_ids],
+    )
+
+
 def close_collection(db: Connection, round_id: int, status: str, now: float) -> None:
     """An open round stops collecting: ``aggregating`` or ``abandoned``; its devices'
     records are updated."""

@@ -61,6 +61,7 @@ class DeviceSummary:
     num_examples: int = 0
     rounds_trained: int = 0
     late_uploads: int = 0
+    refused_uploads: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
     runtime: str = "keras"
@@ -199,10 +200,14 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None, enr
             if exc.code == "duplicate_update":  # our earlier attempt was stored; its 202 was lost
                 summary.rounds_trained += 1
                 continue
-            if exc.status != 409:
+            if exc.status == 409:
+                summary.late_uploads += 1
+                log.info("device %d: round %d closed before its upload (%s)", spec.index, task["round_id"], exc.code)
+            elif exc.status in (401, 403):  # this device's registration is gone (a new run): it is done
                 raise
-            summary.late_uploads += 1
-            log.info("device %d: round %d closed before its upload (%s)", spec.index, task["round_id"], exc.code)
+            else:  # the coordinator refused this update (say, a model gone wrong): the next round may go better
+                summary.refused_uploads += 1
+                log.warning("device %d: round %d refused its update: %s", spec.index, task["round_id"], exc)
     summary.bytes_down = client.traffic.bytes_down
     summary.bytes_up = client.traffic.bytes_up
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -429,7 +429,7 @@ def test_run_finishes_after_its_rounds(client, driver):
         driver.step()
     status = client.get("/v1/status").json
     assert status["run"]["status"] == "finished" and status["model"]["version"] == 2
-    assert client.post("/v1/checkin", headers=devices[0]).json == {"status": "finished"}
+    assert client.post("/v1/checkin", headers=devices[0]).json == {"status": "finished", "reason": "run_finished"}
 
 
 def test_a_relative_instance_directory_serves_checkpoints(tmp_path, monkeypatch, small_parts):
@@ -511,7 +511,7 @@ def test_an_operator_pauses_resumes_and_stops_the_run(tmp_path, small_parts, db_
     assert driver.step()
     assert take_task(client, device)["round_number"] == 1
     assert client.post("/v1/admin/stop", headers=ADMIN).json == {"run": "stopped"}
-    assert client.post("/v1/checkin", headers=device).json == {"status": "finished"}
+    assert client.post("/v1/checkin", headers=device).json == {"status": "finished", "reason": "run_stopped"}
     assert_error(client.post("/v1/admin/stop", headers=ADMIN), 409, "bad_transition")
     assert client.get("/v1/status").json["run"]["status"] == "stopped"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgefl import limits, wire
-from tests.api_helpers import SPEC, assert_error, register, rejections, take_task, update_body, upload
+from tests.api_helpers import SPEC, assert_error, random_delta, register, rejections, take_task, update_body, upload
 
 
 def strict_json(text: str):
@@ -202,7 +202,11 @@ def test_an_evaluation_that_keeps_failing_is_recorded_and_the_run_finishes(clien
 def test_non_finite_figures_are_null_in_every_answer(client, driver, open_round, monkeypatch):
     """A diverged model's loss is NaN and its accuracy anything: the status and the
     round records still parse with a strict JSON parser."""
-    monkeypatch.setattr(driver.learner, "evaluate", lambda *a, **k: {"loss": math.nan, "accuracy": math.inf})
+    from coordinator import guard
+
+    real = driver.learner.evaluate  # the guard's probe sees a sound model; the evaluation of all 360 examples diverges
+    monkeypatch.setattr(driver.learner, "evaluate", lambda w, x, y: real(w, x, y) if len(y) <= guard.PROBE_EXAMPLES
+                        else {"loss": math.nan, "accuracy": math.inf})
     headers, task = open_round
     assert upload(client, headers, task["round_id"], update_body()).status_code == 202
     driver.clock.now += driver.config.round_timeout_s
@@ -282,3 +286,40 @@ def test_newcomers_checking_in_get_only_the_slack_while_the_round_is_young(clien
     assert answer["status"] == "wait" and answer["reason"] == "deferred" and answer["retry_after"] <= rounds.LATER_RETRY_S
     for veteran in veterans:
         take_task(client, {"Authorization": f"Bearer {veteran['token']}"})
+
+
+def test_an_update_that_ruins_the_model_alone_is_left_out_and_its_device_sits_out(client, store, driver, open_round):
+    """Within every bound, one device claims a billion examples and sends the largest
+    values allowed: a weighted mean would be ruined (and honest devices could train on
+    it no more). The round is screened: that update is left out, the honest one is
+    committed, and the attacker is kept out of the next rounds."""
+    headers, task = open_round
+    attacker = second_device(client, task)
+    poison = update_body(arrays=[np.full(s.shape, limits.MAX_ABS_UPDATE * (-1) ** i, np.float32) for i, s in enumerate(SPEC)],
+                         num_examples=str(limits.MAX_EXAMPLES))
+    assert upload(client, attacker, task["round_id"], poison).status_code == 202
+    assert upload(client, headers, task["round_id"], update_body(seed=3, num_examples="40")).status_code == 202
+    base, _ = wire.decode(client.get(f"/v1/checkpoints/{task['checkpoint_sha256']}").data, SPEC)
+    assert driver.step()
+    status = strict_json(client.get("/v1/status").get_data(as_text=True))
+    (entry,) = status["history"]
+    assert status["model"]["version"] == 1 and entry["loss"] < 10
+    (record, _) = client.get("/v1/rounds").json["rounds"]
+    assert record["metrics"]["excluded_updates"]["count"] == 1 and record["metrics"]["num_examples"] == 40
+    new, _ = wire.decode(client.get(status["model"]["url"]).data, SPEC)
+    honest = random_delta(3)
+    for b, n, d in zip(base, new, honest):
+        np.testing.assert_allclose(n, b + d, rtol=1e-5, atol=1e-6)  # the honest update alone
+    answer = client.post("/v1/checkin", headers=attacker).json
+    assert answer["status"] == "wait" and answer["reason"] == "deferred"
+
+
+def test_a_round_whose_every_update_ruins_the_model_is_abandoned(client, driver, open_round):
+    headers, task = open_round
+    for device in (headers, second_device(client, task)):
+        poison = update_body(arrays=filled(limits.MAX_ABS_UPDATE), num_examples="10")
+        assert upload(client, device, task["round_id"], poison).status_code == 202
+    assert driver.step()
+    status = client.get("/v1/status").json
+    assert status["model"]["version"] == 0 and status["abandoned"][0]["reason"] == "diverged"
+    assert "from which the run goes on" in status["abandoned"][0]["detail"]

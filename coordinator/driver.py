@@ -26,7 +26,7 @@ from typing import Callable, Collection
 
 import numpy as np
 
-from coordinator import failpoints, guard, leases, rounds
+from coordinator import failpoints, guard, leases, rounds, selection
 from coordinator.database import Connection, Row
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
 from coordinator.lobby import Lobby
@@ -268,7 +268,7 @@ class RoundDriver:
             metrics["excluded_updates"] = {"count": len(excluded), "reason": "applied alone, each made the model diverge"}
         with self._transition(db):
             rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
-            rounds.exclude_devices(db, [u["device_id"] for u in excluded], current["id"])
+            selection.exclude_devices(db, [u["device_id"] for u in excluded], current["id"])
             if number < self.config.rounds:
                 self._begin_round(db, self.clock())
         self.lobby.notify()

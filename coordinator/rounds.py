@@ -15,6 +15,7 @@ import random
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
+from coordinator import selection
 from coordinator.database import Connection, Row
 from edgefl.config import RunConfig
 
@@ -102,81 +103,9 @@ def begin_round(db: Connection, config: RunConfig, now: float, candidates: Seque
     ).fetchone()
     db.executemany(
         "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
-        [(round_id, device_id, now) for device_id in selectable(db, config, round_id, candidates)],
+        [(round_id, device_id, now) for device_id in selection.selectable(db, config, round_id, candidates)],
     )
     return round_id
-
-
-# Selection by each device's record, as a production system keeps one: a device that
-# took a task and never reported sits out the next rounds (1, 2, 4 ... up to 32 after
-# consecutive misses), and once the population holds enough devices that have reported,
-# devices that never have get only the cohort's over-selection slack while a round is
-# young. Devices that take tasks and never report can then not starve the run.
-MAX_EXCLUSION_ROUNDS = 32
-YOUNG_ROUND_S = 10.0  # at most; a quarter of the round's timeout when that is shorter
-
-
-def exclusion_rounds(consecutive_drops: int) -> int:
-    return min(2 ** (consecutive_drops - 1), MAX_EXCLUSION_ROUNDS) if consecutive_drops > 0 else 0
-
-
-def _proven_population(db: Connection) -> int:
-    return db.execute("SELECT COUNT(*) FROM devices WHERE reports > 0").fetchone()[0]
-
-
-def _slack(config: RunConfig) -> int:
-    return config.cohort_size - config.target_reports
-
-
-def selectable(db: Connection, config: RunConfig, round_id: int, candidates: Sequence[str]) -> list[str]:
-    """Of ``candidates`` (device ids in arrival order; unknown ones are skipped), the
-    ones a new round takes: none sitting out, devices that have reported first, and
-    devices that never have only up to the slack once enough have."""
-    records = {}
-    for device_id in dict.fromkeys(candidates):
-        row = db.execute("SELECT reports, excluded_until FROM devices WHERE id = ?", (device_id,)).fetchone()
-        if row is not None and row["excluded_until"] <= round_id:
-            records[device_id] = row["reports"]
-    proven = [d for d, reports in records.items() if reports > 0]
-    unproven = [d for d, reports in records.items() if reports == 0]
-    if _proven_population(db) >= config.target_reports:
-        unproven = unproven[: _slack(config)]
-    return (proven + unproven)[: config.cohort_size]
-
-
-def _selection_refusal(db: Connection, config: RunConfig, device_id: str, current: Row, now: float, rng: random.Random) -> dict | None:
-    """Why a device may not take a seat in the open round now (a ``wait`` answer), or None."""
-    row = db.execute("SELECT reports, excluded_until FROM devices WHERE id = ?", (device_id,)).fetchone()
-    if row["excluded_until"] > current["id"]:
-        return _retry(rng, LATER_RETRY_S, "deferred")
-    young_until = current["opened_at"] + min(YOUNG_ROUND_S, config.round_timeout_s / 4)
-    if row["reports"] == 0 and now < young_until and _proven_population(db) >= config.target_reports:
-        (unproven,) = db.execute(
-            "SELECT COUNT(*) FROM assignments a JOIN devices d ON d.id = a.device_id WHERE a.round_id = ? AND d.reports = 0",
-            (current["id"],),
-        ).fetchone()
-        if unproven >= _slack(config):
-            return _retry(rng, min(max(young_until - now, SOON_RETRY_S), LATER_RETRY_S), "deferred")
-    return None
-
-
-def record_outcomes(db: Connection, round_id: int) -> None:
-    """Update the record of every device selected into a round that has just closed:
-    a report clears its misses; a miss makes it sit out longer."""
-    db.execute(
-        "UPDATE devices SET tasks = tasks + 1, reports = reports + 1, consecutive_drops = 0"
-        " WHERE id IN (SELECT device_id FROM updates WHERE round_id = ?)",
-        (round_id,),
-    )
-    missed = db.execute(
-        "SELECT d.id, d.consecutive_drops FROM assignments a JOIN devices d ON d.id = a.device_id WHERE a.round_id = ?"
-        " AND NOT EXISTS (SELECT 1 FROM updates u WHERE u.round_id = a.round_id AND u.device_id = a.device_id)",
-        (round_id,),
-    ).fetchall()
-    db.executemany(
-        "UPDATE devices SET tasks = tasks + 1, consecutive_drops = ?, excluded_until = ? WHERE id = ?",
-        [(row[1] + 1, round_id + 1 + exclusion_rounds(row[1] + 1), row[0]) for row in missed],
-    )
 
 
 def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, may_assign: bool = True) -> dict | None:
@@ -213,9 +142,9 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
         ).fetchone()
         if selected >= config.cohort_size:
             return _retry(rng, LATER_RETRY_S, "cohort_full")
-        refusal = _selection_refusal(db, config, device_id, current, now, rng)
-        if refusal is not None:
-            return refusal
+        deferred_s = selection.refusal(db, config, device_id, current, now)
+        if deferred_s is not None:
+            return _retry(rng, deferred_s, "deferred")
         if not may_assign:
             return None
         db.execute(
@@ -334,26 +263,18 @@ def set_status(db: Connection, round_id: int, status: str, now: float) -> None:
     db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
 
 
-def exclude_devices(db: Connection, device_ids: Sequence[str], round_id: int) -> None:
-    """Devices whose update ruined the model by itself sit out the longest exclusion."""
-    db.executemany(
-        "UPDATE devices SET consecutive_drops = consecutive_drops + 1, excluded_until = ? WHERE id = ?",
-        [(round_id + 1 + MAX_EXCLUSION_ROUNDS, device_id) for device_id in device_ids],
-    )
-
-
 def close_collection(db: Connection, round_id: int, status: str, now: float) -> None:
     """An open round stops collecting: ``aggregating`` or ``abandoned``; its devices'
     records are updated."""
     set_status(db, round_id, status, now)
-    record_outcomes(db, round_id)
+    selection.record_outcomes(db, round_id)
 
 
 def abandon(db: Connection, round_id: int, reason: str, detail: str, now: float) -> None:
     """Give a round up for good, saying why (a new round then retries its model)."""
     row = round_by_id(db, round_id)
     if row["status"] == "open":
-        record_outcomes(db, round_id)
+        selection.record_outcomes(db, round_id)
     db.execute(
         "UPDATE rounds SET status = 'abandoned', closed_at = COALESCE(closed_at, ?), abandon_reason = ?, abandon_detail = ?"
         " WHERE id = ?",

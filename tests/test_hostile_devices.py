@@ -237,10 +237,10 @@ def assignments(store, round_id: int) -> set[str]:
 def test_a_device_that_took_a_task_and_never_reported_sits_out_longer_each_time(client, store, driver):
     """Cohort of 3 (target 2). A device that misses a round is told to wait
     ("deferred") through the next round (then 2, 4 ... after further misses)."""
-    from coordinator import rounds
+    from coordinator import selection
 
-    assert rounds.exclusion_rounds(1) == 1 and rounds.exclusion_rounds(3) == 4
-    assert rounds.exclusion_rounds(100) == rounds.MAX_EXCLUSION_ROUNDS
+    assert selection.exclusion_rounds(1) == 1 and selection.exclusion_rounds(3) == 4
+    assert selection.exclusion_rounds(100) == selection.MAX_EXCLUSION_ROUNDS
     honest = [register(client) for _ in range(2)]
     idle = register(client)
     assert driver.step()
@@ -273,7 +273,7 @@ def test_a_new_round_seats_devices_that_have_reported_first_and_newcomers_in_the
 def test_newcomers_checking_in_get_only_the_slack_while_the_round_is_young(client, store, driver):
     import time
 
-    from coordinator import rounds
+    from coordinator import selection
 
     veterans = [client.post("/v1/devices").json for _ in range(2)]
     with closing(store.connect()) as db, store.transaction(db):
@@ -283,7 +283,7 @@ def test_newcomers_checking_in_get_only_the_slack_while_the_round_is_young(clien
     newcomers = [register(client) for _ in range(2)]
     take_task(client, newcomers[0])  # the one seat of slack
     answer = client.post("/v1/checkin", headers=newcomers[1]).json
-    assert answer["status"] == "wait" and answer["reason"] == "deferred" and answer["retry_after"] <= rounds.LATER_RETRY_S
+    assert answer["status"] == "wait" and answer["reason"] == "deferred" and answer["retry_after"] <= selection.DEFERRED_RETRY_S
     for veteran in veterans:
         take_task(client, {"Authorization": f"Bearer {veteran['token']}"})
 

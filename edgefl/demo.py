@@ -36,7 +36,7 @@ def run_demo(args, config: RunConfig) -> int:
         f" ({args.partition}), everything under {out}/",
         flush=True,
     )
-    print("starting the coordinator (TensorFlow, TFF and its worker) and the device processes...", flush=True)
+    print("starting the coordinator (TensorFlow and TFF) and the device processes...", flush=True)
     export_dir = out / "tflite"
     try:
         with federation(out, config, count=args.count, partition=args.partition, data_seed=args.data_seed, device_flags=["--runtime", args.runtime]) as fed:

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install debian-packages demo test bench lock clean
+.PHONY: install debian-packages demo test test-fast bench lock clean
 
 install: $(STAMP)
 
@@ -19,7 +19,12 @@ demo: install
 	$(BIN)/edgefl demo
 
 test: install debian-packages
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+# The unit, API and hostile-input tests, without the ones that start real processes,
+# fuzz the API or SIGKILL coordinators (a few minutes instead of ten).
+test-fast: install debian-packages
+	$(BIN)/python -m pytest -m "not e2e and not slow"
 
 # What the tests run from Debian, installed when absent: headless Chromium (the
 # dashboard test) and PostgreSQL's programs (the store's tests start their own server;
@@ -37,6 +42,7 @@ bench: install
 	$(BIN)/python benchmarks/export.py
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/compression.py
+	$(BIN)/python benchmarks/hostile.py
 
 # Re-resolve requirements.txt from requirements.in (see the overrides there).
 lock:

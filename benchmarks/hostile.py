@@ -43,10 +43,14 @@ import numpy as np
 import psutil
 import requests
 
-from edgefl import wire
-from edgefl.config import RunConfig
-from edgefl.launcher import federation
-from edgefl.models import model_spec
+from edgefl import logs
+
+logs.quiet_native_logs()  # before TensorFlow (model_spec) is imported
+
+from edgefl import wire  # noqa: E402
+from edgefl.config import RunConfig  # noqa: E402
+from edgefl.launcher import federation  # noqa: E402
+from edgefl.models import model_spec  # noqa: E402
 
 CONFIG = RunConfig(model="cnn_small", rounds=100_000, target_reports=4, min_reports=3, over_selection=1.5, round_timeout_s=15)
 SCENARIOS = ("clean", "connection_flood", "stalled_bodies", "never_reporting", "registration_flood", "overflowing_updates")
@@ -283,9 +287,13 @@ def run_scenario(name: str, seconds: float, devices: int, out: Path) -> dict:
         for watcher in watchers:
             watcher.join(timeout=15)
         server_alive = fed.server.poll() is None
-        rounds = strict_json(requests.get(fed.url + "/v1/rounds", timeout=30).text)["rounds"]
-        status = strict_json(requests.get(fed.url + "/v1/status", timeout=30).text)
-        weights, _ = wire.decode(requests.get(fed.url + status["model"]["url"], timeout=30).content, model_spec(CONFIG.model))
+        try:
+            rounds = strict_json(requests.get(fed.url + "/v1/rounds", timeout=30).text)["rounds"]
+            status = strict_json(requests.get(fed.url + "/v1/status", timeout=30).text)
+            weights, _ = wire.decode(requests.get(fed.url + status["model"]["url"], timeout=30).content, model_spec(CONFIG.model))
+        except (requests.RequestException, ValueError, KeyError) as error:  # a coordinator that died or answers nonsense
+            print(f"{name}: the coordinator cannot be read after the attack: {error}", flush=True)
+            rounds, status, weights = [], {"model": {"version": None}, "devices": None, "history": []}, None
     committed = [r for r in rounds if r["status"] == "committed" and r["committed_at"] and started <= r["committed_at"] <= ended]
     abandoned = [r for r in rounds if r["status"] == "abandoned" and r["closed_at"] and started <= r["closed_at"] <= ended]
     result = {
@@ -294,7 +302,7 @@ def run_scenario(name: str, seconds: float, devices: int, out: Path) -> dict:
         "rounds_committed": len(committed),
         "rounds_per_minute": round(len(committed) * 60 / (ended - started), 2),
         "rounds_abandoned": len(abandoned),
-        "abandon_reasons": dict(collections.Counter(r["abandon_reason"] for r in abandoned)),
+        "abandon_reasons": dict(collections.Counter(r.get("abandon_reason") for r in abandoned)),
         "status_probes": len(latencies) + sum(failures.values()),
         "status_p50_ms": percentile(latencies, 0.5),
         "status_p99_ms": percentile(latencies, 0.99),
@@ -303,7 +311,9 @@ def run_scenario(name: str, seconds: float, devices: int, out: Path) -> dict:
         "server_peak_rss_mb": round(peaks.get("rss_mb", 0.0), 1),
         "server_alive": server_alive,
         "model_version": status["model"]["version"],
-        "model_finite": bool(all(np.isfinite(w).all() for w in weights)),
+        "model_finite": None if weights is None else bool(all(np.isfinite(w).all() for w in weights)),
+        "final_accuracy": status["history"][-1]["accuracy"] if status["history"] else None,
+        "updates_left_out": sum(((r["metrics"] or {}).get("excluded_updates") or {}).get("count", 0) for r in committed),
         "devices_registered": status["devices"],
         "attacker_answers": answers,
     }
@@ -333,11 +343,13 @@ def main() -> int:
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "config": json.loads(CONFIG.to_json()), "honest_devices": args.devices, "seconds": args.seconds, "results": results,
     }, indent=2))
-    print(f"\n{'scenario':<20} {'rounds/min':>10} {'of clean':>8} {'abandoned':>9} {'status p99':>10} {'fails':>5} {'fds':>5} {'RSS MB':>7} finite")
+    print(f"\n{'scenario':<20} {'rounds/min':>10} {'of clean':>8} {'abandoned':>9} {'status p99':>10} {'fails':>5} {'fds':>5}"
+          f" {'RSS MB':>7} {'alive':>5} {'finite':>6} accuracy")
     for r in results:
         p99 = f"{r['status_p99_ms']:.0f} ms" if r["status_p99_ms"] is not None else "-"
         print(f"{r['scenario']:<20} {r['rounds_per_minute']:>10} {r['of_clean'] or '-':>8} {r['rounds_abandoned']:>9} {p99:>10}"
-              f" {sum(r['status_failures'].values()):>5} {r['server_peak_open_files']:>5} {r['server_peak_rss_mb']:>7} {r['model_finite']}")
+              f" {sum(r['status_failures'].values()):>5} {r['server_peak_open_files'] or '-':>5} {r['server_peak_rss_mb']:>7}"
+              f" {r['server_alive']!s:>5} {r['model_finite']!s:>6} {r['final_accuracy']}")
     print(f"saved {args.out}")
     return 0 if all(r["server_alive"] and r["model_finite"] for r in results) else 1
 

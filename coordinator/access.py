@@ -120,10 +120,15 @@ class BodyPolicy:
         return self._db
 
 
+def withheld() -> str | None:
+    """Why the server did not read this request's body, or None if it did (or it has none)."""
+    return request.headers.get(WITHHELD.replace("_", "-"))
+
+
 def answer_withheld(db: Connection) -> None:
     """For a request whose body the server did not read: raise the error the app's own
     checks give it. (Returns only for an oversized upload, which the view refuses.)"""
-    reason = request.headers.get(WITHHELD.replace("_", "-"))
+    reason = withheld()
     if reason is None:
         return
     rule: BodyRule | None = getattr(current_app.view_functions.get(request.endpoint), "body_rule", None)

@@ -65,7 +65,8 @@ def _device_if_any() -> str | None:
 
 @bp.before_request
 def _answer_withheld_bodies() -> None:
-    access.answer_withheld(get_db())
+    if access.withheld():
+        access.answer_withheld(get_db())
 
 
 def _require_run(db: Connection):
@@ -244,7 +245,7 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
     limit = compression.payload_bytes(spec, config.upload_bits) + _HEADER_SLACK_BYTES
     if (request.content_length or 0) > limit:
         raise ApiError(413, "update_too_large", f"An update for model {config.model} is at most {limit} bytes.")
-    if request.headers.get("Edgefl-Body-Withheld"):  # the server could not check it, so did not read it
+    if access.withheld():  # the server could not check it, so did not read it
         raise ApiError(503, "busy", "The coordinator could not take this upload now; retry.", {"Retry-After": "1"})
     body = request.get_data(cache=False)
     try:

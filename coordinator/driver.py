@@ -305,15 +305,16 @@ class RoundDriver:
 
     def _without_culprits(self, fold: RoundFold, updates: list[Row], base: list[np.ndarray], base_version: int):
         """The round aggregated again without the updates that ruin the model alone:
-        (output, the updates left out), or (None, []) if that does not give a sound model."""
-        deltas = [(u["id"], self._delta_of(u)) for u in updates]
+        (output, the updates left out), or (None, []) if that does not give a sound model.
+        One update's delta is in memory at a time, as in the fold."""
+        deltas = ((u["id"], self._delta_of(u)) for u in updates)
         found = guard.culprits(base, deltas, self._probe_loss, self._base_loss(base, base_version))
         if not found or len(found) == len(updates):
             return None, []
         refold = self.server.begin(fold.round_state[len(self.spec):], base)
-        for update, (_, delta) in zip(updates, deltas):
+        for update in updates:
             if update["id"] not in found:
-                refold = self.server.fold(refold, delta, update["num_examples"])
+                refold = self.server.fold(refold, self._delta_of(update), update["num_examples"])
         output = self.server.finish(refold)
         if self._problem(output.weights, base, base_version) is not None:
             return None, []

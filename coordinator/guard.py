@@ -18,7 +18,7 @@ legitimately move the model further than this check allows).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def diverged(loss: float, base_loss: float) -> bool:
 
 
 def culprits(
-    base: Sequence[np.ndarray], deltas: Sequence[tuple[int, Sequence[np.ndarray]]], loss_of: Callable[[list[np.ndarray]], float],
+    base: Sequence[np.ndarray], deltas: Iterable[tuple[int, Sequence[np.ndarray]]], loss_of: Callable[[list[np.ndarray]], float],
     base_loss: float,
 ) -> set[int]:
     """The ids of the updates (``(id, delta)`` pairs) whose delta, applied alone to

@@ -28,6 +28,7 @@ The descriptor limit is raised to its hard limit and the connection limit set fr
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import socket
@@ -36,7 +37,7 @@ from typing import Callable, Mapping
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 
 log = logging.getLogger("edgefl.coordinator")
@@ -72,6 +73,21 @@ def connection_limit(files: int, cap: int = 10_000) -> int:
     return max(64, min(cap, (files - _RESERVED_FILES) // _FILES_PER_CONNECTION))
 
 
+class _JsonError:
+    """A request waitress refuses before the app sees it (malformed HTTP, headers too
+    large), answered in the API's error format. Nothing a client sends is a 5xx: a
+    transfer coding waitress cannot decode is a 400 here, not its 501."""
+
+    def __init__(self, error):
+        self.code = 400 if error.code >= 500 else error.code
+        self.reason = "Bad Request" if error.code >= 500 else error.reason
+        self.detail = f"{error.reason}: {error.body}".rstrip(". ") + "."
+
+    def to_response(self, ident=None):
+        body = json.dumps({"error": self.reason.lower().replace(" ", "_"), "detail": self.detail}).encode()
+        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+
+
 class _Parser(HTTPRequestParser):
     """Asks the body policy once the headers are in; a refused body is never read."""
 
@@ -82,8 +98,17 @@ class _Parser(HTTPRequestParser):
         self.started = time.monotonic()
         self.withheld = False
 
+    def received(self, data):
+        consumed = super().received(data)
+        if self.error is not None and not isinstance(self.error, _JsonError):
+            self.error = _JsonError(self.error)
+        return consumed
+
     def parse_header(self, header_plus):
-        super().parse_header(header_plus)
+        try:
+            super().parse_header(header_plus)
+        except ValueError as error:  # a Content-Length of thousands of digits, say
+            raise ParsingError(f"a header is invalid ({str(error).split(':')[0]})") from None
         self.headers.pop(WITHHELD, None)  # only this server says so
         if not (self.content_length or self.chunked):
             return

@@ -212,3 +212,22 @@ def test_registered_devices_are_served_while_the_attacks_go_on(app, client, driv
         for sock in attackers:
             sock.close()
     take_task(client, honest[0])
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"POST /v1/checkin HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+    (b"POST /v1/checkin HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /v1/status HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"POST /v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+])
+def test_malformed_http_gets_a_json_4xx_and_the_server_goes_on(app, store, raw, status):
+    before = store.snapshot()
+    with live(app) as (url, _):
+        sock = connect(url)
+        sock.sendall(raw)
+        got, body, closed = read_answer(sock)
+        assert got == status and set(body) == {"error", "detail"} and closed
+        sock.close()
+        assert answered(url) < 2.0
+    assert store.snapshot() == before

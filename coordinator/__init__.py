@@ -11,7 +11,6 @@ default, answers every check-in at once), which the driver selects from and wake
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from typing import Any, Mapping
 
@@ -48,7 +47,7 @@ class RoundId(IntegerConverter):
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from coordinator import api, dashboard, enrolment, errors, openapi
-    from coordinator.credentials import DeviceTokens
+    from coordinator.credentials import DeviceTokens, token_hash
     from coordinator.enrolment import Enrolment
     from coordinator.lobby import Lobby
     from coordinator.store import Store
@@ -65,7 +64,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     for secret in ("ADMIN_TOKEN", "ENROLMENT_SECRET"):  # kept only as their hashes
         value = app.config.pop(secret, None)
         if value:
-            app.config[f"{secret}_SHA256"] = hashlib.sha256(value.encode()).hexdigest()
+            app.config[f"{secret}_SHA256"] = token_hash(value)
     if not app.config["INSTANCE"]:
         raise ValueError("create_app needs INSTANCE, the instance directory")
     app.extensions["edgefl.store"] = Store(app.config["INSTANCE"], app.config["DB_URL"])

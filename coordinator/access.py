@@ -96,7 +96,7 @@ class BodyPolicy:
         self.routes = app.url_map.bind("localhost")
         self._db: Connection | None = None
 
-    def __call__(self, method: str, path: str, headers: Mapping[str, str]) -> str | None:
+    def __call__(self, method: str, path: str, headers: Mapping[str, str], length: int | None) -> str | None:
         try:
             endpoint, _ = self.routes.match(path, method)
         except HTTPException:
@@ -104,20 +104,31 @@ class BodyPolicy:
         rule = getattr(self.app.view_functions[endpoint], "body_rule", None)
         if rule is None:
             return "takes_no_body"
-        length = headers.get("CONTENT_LENGTH", "")
-        if not (length.isascii() and length.isdigit()):  # chunked: the size is not known up front
+        if length is None:  # chunked (whatever Content-Length says): the size is not known up front
             return "length_required"
-        db = self._connection()
-        if not credential_holds(rule.credential, headers.get("AUTHORIZATION"), db, self.app):
-            return "credentials"
-        if int(length) > rule.max_bytes(self.app.extensions["edgefl.store"], db):
-            return "too_large"
+        try:
+            db = self._connection()
+            if not credential_holds(rule.credential, headers.get("AUTHORIZATION"), db, self.app):
+                return "credentials"
+            if length > rule.max_bytes(self.app.extensions["edgefl.store"], db):
+                return "too_large"
+        except Exception:  # a connection the database dropped: the next request opens another
+            self._reset()
+            raise
         return None
 
     def _connection(self) -> Connection:
         if self._db is None:
             self._db = self.app.extensions["edgefl.store"].connect()
         return self._db
+
+    def _reset(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except Exception:
+                pass
 
 
 def withheld() -> str | None:

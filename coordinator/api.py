@@ -95,9 +95,10 @@ def register_device():
     token, token_sha256 = credentials.new_token()
     device_id = uuid.uuid4().hex
     db = get_db()
+    enrolment = current_app.extensions["edgefl.enrolment"]
+    enrolment.admit(request.headers.get("Authorization"))  # before the write lock: refusals queue for nothing
     with get_store().transaction(db):
-        (registered,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
-        current_app.extensions["edgefl.enrolment"].admit(request.headers.get("Authorization"), registered)
+        enrolment.check_room(db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
         db.execute(
             "INSERT INTO devices (id, token_hash, created_at) VALUES (?, ?, ?)",
             (device_id, token_sha256, time.time()),
@@ -131,13 +132,16 @@ def checkin():
     if rounds.wanted_next(answer) and slots is not None and slots.acquire(blocking=False):
         lobby = current_app.extensions["edgefl.lobby"]
         try:
-            seen = lobby.enter(device_id)
-            deadline = time.monotonic() + _LONG_POLL_S
-            while rounds.wanted_next(answer) and not lobby.closed and time.monotonic() < deadline:
-                seen = lobby.wait(seen, timeout=min(_RECHECK_S, deadline - time.monotonic()))
-                answer = ask()
+            seen = lobby.enter(device_id)  # None: this device is held already; answered at once
+            if seen is not None:
+                try:
+                    deadline = time.monotonic() + _LONG_POLL_S
+                    while rounds.wanted_next(answer) and not lobby.closed and time.monotonic() < deadline:
+                        seen = lobby.wait(seen, timeout=min(_RECHECK_S, deadline - time.monotonic()))
+                        answer = ask()
+                finally:
+                    lobby.leave(device_id)
         finally:
-            lobby.leave(device_id)
             slots.release()
     response = jsonify(answer)
     if answer["status"] == "wait":
@@ -151,8 +155,8 @@ def get_checkpoint(sha256: str):
     """Download a checkpoint (safetensors; immutable, so cacheable forever).
 
     Anyone may download one, as from a CDN, and that changes nothing. A device that
-    sends its token has the bytes of a full or partial GET charged to the round it
-    trains (HEAD and 304 answers carry none)."""
+    sends its token has the bytes of a whole GET charged to the round it trains (HEAD,
+    304 and partial answers are not counted)."""
     db = get_db()
     row = db.execute("SELECT size FROM checkpoints WHERE sha256 = ?", (sha256,)).fetchone() if _SHA256.match(sha256) else None
     if row is None:
@@ -162,7 +166,7 @@ def get_checkpoint(sha256: str):
     )
     response.cache_control.public = True
     response.cache_control.immutable = True
-    if request.method == "GET" and response.status_code in (200, 206) and (device_id := _device_if_any()):
+    if request.method == "GET" and response.status_code == 200 and (device_id := _device_if_any()):
         with get_store().transaction(db):
             rounds.count_bytes_down(db, device_id, sha256, response.content_length or 0)
     return response
@@ -229,7 +233,10 @@ def upload_update(round_id: int):
     try:
         return _accept_update(db, round_id, device_id)
     except ApiError as error:
-        if error.code != "unknown_round" and db.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone():
+        if (
+            error.code != "unknown_round" and db.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone()
+            and rounds.rejection_is_new(db, round_id, device_id, error.code)
+        ):
             with get_store().transaction(db):
                 rounds.record_rejection(db, round_id, device_id, error.code, request.content_length or 0, time.time())
         raise

@@ -12,17 +12,21 @@ import json
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Callable
 
 from coordinator import leases, rounds
 from coordinator.store import Store
+from edgefl import jsonsafe
+from edgefl.config import RunConfig
 
 ARCHIVE_DIR = "previous-runs"
 RUN_TABLES = ("config_changes", "checkpoints", "rounds", "assignments", "updates", "artefacts", "rejections", "run")
 
 
-def start_over(store: Store) -> tuple[Path, bytes]:
+def start_over(store: Store, check: Callable[[RunConfig, bytes], None] = lambda config, final: None) -> tuple[Path, bytes]:
     """Archive the instance's finished run and clear it; (the record's path, the final
-    checkpoint's bytes). A ValueError says why it cannot be done."""
+    checkpoint's bytes). A ValueError says why it cannot be done: raised by ``check``
+    (given the old run's configuration and final model) too, before anything changes."""
     with closing(store.connect()) as db:
         status = rounds.run_status(db)
         if status is None:
@@ -46,12 +50,13 @@ def start_over(store: Store) -> tuple[Path, bytes]:
             "rounds": rounds.history(db),
         }
     checkpoint = store.blobs.get(final["sha256"])
+    check(RunConfig.from_json(run["config"]), checkpoint)
     folder = store.instance_dir / ARCHIVE_DIR
     folder.mkdir(exist_ok=True)
     name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime(run["created_at"]))
     (folder / f"{name}-final.safetensors").write_bytes(checkpoint)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(record, indent=1))
+    path.write_text(jsonsafe.dumps(record, indent=1))
     with closing(store.connect()) as db, store.transaction(db):
         for table in RUN_TABLES:
             db.execute(f"DELETE FROM {table}")

@@ -186,7 +186,7 @@ class RoundDriver:
                 if decision == "abandon":
                     self._abandon(db, current, "too_few_reports", f"{reports} of the {self.config.min_reports} reports it needed arrived by its deadline")
                 else:
-                    rounds.close_collection(db, current["id"], "aggregating", now)
+                    rounds.close_collection(db, current["id"], "aggregating", now, on_target=reports >= self.config.target_reports)
             if decision == "abandon":
                 self._after_abandoning(db, current)
                 return True
@@ -304,21 +304,27 @@ class RoundDriver:
         return None
 
     def _without_culprits(self, fold: RoundFold, updates: list[Row], base: list[np.ndarray], base_version: int):
-        """The round aggregated again without the updates that ruin the model alone:
-        (output, the updates left out), or (None, []) if that does not give a sound model.
-        One update's delta is in memory at a time, as in the fold."""
-        deltas = ((u["id"], self._delta_of(u)) for u in updates)
-        found = guard.culprits(base, deltas, self._probe_loss, self._base_loss(base, base_version))
-        if not found or len(found) == len(updates):
-            return None, []
-        refold = self.server.begin(fold.round_state[len(self.spec):], base)
-        for update in updates:
-            if update["id"] not in found:
-                refold = self.server.fold(refold, self._delta_of(update), update["num_examples"])
-        output = self.server.finish(refold)
-        if self._problem(output.weights, base, base_version) is not None:
-            return None, []
-        return output, [u for u in updates if u["id"] in found]
+        """The round aggregated again without the updates that ruin the model: those that
+        do alone, or else (they may only together, or through a server optimizer's step)
+        the ones claiming the most examples, up to ``guard.MOST_LEFT_OUT`` of them.
+        (output, the updates left out), or (None, []) if that gives no sound model. One
+        update's delta is in memory at a time, as in the fold."""
+        alone = guard.culprits(
+            base, ((u["id"], self._delta_of(u)) for u in updates), self._probe_loss, self._base_loss(base, base_version)
+        )
+        heaviest = [u["id"] for u in sorted(updates, key=lambda u: u["num_examples"], reverse=True)]
+        attempts = [alone] + [set(heaviest[:k]) for k in range(1, guard.MOST_LEFT_OUT + 1)]
+        for leave_out in attempts:
+            if not leave_out or len(leave_out) >= len(updates):
+                continue
+            refold = self.server.begin(fold.round_state[len(self.spec):], base)
+            for update in updates:
+                if update["id"] not in leave_out:
+                    refold = self.server.fold(refold, self._delta_of(update), update["num_examples"])
+            output = self.server.finish(refold)
+            if self._problem(output.weights, base, base_version) is None:
+                return output, [u for u in updates if u["id"] in leave_out]
+        return None, []
 
     def _delta_of(self, update: Row) -> list[np.ndarray]:
         delta, _ = compression.decode_update(self.store.blobs.get(update["blob_sha256"]), self.spec, self.config.upload_bits)

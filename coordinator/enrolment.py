@@ -31,19 +31,15 @@ class Enrolment:
     _at: float = field(default=0.0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def admit(self, authorization: str | None, registered: int, now: float | None = None) -> None:
-        """Nothing if a new device may register now; else the ApiError that says why."""
+    def admit(self, authorization: str | None, now: float | None = None) -> None:
+        """Nothing if this caller may register a device now (its secret, the rate);
+        else the ApiError that says why."""
         if self.secret_sha256 is not None:
             secret = credentials.bearer(authorization)
             if secret is None:
                 raise ApiError(401, "enrolment_required", "This coordinator enrols devices with a secret: send it as 'Authorization: Bearer <secret>'.")
             if not credentials.matches(secret, self.secret_sha256):
                 raise ApiError(401, "bad_enrolment_secret", "That is not this coordinator's enrolment secret.")
-        if registered >= self.max_devices:
-            raise ApiError(
-                429, "too_many_devices", f"The coordinator holds its limit of {self.max_devices} devices; no more may register.",
-                {"Retry-After": "60"},
-            )
         now = time.monotonic() if now is None else now
         with self._lock:
             if self._tokens < 0:
@@ -54,3 +50,11 @@ class Enrolment:
                 wait = (1 - self._tokens) / self.rate_per_s
                 raise ApiError(429, "registering_too_fast", "Too many registrations just now; retry shortly.", {"Retry-After": str(max(1, round(wait)))})
             self._tokens -= 1
+
+    def check_room(self, registered: int) -> None:
+        """Nothing if the store may hold one more device (under the write lock)."""
+        if registered >= self.max_devices:
+            raise ApiError(
+                429, "too_many_devices", f"The coordinator holds its limit of {self.max_devices} devices; no more may register.",
+                {"Retry-After": "60"},
+            )

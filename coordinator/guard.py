@@ -8,7 +8,9 @@ Before committing, the round driver therefore compares the new model's loss on a
 probe of the coordinator's held-out split with the loss of the model it started from.
 A round whose model diverges is screened: each update is applied alone, those that
 diverge by themselves are left out (and their devices sit out), and the rest are
-aggregated again; if that cannot give a sound model, the round is abandoned and the
+aggregated again; failing that, the updates claiming the most examples are left out,
+one more at a time (colluders, or a server optimizer's step, can ruin a model that no
+single update does); if nothing gives a sound model, the round is abandoned and the
 run goes on from the last good model. Honest rounds never come near the threshold
 (a loss ten times the last one, plus 50); a ruined model is orders of magnitude past it.
 Only the plain weighted means need this: ``robust`` and the DP aggregators clip every
@@ -23,7 +25,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 UNBOUNDED_AGGREGATORS = ("mean", "compressed")  # no per-update clipping: screened here
-PROBE_EXAMPLES = 128  # of the held-out split: a few milliseconds per check
+PROBE_EXAMPLES = 128
+MOST_LEFT_OUT = 4  # of the heaviest updates, tried one more at a time  # of the held-out split: a few milliseconds per check
 FACTOR = 10.0
 SLACK = 50.0
 

@@ -42,15 +42,18 @@ from waitress.server import TcpWSGIServer
 
 log = logging.getLogger("edgefl.coordinator")
 
-# What a body policy sees: method, path, headers (waitress's form: upper case, "_" for "-"),
-# and returns None to read the body or a reason not to.
-BodyPolicy = Callable[[str, str, Mapping[str, str]], str | None]
+# What a body policy sees: method, path, headers (waitress's form: upper case, "_" for
+# "-") and the body's length (None if it is chunked, so unknown until it has been read);
+# it returns None to read the body or a reason not to.
+BodyPolicy = Callable[[str, str, Mapping[str, str], int | None], str | None]
 WITHHELD = "EDGEFL_BODY_WITHHELD"  # the header (HTTP_EDGEFL_BODY_WITHHELD in the environ)
 
 MAX_PIPELINED = 2  # requests waiting on one connection; honest clients send one at a time
 HEADER_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 300.0  # a phone's 6.7 MB upload at 200 kB/s, with room
 CHANNEL_TIMEOUT_S = 30.0  # reading and writing nothing: longer than a held check-in (10 s)
+LINGER_S = 2.0
+LINGER_BYTES = 16 << 20
 EVICT_FRACTION = 0.05  # of the connection limit, closed at once when it is reached
 _FILES_PER_CONNECTION = 4  # its socket, a response file per waiting request, a spooled body
 _RESERVED_FILES = 256  # the store, blobs, TensorFlow, logs
@@ -68,7 +71,7 @@ def raise_file_limit() -> int:
     return soft
 
 
-def connection_limit(files: int, cap: int = 10_000) -> int:
+def connection_limit(files: int, cap: int = 4096) -> int:
     """Connections that fit in ``files`` descriptors, at most ``cap``."""
     return max(64, min(cap, (files - _RESERVED_FILES) // _FILES_PER_CONNECTION))
 
@@ -91,7 +94,7 @@ class _JsonError:
 class _Parser(HTTPRequestParser):
     """Asks the body policy once the headers are in; a refused body is never read."""
 
-    body_policy: BodyPolicy = staticmethod(lambda method, path, headers: None)
+    body_policy: BodyPolicy = staticmethod(lambda method, path, headers, length: None)
 
     def __init__(self, adj):
         super().__init__(adj)
@@ -113,7 +116,7 @@ class _Parser(HTTPRequestParser):
         if not (self.content_length or self.chunked):
             return
         try:
-            reason = self.body_policy(self.command, self.path, self.headers)
+            reason = self.body_policy(self.command, self.path, self.headers, None if self.chunked else self.content_length)
         except Exception:  # the policy failed (say, the database is away): read nothing
             log.exception("the body policy failed; withholding the body")
             reason = "unavailable"
@@ -128,36 +131,81 @@ class _Parser(HTTPRequestParser):
 
 
 class _Channel(HTTPChannel):
-    """One connection: the body policy, bounded pipelining, nothing read after a
-    withheld body (it is the body)."""
+    """One connection: the body policy, bounded pipelining, and nothing parsed after a
+    request whose body was withheld (what follows is that body). Such a connection is
+    not closed at once after its answer: that would reset a client still sending the
+    body, which would lose the answer; it stops sending, and reads and drops up to
+    ``LINGER_BYTES`` for up to ``LINGER_S`` first."""
 
     parser_class = _Parser
+    lingering_until = 0.0
 
     def __init__(self, *args, **kwargs):
         self.discarding = False
+        self.drained = 0
         super().__init__(*args, **kwargs)
 
     def received(self, data):
+        """Waitress's loop over the requests in ``data``, stopping at a withheld body
+        and at more than ``MAX_PIPELINED`` waiting requests."""
         if self.discarding:
+            self.drained += len(data)
+            if self.lingering_until and self.drained > LINGER_BYTES:
+                self.close_now()
             return False
-        accepted = super().received(data)
-        if any(request.withheld for request in self.requests) or (self.request is not None and self.request.withheld):
-            self.discarding = True
-        if len(self.requests) > MAX_PIPELINED:
-            log.warning("closing a connection from %s that pipelined %d requests", self.addr[0], len(self.requests))
-            with self.requests_lock:  # the first may be running; the rest are never served
-                for request in self.requests[1:]:
-                    request.close()
-                del self.requests[1:]
-            self.discarding = self.will_close = True
-        return accepted
+        with self.requests_lock:
+            if self.will_close or self.close_when_flushed:
+                return False
+            while data:
+                if self.request is None:
+                    self.request = self.parser_class(self.adj)
+                consumed = self.request.received(data)
+                if self.request.expect_continue and self.request.headers_finished and not self.requests and not self.sent_continue:
+                    self.send_continue()
+                if self.request.completed:
+                    request, self.request = self.request, None
+                    self.sent_continue = False
+                    if not request.empty:
+                        self.requests.append(request)
+                        if len(self.requests) == 1:
+                            self.server.add_task(self)
+                    if request.withheld:
+                        self.discarding = True
+                        return True
+                    if len(self.requests) > MAX_PIPELINED:
+                        log.warning("closing a connection from %s that pipelined more than %d requests", self.addr[0], MAX_PIPELINED)
+                        request.close()
+                        self.requests.pop()  # the ones before it are answered; this and the rest are not read
+                        self.discarding = self.close_when_flushed = True
+                        return True
+                if consumed >= len(data):
+                    break
+                data = data[consumed:]
+        return True
+
+    def handle_close(self):
+        if self.discarding and not self.lingering_until and self.connected and not self.requests:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)  # the answer is out; the client sees the end of it
+            except OSError:
+                return self.close_now()
+            self.lingering_until = time.monotonic() + LINGER_S
+            self.will_close = self.close_when_flushed = False
+            return None
+        return self.close_now()
+
+    def close_now(self):
+        HTTPChannel.handle_close(self)
 
     def serving(self) -> bool:
         """Whether a request of this connection is queued or running."""
         return bool(self.requests)
 
     def stale(self, now_monotonic: float) -> bool:
-        """A request that has taken too long to arrive, however slowly it trickles."""
+        """A request that has taken too long to arrive, however slowly it trickles, or
+        a lingering close that has lasted long enough."""
+        if self.lingering_until:
+            return now_monotonic > self.lingering_until
         request = self.request
         if request is None:
             return False
@@ -208,7 +256,7 @@ class HardenedServer(TcpWSGIServer):
             if not channel.serving() and (channel.last_activity < idle_since or channel.stale(monotonic))
         ]
         for channel in stale:
-            channel.handle_close()
+            channel.close_now()
         return len(stale)
 
     def _evict(self, now: float) -> int:
@@ -216,7 +264,7 @@ class HardenedServer(TcpWSGIServer):
         idle = sorted((c for c in self.active_channels.values() if not c.serving()), key=lambda c: c.last_activity)
         evicted = idle[: max(1, int(self.adj.connection_limit * EVICT_FRACTION))]
         for channel in evicted:
-            channel.handle_close()
+            channel.close_now()
         if evicted and now - self._warned_at > 10:
             self._warned_at = now
             log.warning("at the connection limit (%d): closing the least active idle connections", self.adj.connection_limit)
@@ -224,7 +272,7 @@ class HardenedServer(TcpWSGIServer):
 
     def _close_everything(self) -> None:
         for channel in list(self.active_channels.values()):
-            channel.handle_close()
+            channel.close_now()
         self.close()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -262,10 +310,10 @@ def create(
         cleanup_interval=2,
         recv_bytes=1 << 18,  # megabyte bodies in a few reads, not waitress's 8 KB at a time
         inbuf_overflow=1 << 20,  # a body past 1 MB is spooled to a temporary file, not held in memory
-        outbuf_overflow=1 << 20,
+        outbuf_overflow=1 << 18,  # an answer past 256 kB waits in a temporary file, not in memory
         outbuf_high_watermark=1 << 40,  # never block a worker thread on a client that does not read
         max_request_header_size=64 * 1024,
-        max_request_body_size=1 << 40,  # the body policy decides
+        max_request_body_size=1 << 28,  # a backstop: the body policy decides (at most the run's largest update)
         ident="edgefl",
     )
     settings.update(overrides)

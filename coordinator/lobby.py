@@ -22,9 +22,12 @@ class Lobby:
         self._waiting: dict[str, None] = {}  # insertion-ordered
         self.closed = False
 
-    def enter(self, device_id: str) -> int:
-        """Join the lobby; returns the generation to wait on."""
+    def enter(self, device_id: str) -> int | None:
+        """Join the lobby; the generation to wait on, or None if this device already
+        waits in another held check-in (one device holds at most one thread)."""
         with self._changed:
+            if device_id in self._waiting:
+                return None
             self._waiting[device_id] = None
             return self._generation
 

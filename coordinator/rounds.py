@@ -228,8 +228,12 @@ def record_update(
 def record_rejection(
     db: Connection, round_id: int, device_id: str, code: str, size: int, now: float
 ) -> None:
-    """Log a refused upload to a known round. A selected device that had not reported,
-    uploading after the round closed, is late (a straggler); anything else is rejected."""
+    """Log a refused upload to a known round: once per device, round and reason, so a
+    device repeating itself cannot grow the log. A selected device that had not
+    reported, uploading after the round closed, is late (a straggler: it is alive, so
+    its record of misses is cleared); anything else is rejected."""
+    if not rejection_is_new(db, round_id, device_id, code):
+        return
     late = (
         code == "round_closed"
         and db.execute(
@@ -243,6 +247,14 @@ def record_rejection(
         "INSERT INTO rejections (round_id, device_id, code, late, size, rejected_at) VALUES (?, ?, ?, ?, ?, ?)",
         (round_id, device_id, code, int(late), size, now),
     )
+    if late:
+        selection.record_late_report(db, device_id)
+
+
+def rejection_is_new(db: Connection, round_id: int, device_id: str, code: str) -> bool:
+    return db.execute(
+        "SELECT 1 FROM rejections WHERE round_id = ? AND device_id = ? AND code = ?", (round_id, device_id, code)
+    ).fetchone() is None
 
 
 def report_count(db: Connection, round_id: int) -> int:
@@ -263,11 +275,12 @@ def set_status(db: Connection, round_id: int, status: str, now: float) -> None:
     db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
 
 
-def close_collection(db: Connection, round_id: int, status: str, now: float) -> None:
-    """An open round stops collecting: ``aggregating`` or ``abandoned``; its devices'
-    records are updated."""
+def close_collection(db: Connection, round_id: int, status: str, now: float, *, on_target: bool) -> None:
+    """An open round stops collecting (``aggregating``); its devices' records are
+    updated (``on_target``: it closed as soon as enough devices reported, so the others
+    were not too late)."""
     set_status(db, round_id, status, now)
-    selection.record_outcomes(db, round_id)
+    selection.record_outcomes(db, round_id, count_misses=not on_target)
 
 
 def abandon(db: Connection, round_id: int, reason: str, detail: str, now: float) -> None:

@@ -66,14 +66,17 @@ def refusal(db: Connection, config: RunConfig, device_id: str, current: Row, now
     return None
 
 
-def record_outcomes(db: Connection, round_id: int) -> None:
+def record_outcomes(db: Connection, round_id: int, *, count_misses: bool = True) -> None:
     """Update the record of every device selected into a round that has just closed:
-    a report clears its misses; a miss makes it sit out longer."""
+    a report clears its misses; a miss makes it sit out longer. A round that closed on
+    its target counts no misses: the over-selected devices still training were not late."""
     db.execute(
         "UPDATE devices SET tasks = tasks + 1, reports = reports + 1, consecutive_drops = 0"
         " WHERE id IN (SELECT device_id FROM updates WHERE round_id = ?)",
         (round_id,),
     )
+    if not count_misses:
+        return
     missed = db.execute(
         "SELECT d.id, d.consecutive_drops FROM assignments a JOIN devices d ON d.id = a.device_id WHERE a.round_id = ?"
         " AND NOT EXISTS (SELECT 1 FROM updates u WHERE u.round_id = a.round_id AND u.device_id = a.device_id)",
@@ -86,8 +89,15 @@ def record_outcomes(db: Connection, round_id: int) -> None:
 
 
 def exclude_devices(db: Connection, device_ids: Sequence[str], round_id: int) -> None:
-    """Devices whose update ruined the model by itself sit out the longest exclusion."""
+    """Devices whose update ruined the model sit out the longest exclusion, and their
+    report in that round no longer counts in their favour."""
     db.executemany(
-        "UPDATE devices SET consecutive_drops = consecutive_drops + 1, excluded_until = ? WHERE id = ?",
+        "UPDATE devices SET reports = CASE WHEN reports > 0 THEN reports - 1 ELSE 0 END,"
+        " consecutive_drops = consecutive_drops + 1, excluded_until = ? WHERE id = ?",
         [(round_id + 1 + MAX_EXCLUSION_ROUNDS, device_id) for device_id in device_ids],
     )
+
+
+def record_late_report(db: Connection, device_id: str) -> None:
+    """A device that uploaded after its round closed is alive: its misses are cleared."""
+    db.execute("UPDATE devices SET consecutive_drops = 0, excluded_until = 0 WHERE id = ?", (device_id,))

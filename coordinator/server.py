@@ -11,7 +11,6 @@ that asked for port 0 learns the port without parsing logs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Collection
 
@@ -90,8 +90,17 @@ def serve(
             store, lobby, wake = Store(instance, db_url), None, None
         initial = None
         if new_run:
-            record, final = archive.start_over(store)
+            chosen: dict = {}
+
+            def next_run(previous: RunConfig, final: bytes) -> None:
+                """The new run keeps the old one's settings but those given, and can start from its model."""
+                chosen["config"] = replace(previous, **{name: getattr(config, name) for name in given})
+                if from_final:
+                    _check_fits(final, chosen["config"].model)
+
+            record, final = archive.start_over(store, next_run)
             print(f"edgefl serve: the previous run's record and final model are in {record.parent}", flush=True)
+            config, given = chosen["config"], ()
             initial = final if from_final else None
         driver = RoundDriver(store, resumed_config(store, config, given), lobby=lobby)
         driver.ensure_run(initial_checkpoint=initial)
@@ -133,6 +142,16 @@ def serve(
         sys.stdout.flush()
 
 
+def _check_fits(checkpoint: bytes, model: str) -> None:
+    from edgefl import wire
+    from edgefl.models import model_spec
+
+    try:
+        wire.decode(checkpoint, model_spec(model))
+    except wire.WireError as error:
+        raise ValueError(f"--from-final: the previous run's model does not fit --model {model}: {error.detail}") from None
+
+
 def _say_if_over(store) -> None:
     """An instance whose run is over is still served (its model, status, dashboard);
     say so, and how to start another."""
@@ -163,6 +182,8 @@ class _Workers:
         self, listener: socket.socket, count: int, threads: int, instance: Path, db_url: str, admin_token: str | None,
         enrolment_secret: str | None, max_devices: int | None,
     ):
+        from coordinator.credentials import token_hash
+
         self.listener = listener
         self.count = count
         self.command = [
@@ -172,8 +193,8 @@ class _Workers:
         # Workers get the secrets' hashes only, through the environment (not the command line, which anyone can read).
         self.env = {
             **os.environ,
-            "EDGEFL_ADMIN_TOKEN_SHA256": hashlib.sha256(admin_token.encode()).hexdigest() if admin_token else "",
-            "EDGEFL_ENROLMENT_SECRET_SHA256": hashlib.sha256(enrolment_secret.encode()).hexdigest() if enrolment_secret else "",
+            "EDGEFL_ADMIN_TOKEN_SHA256": token_hash(admin_token) if admin_token else "",
+            "EDGEFL_ENROLMENT_SECRET_SHA256": token_hash(enrolment_secret) if enrolment_secret else "",
         }
         self.processes: list[subprocess.Popen] = []
         self.stopping = False

@@ -107,6 +107,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE devices ADD COLUMN reports INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE devices ADD COLUMN consecutive_drops INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE devices ADD COLUMN excluded_until INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS devices_by_reports ON devices (reports)",
         "UPDATE rounds SET abandon_reason = 'too_few_reports' WHERE status = 'abandoned'",  # the one reason there was
     ),
 )

@@ -203,7 +203,7 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None, enr
             if exc.status == 409:
                 summary.late_uploads += 1
                 log.info("device %d: round %d closed before its upload (%s)", spec.index, task["round_id"], exc.code)
-            elif exc.status in (401, 403):  # this device's registration is gone (a new run): it is done
+            elif exc.status in (401, 403):  # the coordinator no longer knows this device, or did not select it: it stops
                 raise
             else:  # the coordinator refused this update (say, a model gone wrong): the next round may go better
                 summary.refused_uploads += 1

@@ -40,12 +40,16 @@ def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
 
 
 def depth(value: Any) -> int:
-    """How deeply ``value`` nests arrays and objects (a scalar is 0)."""
-    if isinstance(value, dict):
-        return 1 + max(map(depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(depth, value), default=0)
-    return 0
+    """How deeply ``value`` nests arrays and objects (a scalar is 0); without recursion,
+    so no nesting the parser accepted can exhaust the stack here."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def finite(value: Any) -> Any:

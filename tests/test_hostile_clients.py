@@ -195,8 +195,8 @@ def test_the_server_raises_its_descriptor_limit_and_sizes_connections_to_it():
 
     files = httpserver.raise_file_limit()
     assert files == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    assert httpserver.connection_limit(20_000) == (20_000 - 256) // 4
-    assert httpserver.connection_limit(1_048_576) == 10_000 and httpserver.connection_limit(100) == 64
+    assert httpserver.connection_limit(10_000) == (10_000 - 256) // 4 and httpserver.connection_limit(20_000) == 4096
+    assert httpserver.connection_limit(1_048_576) == 4096 and httpserver.connection_limit(100) == 64
 
 
 def test_registered_devices_are_served_while_the_attacks_go_on(app, client, driver):
@@ -231,3 +231,33 @@ def test_malformed_http_gets_a_json_4xx_and_the_server_goes_on(app, store, raw, 
         sock.close()
         assert answered(url) < 2.0
     assert store.snapshot() == before
+
+
+def test_a_chunked_body_is_never_read_whatever_content_length_says(app, store, open_round):
+    """Transfer-Encoding: chunked with a small Content-Length (request smuggling's
+    classic) from a valid device: the size is unknown up front, so the body is withheld."""
+    headers, task = open_round
+    with live(app) as (url, _):
+        sock = connect(url)
+        sock.sendall(
+            f"POST /v1/rounds/{task['round_id']}/updates HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n"
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + b"100000\r\n" + b"\0" * 65536
+        )
+        got, body, closed = read_answer(sock)
+        assert (got, body["error"], closed) == (411, "length_required", True)
+        sock.close()
+    assert rejections(store) == []
+
+
+def test_a_client_still_sending_a_refused_body_reads_its_answer(app, open_round):
+    """requests sends the whole body before reading: the server answers 401 from the
+    headers, then drains what keeps coming instead of resetting the connection, so the
+    client gets the answer rather than a 'connection reset'."""
+    _, task = open_round
+    with live(app) as (url, _):
+        for _ in range(3):
+            response = requests.post(
+                f"{url}/v1/rounds/{task['round_id']}/updates", data=b"\0" * (8 << 20),
+                headers={"Authorization": "Bearer not-a-device", "Content-Type": "application/octet-stream"}, timeout=10,
+            )
+            assert response.status_code == 401 and response.json()["error"] == "unknown_token"

@@ -77,7 +77,9 @@ def test_metrics_outside_their_bounds_are_refused(client, store, open_round, met
     assert rejections(store) == [(task["round_id"], "bad_metrics", 0)]
 
 
-@pytest.mark.parametrize("metrics", ["[" * 50_000 + "]" * 50_000, '{"n": ' + "9" * 5000 + "}", '{"a": {"b": 1}}', '{"loss": Infinity}'])
+@pytest.mark.parametrize("metrics", [
+    "[" * 50_000 + "]" * 50_000, "[" * 600 + "]" * 600, '{"n": ' + "9" * 5000 + "}", '{"a": {"b": 1}}', '{"loss": Infinity}',
+])
 def test_hostile_metrics_json_is_a_logged_400(client, store, open_round, metrics):
     headers, task = open_round
     before = store.snapshot()
@@ -86,7 +88,9 @@ def test_hostile_metrics_json_is_a_logged_400(client, store, open_round, metrics
     assert rejections(store) == [(task["round_id"], "bad_metrics", 0)]
 
 
-@pytest.mark.parametrize("header", [b"[" * 100_000 + b"]" * 100_000, b'{"w": {"shape": [' + b"9" * 5000 + b"]}}", b'{"w": NaN}'])
+@pytest.mark.parametrize("header", [
+    b"[" * 100_000 + b"]" * 100_000, b"[" * 700 + b"]" * 700, b'{"w": {"shape": [' + b"9" * 5000 + b"]}}", b'{"w": NaN}',
+])
 def test_hostile_safetensors_headers_are_a_logged_400(client, store, open_round, header):
     headers, task = open_round
     body = len(header).to_bytes(8, "little") + header
@@ -323,3 +327,31 @@ def test_a_round_whose_every_update_ruins_the_model_is_abandoned(client, driver,
     status = client.get("/v1/status").json
     assert status["model"]["version"] == 0 and status["abandoned"][0]["reason"] == "diverged"
     assert "from which the run goes on" in status["abandoned"][0]["detail"]
+
+
+def test_a_device_repeating_a_refused_upload_is_logged_once(client, store, open_round):
+    _, task = open_round
+    stranger = register(client)
+    for _ in range(20):
+        assert_error(upload(client, stranger, task["round_id"], update_body()), 403, "not_selected")
+    assert rejections(store) == [(task["round_id"], "not_selected", 0)]
+
+
+def test_devices_still_training_when_a_round_closes_on_target_are_not_counted_as_misses(client, store, driver, open_round):
+    """Over-selection seats more devices than the target: those not done when the target
+    is reached were not late, and take part in the next round."""
+    headers, task = open_round
+    second, slow = second_device(client, task), second_device(client, task)
+    for seed, device in enumerate((headers, second)):
+        assert upload(client, device, task["round_id"], update_body(seed=seed)).status_code == 202
+    assert driver.step()  # closes on its target of 2; the third device was still training
+    assert take_task(client, slow)["round_id"] != task["round_id"]
+
+
+def test_one_device_holds_at_most_one_check_in_in_the_lobby():
+    from coordinator.lobby import Lobby
+
+    lobby = Lobby()
+    assert lobby.enter("device") == 0 and lobby.enter("device") is None and lobby.waiting() == ["device"]
+    lobby.leave("device")
+    assert lobby.enter("device") == 0

@@ -11,11 +11,13 @@ from tests.api_helpers import register, take_task, update_body, upload
 def as_first_release_made_it(store: Store) -> None:
     """Undo every migration, leaving the tables the first release created."""
     with closing(store.connect()) as db, store.transaction(db):
-        for statements in MIGRATIONS:
-            for statement in statements:
+        for statements in reversed(MIGRATIONS):
+            for statement in reversed(statements):
                 words = statement.split()
                 if words[:2] == ["ALTER", "TABLE"]:
                     db.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+                elif words[:2] == ["CREATE", "INDEX"]:
+                    db.execute(f"DROP INDEX {words[5]}")
         db.execute("DROP TABLE schema_version")
 
 

@@ -12,13 +12,17 @@ a new connection every 0.1 s. Scenarios:
 - ``stalled_bodies``: 200 uploads with no or a bogus token announcing 60 MB and
   sending nothing more, and 50 connections trickling their headers a byte at a time.
 - ``never_reporting``: twice as many self-registered devices as honest ones, that check
-  in, take tasks and never upload (two thirds of the devices checking in).
+  in, take tasks and never upload (two thirds of the devices checking in), and ignore
+  ``retry_after`` to be first in line when a round opens.
 - ``registration_flood``: eight clients registering devices as fast as they are let.
 - ``overflowing_updates``: a registered device that, whenever selected, uploads
   values near float32's limit, metrics whose sums overflow, and hostile JSON.
 
-Reported per scenario: rounds committed per minute in the window (and as a fraction
-of the clean run's), rounds abandoned, the prober's p50/p99 latency and failures, the
+``clean_2_workers`` and ``never_reporting_2_workers`` run the same with ``serve
+--workers 2``: there the round driver has no lobby to seat waiting devices from, so
+whoever checks in first gets a seat, which is where devices that never report used to
+starve the run. Reported per scenario: rounds committed per minute in the window (and
+as a fraction of the clean run's with the same workers), rounds abandoned, the prober's p50/p99 latency and failures, the
 server's peak open descriptors and RSS, what the attacker's requests were answered,
 and whether the model at the end is finite and the status strict JSON. Each scenario
 is bounded in time; everything started is stopped.
@@ -53,7 +57,11 @@ from edgefl.launcher import federation  # noqa: E402
 from edgefl.models import model_spec  # noqa: E402
 
 CONFIG = RunConfig(model="cnn_small", rounds=100_000, target_reports=4, min_reports=3, over_selection=1.5, round_timeout_s=15)
-SCENARIOS = ("clean", "connection_flood", "stalled_bodies", "never_reporting", "registration_flood", "overflowing_updates")
+SCENARIOS = (
+    "clean", "connection_flood", "stalled_bodies", "never_reporting", "registration_flood", "overflowing_updates",
+    "clean_2_workers", "never_reporting_2_workers",
+)
+TWO_WORKERS = "_2_workers"  # a scenario named so runs serve --workers 2 (no lobby candidates: first come, first seated)
 
 
 class Attack:
@@ -170,7 +178,7 @@ def never_reporting(attack: Attack, honest: int) -> None:
         while not attack.stop.is_set():
             answer = session.post(attack.url + "/v1/checkin", timeout=30).json()
             attack.count(f"checkin: {answer['status']} {answer.get('reason') or ''}".strip())
-            attack.stop.wait(answer.get("retry_after") or 1.0)
+            attack.stop.wait(min(answer.get("retry_after") or 0.05, 0.2))
 
     for _ in range(2 * honest):
         attack.spawn(take_and_vanish)
@@ -255,9 +263,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None
 
 
-def run_scenario(name: str, seconds: float, devices: int, out: Path) -> dict:
-    print(f"{name}: starting a coordinator and {devices} device processes", flush=True)
-    with federation(out / name, CONFIG, count=devices, partition="iid", data_seed=0, serve_flags=["--no-publish"]) as fed:
+def run_scenario(name: str, seconds: float, devices: int, out: Path, serve_flags: list[str]) -> dict:
+    attack_name = name.removesuffix(TWO_WORKERS)
+    serve_flags = [*serve_flags, *(["--workers", "2"] if name.endswith(TWO_WORKERS) else [])]
+    print(f"{name}: starting a coordinator ({' '.join(serve_flags)}) and {devices} device processes", flush=True)
+    with federation(out / name, CONFIG, count=devices, partition="iid", data_seed=0, serve_flags=["--no-publish", *serve_flags]) as fed:
         deadline = time.monotonic() + 300
         while not requests.get(fed.url + "/v1/status", timeout=10).json()["history"]:
             if time.monotonic() > deadline:
@@ -275,10 +285,10 @@ def run_scenario(name: str, seconds: float, devices: int, out: Path) -> dict:
         for watcher in watchers:
             watcher.start()
         started = time.time()
-        if name == "never_reporting":
+        if attack_name == "never_reporting":
             never_reporting(attack, devices)
-        elif name != "clean":
-            globals()[name](attack)
+        elif attack_name != "clean":
+            globals()[attack_name](attack)
         print(f"{name}: attacking for {seconds:.0f} s", flush=True)
         stop.wait(seconds)
         ended = time.time()
@@ -326,6 +336,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="attack window per scenario (default 60)")
     parser.add_argument("--devices", type=int, default=6, help="honest device processes (default 6)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS))
+    parser.add_argument("--serve-flags", default="", help="more flags for edgefl serve, e.g. '--workers 2'")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hostile.json")
     args = parser.parse_args()
     chosen = args.scenarios.split(",")
@@ -334,14 +345,16 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="edgefl-hostile-") as tmp:
         for name in chosen:
-            results.append(run_scenario(name, args.seconds, args.devices, Path(tmp)))
-    clean = next((r["rounds_per_minute"] for r in results if r["scenario"] == "clean"), None)
+            results.append(run_scenario(name, args.seconds, args.devices, Path(tmp), args.serve_flags.split()))
+    clean = {r["scenario"]: r["rounds_per_minute"] for r in results if r["scenario"].startswith("clean")}
     for r in results:
-        r["of_clean"] = round(r["rounds_per_minute"] / clean, 2) if clean else None
+        baseline = clean.get("clean" + (TWO_WORKERS if r["scenario"].endswith(TWO_WORKERS) else ""))
+        r["of_clean"] = round(r["rounds_per_minute"] / baseline, 2) if baseline else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "config": json.loads(CONFIG.to_json()), "honest_devices": args.devices, "seconds": args.seconds, "results": results,
+        "config": json.loads(CONFIG.to_json()), "serve_flags": args.serve_flags, "honest_devices": args.devices,
+        "seconds": args.seconds, "results": results,
     }, indent=2))
     print(f"\n{'scenario':<20} {'rounds/min':>10} {'of clean':>8} {'abandoned':>9} {'status p99':>10} {'fails':>5} {'fds':>5}"
           f" {'RSS MB':>7} {'alive':>5} {'finite':>6} accuracy")

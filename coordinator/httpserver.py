@@ -285,7 +285,10 @@ class HardenedServer(TcpWSGIServer):
             self._close_everything()
             return
         self._closing = True
-        self.pull_trigger()
+        try:
+            self.pull_trigger()  # wake the loop now; it would see the flag within a second anyway
+        except OSError:
+            pass
         deadline = time.monotonic() + timeout_s
         while self._running and time.monotonic() < deadline:
             time.sleep(0.01)

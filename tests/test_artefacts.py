@@ -13,6 +13,8 @@ import pytest
 from edgefl.launcher import edgefl_command
 from tests.api_helpers import assert_error, register, take_task, update_body, upload
 
+pytestmark = pytest.mark.slow
+
 MODELS = ("/v1/models/latest.tflite", "/v1/models/latest-train.tflite", "/v1/models/latest.json")
 
 

@@ -138,6 +138,7 @@ def serve(instance, log, *flags):
     return server, wait_for_server(instance, server, log)
 
 
+@pytest.mark.slow
 def test_serving_a_finished_run_says_so_and_devices_say_why_they_stop(finished_instance, tmp_path):
     instance, _, _ = finished_instance
     log = tmp_path / "serve.log"
@@ -157,6 +158,7 @@ def test_serving_a_finished_run_says_so_and_devices_say_why_they_stop(finished_i
     assert one_line_error(edgefl("serve", "--instance", str(instance), "--from-final")).endswith("give --new-run too")
 
 
+@pytest.mark.slow
 def test_a_new_run_starts_from_the_final_model_and_stops_quietly(finished_instance, tmp_path):
     """``--new-run --from-final`` keeps the old run's record and starts from its model.
     Then: SIGINT on ``edgefl devices`` says so and exits 130; SIGTERM on ``serve`` while

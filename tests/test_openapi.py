@@ -23,6 +23,8 @@ PROMISES = [
 
 from tests.api_helpers import ADMIN, administered, register, take_task
 
+pytestmark = pytest.mark.slow
+
 CALLS: dict[str, dict[str, int]] = {}
 
 

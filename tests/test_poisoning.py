@@ -14,6 +14,8 @@ from edgefl.datasets import load_dataset
 from edgefl.models import build_model, model_spec
 from edgefl.partition import partition
 
+pytestmark = pytest.mark.slow
+
 ROUNDS, DEVICES = 20, 10
 ATTACKS = {"none": None, "scaled": lambda d: [x * 100 for x in d], "flipped": lambda d: [x * -100 for x in d]}
 

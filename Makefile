@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install debian-packages demo test test-fast bench lock clean
+.PHONY: install debian-packages demo test test-fast check bench lock clean
 
 install: $(STAMP)
 
@@ -18,12 +18,18 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(BIN)/edgefl demo
 
-test: install debian-packages
+# The project's own checks first (lint, format), then every test, in a random order
+# (pytest-randomly; its seed is printed, and -p no:randomly turns it off).
+test: install debian-packages check
 	$(BIN)/python -m pytest --durations=15
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The unit, API and hostile-input tests, without the ones that start real processes,
 # fuzz the API or SIGKILL coordinators (a few minutes instead of ten).
-test-fast: install debian-packages
+test-fast: install debian-packages check
 	$(BIN)/python -m pytest -m "not e2e and not slow"
 
 # What the tests run from Debian, installed when absent: headless Chromium (the

@@ -14,6 +14,7 @@ travel as one protobuf, which passes 2 GB near 450 CNN deltas, so 1,000 is not t
 
     .venv/bin/python benchmarks/aggregation.py [--cohorts 10 100 1000] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,12 @@ def measure(kind: str, cohort: int) -> dict:
         server.next(state, weights, zip(deltas(), counts))
         seconds = time.perf_counter() - started
     return {
-        "kind": kind, "cohort": cohort, "seconds": seconds, "ms_per_update": seconds / cohort * 1e3,
-        "peak_rss_mb": _peak_rss_mb(), "rss_before_cohort_mb": baseline,
+        "kind": kind,
+        "cohort": cohort,
+        "seconds": seconds,
+        "ms_per_update": seconds / cohort * 1e3,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_cohort_mb": baseline,
     }
 
 
@@ -154,14 +159,23 @@ def main() -> None:
             else:
                 print(
                     f"cohort {cohort:5}  {kind:12} {result['ms_per_update']:8.2f} ms/update"
-                    f"  {result['seconds']:7.2f} s  peak RSS {result['peak_rss_mb']:7.0f} MB", flush=True,
+                    f"  {result['seconds']:7.2f} s  peak RSS {result['peak_rss_mb']:7.0f} MB",
+                    flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "aggregation.json"
-    path.write_text(json.dumps({
-        "model": "cnn", "parameters": 1663370, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "targets": {"ms_per_update_at_most": 10, "peak_rss_mb_at_most": 2048}, "results": results,
-    }, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "model": "cnn",
+                "parameters": 1663370,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "targets": {"ms_per_update_at_most": 10, "peak_rss_mb_at_most": 2048},
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     plot(results, args.out / "aggregation.png")
     print(f"saved {path} and {args.out / 'aggregation.png'}")
 

@@ -10,6 +10,7 @@ updates weigh as float32, and a plot.
 
     .venv/bin/python benchmarks/compression.py [--bits 8 4 2 1] [--rounds 10] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,15 @@ def main() -> None:
     args = parser.parse_args()
 
     base = RunConfig(
-        model="cnn", rounds=args.rounds, target_reports=args.devices, min_reports=args.devices,
-        epochs=1, batch_size=10, client_lr=0.05, server_lr=1.0, seed=0,
+        model="cnn",
+        rounds=args.rounds,
+        target_reports=args.devices,
+        min_reports=args.devices,
+        epochs=1,
+        batch_size=10,
+        client_lr=0.05,
+        server_lr=1.0,
+        seed=0,
     )
     configs = {"float32": base, **{f"{b}-bit": replace(base, aggregator="compressed", compression_bits=b) for b in args.bits}}
     runs = {}
@@ -78,18 +86,26 @@ def main() -> None:
         }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "compression.json"
-    path.write_text(json.dumps({
-        "workload": {**json.loads(base.to_json()), "devices": args.devices, "partition": "dirichlet:0.5", "data_seed": 0},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "summary": rows, "runs": runs,
-    }, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "workload": {**json.loads(base.to_json()), "devices": args.devices, "partition": "dirichlet:0.5", "data_seed": 0},
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "summary": rows,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
     plot(runs, args.out / "compression.png")
 
     print()
     print(f"{'uploads':10}{'accuracy':>10}{'vs float32':>12}{'loss':>8}{'MB up/round':>13}{'as float32':>12}{'fraction':>10}")
     for label, row in rows.items():
-        print(f"{label:10}{row['final_accuracy']:>10.4f}{row['accuracy_gap_points_vs_float32']:>+11.2f}p{row['final_loss']:>8.3f}"
-              f"{row['mb_up_per_round']:>13.2f}{row['mb_up_per_round_as_float32']:>12.2f}{row['upload_fraction_of_float32']:>10.3f}")
+        print(
+            f"{label:10}{row['final_accuracy']:>10.4f}{row['accuracy_gap_points_vs_float32']:>+11.2f}p{row['final_loss']:>8.3f}"
+            f"{row['mb_up_per_round']:>13.2f}{row['mb_up_per_round_as_float32']:>12.2f}{row['upload_fraction_of_float32']:>10.3f}"
+        )
     print(f"saved {path} and {args.out / 'compression.png'}")
 
 

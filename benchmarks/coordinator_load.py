@@ -22,6 +22,7 @@ least 1,000 check-ins/s and 100 MB/s of uploads with no errors, on 2 cores. The 
 
     .venv/bin/python benchmarks/coordinator_load.py [--workers 1 4] [--seconds 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,8 +115,13 @@ def checkin_load(http: Connections, tokens: list[str], seconds: float, connectio
     elapsed = time.monotonic() - started
     flat = [s for per in latencies for s in per]
     return {
-        "requests": len(flat), "seconds": elapsed, "per_second": len(flat) / elapsed, "errors": sum(errors),
-        "answers": answers, "latency": percentiles(flat), "connections": connections,
+        "requests": len(flat),
+        "seconds": elapsed,
+        "per_second": len(flat) / elapsed,
+        "errors": sum(errors),
+        "answers": answers,
+        "latency": percentiles(flat),
+        "connections": connections,
     }
 
 
@@ -134,7 +140,9 @@ def upload_load(http: Connections, tasks: list[tuple[str, int]], connections: in
         body = wire.encode(names, arrays, {"num_examples": str(index + 1), "metrics": "{}"})  # distinct bytes
         started = time.perf_counter()
         status, answer = http.request(
-            "POST", f"/v1/rounds/{round_id}/updates", body=body,
+            "POST",
+            f"/v1/rounds/{round_id}/updates",
+            body=body,
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
         )
         latencies.append(time.perf_counter() - started)
@@ -147,19 +155,34 @@ def upload_load(http: Connections, tasks: list[tuple[str, int]], connections: in
         list(pool.map(upload, enumerate(tasks)))
     elapsed = time.monotonic() - started
     return {
-        "uploads": len(latencies), "bytes_each": sizes[0], "seconds": elapsed, "per_second": len(latencies) / elapsed,
-        "mb_per_second": sum(sizes) / elapsed / 1e6, "errors": len(errors), "error_samples": errors[:5],
-        "latency": percentiles(latencies), "connections": connections,
+        "uploads": len(latencies),
+        "bytes_each": sizes[0],
+        "seconds": elapsed,
+        "per_second": len(latencies) / elapsed,
+        "mb_per_second": sum(sizes) / elapsed / 1e6,
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "latency": percentiles(latencies),
+        "connections": connections,
     }
 
 
 def measure(workers: int, args, out_dir: Path) -> dict:
     config = RunConfig(
-        model="cnn", rounds=1, target_reports=args.uploads, min_reports=args.uploads, over_selection=1.0,
+        model="cnn",
+        rounds=1,
+        target_reports=args.uploads,
+        min_reports=args.uploads,
+        over_selection=1.0,
         round_timeout_s=3600,
     )
     with federation(
-        out_dir, config, count=0, partition="iid", data_seed=0, start_devices=False,
+        out_dir,
+        config,
+        count=0,
+        partition="iid",
+        data_seed=0,
+        start_devices=False,
         serve_flags=["--workers", str(workers), "--threads", str(args.threads)],
     ) as fed:
         http = Connections(fed.url)
@@ -175,12 +198,18 @@ def measure(workers: int, args, out_dir: Path) -> dict:
             assert status == 200 and answer["status"] == "task", answer
             tasks.append((token, answer["task"]["round_id"]))
         checkins = checkin_load(http, tokens, args.seconds, args.connections)
-        print(f"  workers={workers}: {checkins['per_second']:.0f} check-ins/s, p50 {checkins['latency']['p50_ms']:.1f} ms,"
-              f" p99 {checkins['latency']['p99_ms']:.1f} ms, errors {checkins['errors']}", flush=True)
+        print(
+            f"  workers={workers}: {checkins['per_second']:.0f} check-ins/s, p50 {checkins['latency']['p50_ms']:.1f} ms,"
+            f" p99 {checkins['latency']['p99_ms']:.1f} ms, errors {checkins['errors']}",
+            flush=True,
+        )
         uploads = upload_load(http, tasks, args.upload_connections)
-        print(f"  workers={workers}: {uploads['mb_per_second']:.0f} MB/s of uploads ({uploads['per_second']:.1f} updates/s"
-              f" of {uploads['bytes_each'] / 1e6:.1f} MB), p50 {uploads['latency']['p50_ms']:.0f} ms,"
-              f" p99 {uploads['latency']['p99_ms']:.0f} ms, errors {uploads['errors']}", flush=True)
+        print(
+            f"  workers={workers}: {uploads['mb_per_second']:.0f} MB/s of uploads ({uploads['per_second']:.1f} updates/s"
+            f" of {uploads['bytes_each'] / 1e6:.1f} MB), p50 {uploads['latency']['p50_ms']:.0f} ms,"
+            f" p99 {uploads['latency']['p99_ms']:.0f} ms, errors {uploads['errors']}",
+            flush=True,
+        )
         return {"workers": workers, "threads_per_worker": args.threads, "checkins": checkins, "uploads": uploads}
 
 

@@ -16,6 +16,7 @@ next round there). The machine's speed drifts, so the two are run alternately
 
     .venv/bin/python benchmarks/e2e_vs_tff.py [--rounds 10] [--devices 10] [--repeats 2] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,17 @@ def run_edgefl(config: RunConfig, devices: int, partition_spec: str, data_seed: 
         started = time.monotonic()
         # TFF's side trains on every example and builds no phone files: so does edgefl's here.
         with federation(
-            work, config, count=devices, partition=partition_spec, data_seed=data_seed,
-            serve_flags=["--no-publish"], device_flags=["--holdout", "0"],
+            work,
+            config,
+            count=devices,
+            partition=partition_spec,
+            data_seed=data_seed,
+            serve_flags=["--no-publish"],
+            device_flags=["--holdout", "0"],
         ) as fed:
-            status = fed.follow(lambda e: print(f"  edgefl round {e['round']}: accuracy {e['accuracy']:.4f}, {e['seconds']:.2f}s", flush=True))
+            status = fed.follow(
+                lambda e: print(f"  edgefl round {e['round']}: accuracy {e['accuracy']:.4f}, {e['seconds']:.2f}s", flush=True)
+            )
         wall = time.monotonic() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -66,8 +74,8 @@ def run_tff(config: RunConfig, devices: int, partition_spec: str, data_seed: int
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    from edgefl.tff_runtime import TffRuntime
     from edgefl.models import build_model
+    from edgefl.tff_runtime import TffRuntime
     from edgefl.training import KerasLearner
 
     data = load_dataset(config.dataset)
@@ -152,11 +160,21 @@ def main() -> None:
     args = parser.parse_args()
 
     config = RunConfig(
-        model=args.model, rounds=args.rounds, target_reports=args.devices, min_reports=args.devices,
-        epochs=1, batch_size=10, client_lr=0.05, server_lr=1.0, seed=0,
+        model=args.model,
+        rounds=args.rounds,
+        target_reports=args.devices,
+        min_reports=args.devices,
+        epochs=1,
+        batch_size=10,
+        client_lr=0.05,
+        server_lr=1.0,
+        seed=0,
     )
-    print(f"workload: {args.devices} devices, {args.rounds} rounds, {args.model}, {args.partition}, "
-          f"1 epoch of batch 10, client SGD 0.05, server SGD 1.0", flush=True)
+    print(
+        f"workload: {args.devices} devices, {args.rounds} rounds, {args.model}, {args.partition}, "
+        f"1 epoch of batch 10, client SGD 0.05, server SGD 1.0",
+        flush=True,
+    )
     edgefl, tff_result = [], []
     for repeat in range(1, args.repeats + 1):
         print(f"edgefl (coordinator + device processes), repeat {repeat}/{args.repeats}:", flush=True)
@@ -174,8 +192,11 @@ def main() -> None:
     comparison["speed_target_met"] = comparison["steady_seconds_ratio_edgefl_over_tff"] <= 1.0
     result = {
         "workload": {
-            **json.loads(config.to_json()), "devices": args.devices, "partition": args.partition,
-            "data_seed": args.data_seed, "repeats": args.repeats,
+            **json.loads(config.to_json()),
+            "devices": args.devices,
+            "partition": args.partition,
+            "data_seed": args.data_seed,
+            "repeats": args.repeats,
         },
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "edgefl": {"repeats": edgefl, "summary": e},
@@ -191,9 +212,15 @@ def main() -> None:
     print(f"{'final accuracy':24}{e['final_accuracy']:>10.4f}{t['final_accuracy']:>10.4f}")
     print(f"{'round 1 seconds (mean)':24}{e['first_round_seconds']:>10.2f}{t['first_round_seconds']:>10.2f}")
     print(f"{'steady s/round (mean)':24}{e['steady_mean_seconds_per_round']:>10.2f}{t['steady_mean_seconds_per_round']:>10.2f}")
-    print(f"{'steady s/round (median)':24}{e['steady_median_seconds_per_round']:>10.2f}{t['steady_median_seconds_per_round']:>10.2f}")
-    print(f"accuracy gap {comparison['accuracy_gap_points']:+.2f} points (target within 2: {'met' if comparison['accuracy_target_met'] else 'NOT met'})")
-    print(f"seconds ratio edgefl/TFF {comparison['steady_seconds_ratio_edgefl_over_tff']:.2f} (target <= 1: {'met' if comparison['speed_target_met'] else 'NOT met'})")
+    print(
+        f"{'steady s/round (median)':24}{e['steady_median_seconds_per_round']:>10.2f}{t['steady_median_seconds_per_round']:>10.2f}"
+    )
+    print(
+        f"accuracy gap {comparison['accuracy_gap_points']:+.2f} points (target within 2: {'met' if comparison['accuracy_target_met'] else 'NOT met'})"
+    )
+    print(
+        f"seconds ratio edgefl/TFF {comparison['steady_seconds_ratio_edgefl_over_tff']:.2f} (target <= 1: {'met' if comparison['speed_target_met'] else 'NOT met'})"
+    )
     print(f"saved {path}")
 
 

@@ -14,6 +14,7 @@ Keras, and what a device process costs with each runtime.
 
     .venv/bin/python benchmarks/export.py [--model cnn] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ def step_times(model: str, weights: list, train_tflite: bytes, batch_size: int, 
     train = load_dataset("digits").train
     x, y = train.x[: steps * batch_size], train.y[: steps * batch_size]
     litert_weights = [weights[keras.names.index(n)] for n in litert.names]
-    runs = {"keras": lambda: keras.client_update(weights, x, y, epochs=1, batch_size=batch_size, learning_rate=0.05, seed=0),
-            "litert": lambda: litert.client_update(litert_weights, x, y, epochs=1, batch_size=batch_size, learning_rate=0.05, seed=0)}
+    runs = {
+        "keras": lambda: keras.client_update(weights, x, y, epochs=1, batch_size=batch_size, learning_rate=0.05, seed=0),
+        "litert": lambda: litert.client_update(litert_weights, x, y, epochs=1, batch_size=batch_size, learning_rate=0.05, seed=0),
+    }
     for run in runs.values():
         run()  # tracing and first-invoke costs are not a step's
     times = {name: [] for name in runs}
@@ -74,7 +77,9 @@ def step_times(model: str, weights: list, train_tflite: bytes, batch_size: int, 
 def device_costs(model: str, rounds: int) -> list[dict]:
     config = RunConfig(model=model, rounds=rounds, target_reports=4, min_reports=4, round_timeout_s=600)
     with tempfile.TemporaryDirectory(prefix="edgefl-bench-") as work:
-        with federation(Path(work), config, count=4, partition="iid", data_seed=0, device_flags=["--runtime", "keras,litert"]) as fed:
+        with federation(
+            Path(work), config, count=4, partition="iid", data_seed=0, device_flags=["--runtime", "keras,litert"]
+        ) as fed:
             fed.follow(lambda e: print(f"  round {e['round']}: accuracy {e['accuracy']:.4f}", flush=True), timeout_s=900)
             fed.fleet.wait(timeout=120)
         return [json.loads(p.read_text()) for p in sorted((Path(work) / "logs" / "devices").glob("device-*.json"))]
@@ -91,8 +96,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    from edgefl.training import limit_threads
     from edgefl.report import export_table
+    from edgefl.training import limit_threads
     from export import export_checkpoint
 
     limit_threads(1)
@@ -100,8 +105,13 @@ def main() -> None:
     weights = trained_weights(args.model, args.epochs, 32)
     with tempfile.TemporaryDirectory() as tmp:
         card = export_checkpoint(
-            weights=weights, model_name=args.model, dataset="digits", out_dir=Path(tmp),
-            checkpoint_sha256="", round_number=None, train_batch=args.batch_size,
+            weights=weights,
+            model_name=args.model,
+            dataset="digits",
+            out_dir=Path(tmp),
+            checkpoint_sha256="",
+            round_number=None,
+            train_batch=args.batch_size,
         )
         train_tflite = (Path(tmp) / card["training"]["file"]).read_bytes()
     print(f"2/3 one SGD step of batch {args.batch_size}, LiteRT vs Keras, {args.repeats} alternating repeats", flush=True)
@@ -133,10 +143,14 @@ def main() -> None:
 
     print()
     print(export_table(card, Path("(a temporary directory)")))
-    k, l = steps["keras"]["median_ms_per_step"], steps["litert"]["median_ms_per_step"]
-    print(f"SGD step (batch {args.batch_size}, 1 thread): Keras {k:.2f} ms, LiteRT {l:.2f} ms ({l / k:.2f}x)")
+    keras_ms, litert_ms = steps["keras"]["median_ms_per_step"], steps["litert"]["median_ms_per_step"]
+    print(
+        f"SGD step (batch {args.batch_size}, 1 thread): Keras {keras_ms:.2f} ms, LiteRT {litert_ms:.2f} ms ({litert_ms / keras_ms:.2f}x)"
+    )
     for runtime, c in per_runtime.items():
-        print(f"{runtime} device process: peak RSS {c['peak_rss_mb']:.0f} MB, start-up {c['startup_s']:.2f} s, TensorFlow imported: {c['tensorflow_imported']}")
+        print(
+            f"{runtime} device process: peak RSS {c['peak_rss_mb']:.0f} MB, start-up {c['startup_s']:.2f} s, TensorFlow imported: {c['tensorflow_imported']}"
+        )
     print(f"saved {path}")
 
 

@@ -29,6 +29,7 @@ is bounded in time; everything started is stopped.
 
     .venv/bin/python benchmarks/hostile.py [--seconds 60] [--devices 6] [--scenarios clean,never_reporting]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,14 @@ from edgefl.models import model_spec  # noqa: E402
 
 CONFIG = RunConfig(model="cnn_small", rounds=100_000, target_reports=4, min_reports=3, over_selection=1.5, round_timeout_s=15)
 SCENARIOS = (
-    "clean", "connection_flood", "stalled_bodies", "never_reporting", "registration_flood", "overflowing_updates",
-    "clean_2_workers", "never_reporting_2_workers",
+    "clean",
+    "connection_flood",
+    "stalled_bodies",
+    "never_reporting",
+    "registration_flood",
+    "overflowing_updates",
+    "clean_2_workers",
+    "never_reporting_2_workers",
 )
 TWO_WORKERS = "_2_workers"  # a scenario named so runs serve --workers 2 (no lobby candidates: first come, first seated)
 
@@ -203,7 +210,9 @@ def overflowing_updates(attack: Attack) -> None:
         wire.encode(names, huge, {"num_examples": "1000000000", "metrics": "{}"}),
         wire.encode(names, at_bound, {"num_examples": "1000000000", "metrics": json.dumps({"holdout_examples": 10**308})}),
         wire.encode(names, at_bound, {"num_examples": "1000000000", "metrics": "[" * 50_000}),
-        wire.encode(names, at_bound, {"num_examples": "1000000000", "metrics": json.dumps({"train_loss": 1e12, "train_accuracy": 1.0})}),
+        wire.encode(
+            names, at_bound, {"num_examples": "1000000000", "metrics": json.dumps({"train_loss": 1e12, "train_accuracy": 1.0})}
+        ),
     ]
 
     def poison() -> None:
@@ -216,8 +225,10 @@ def overflowing_updates(attack: Attack) -> None:
             if answer["status"] == "task":
                 for body in bodies[sent % 2 * 2 : sent % 2 * 2 + 2]:  # refused, then (last) one within the bounds
                     response = session.post(
-                        f"{attack.url}/v1/rounds/{answer['task']['round_id']}/updates", data=body,
-                        headers={"Content-Type": "application/octet-stream"}, timeout=30,
+                        f"{attack.url}/v1/rounds/{answer['task']['round_id']}/updates",
+                        data=body,
+                        headers={"Content-Type": "application/octet-stream"},
+                        timeout=30,
                     )
                     attack.count(f"upload: {response.status_code} {response.json().get('error', 'accepted')}")
                 sent += 1
@@ -241,7 +252,9 @@ def probe(url: str, stop: threading.Event, latencies: list, failures: collection
             with requests.Session() as session:  # a new client each time
                 response = session.get(url + "/v1/status", timeout=5)
             strict_json(response.text)
-            latencies.append(time.monotonic() - started) if response.status_code == 200 else failures.update([response.status_code])
+            latencies.append(time.monotonic() - started) if response.status_code == 200 else failures.update(
+                [response.status_code]
+            )
         except Exception as error:
             failures.update([type(error).__name__])
         stop.wait(0.1)
@@ -267,7 +280,9 @@ def run_scenario(name: str, seconds: float, devices: int, out: Path, serve_flags
     attack_name = name.removesuffix(TWO_WORKERS)
     serve_flags = [*serve_flags, *(["--workers", "2"] if name.endswith(TWO_WORKERS) else [])]
     print(f"{name}: starting a coordinator ({' '.join(serve_flags)}) and {devices} device processes", flush=True)
-    with federation(out / name, CONFIG, count=devices, partition="iid", data_seed=0, serve_flags=["--no-publish", *serve_flags]) as fed:
+    with federation(
+        out / name, CONFIG, count=devices, partition="iid", data_seed=0, serve_flags=["--no-publish", *serve_flags]
+    ) as fed:
         deadline = time.monotonic() + 300
         while not requests.get(fed.url + "/v1/status", timeout=10).json()["history"]:
             if time.monotonic() > deadline:
@@ -351,18 +366,30 @@ def main() -> int:
         baseline = clean.get("clean" + (TWO_WORKERS if r["scenario"].endswith(TWO_WORKERS) else ""))
         r["of_clean"] = round(r["rounds_per_minute"] / baseline, 2) if baseline else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "config": json.loads(CONFIG.to_json()), "serve_flags": args.serve_flags, "honest_devices": args.devices,
-        "seconds": args.seconds, "results": results,
-    }, indent=2))
-    print(f"\n{'scenario':<20} {'rounds/min':>10} {'of clean':>8} {'abandoned':>9} {'status p99':>10} {'fails':>5} {'fds':>5}"
-          f" {'RSS MB':>7} {'alive':>5} {'finite':>6} accuracy")
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                "config": json.loads(CONFIG.to_json()),
+                "serve_flags": args.serve_flags,
+                "honest_devices": args.devices,
+                "seconds": args.seconds,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"\n{'scenario':<20} {'rounds/min':>10} {'of clean':>8} {'abandoned':>9} {'status p99':>10} {'fails':>5} {'fds':>5}"
+        f" {'RSS MB':>7} {'alive':>5} {'finite':>6} accuracy"
+    )
     for r in results:
         p99 = f"{r['status_p99_ms']:.0f} ms" if r["status_p99_ms"] is not None else "-"
-        print(f"{r['scenario']:<20} {r['rounds_per_minute']:>10} {r['of_clean'] or '-':>8} {r['rounds_abandoned']:>9} {p99:>10}"
-              f" {sum(r['status_failures'].values()):>5} {r['server_peak_open_files'] or '-':>5} {r['server_peak_rss_mb']:>7}"
-              f" {r['server_alive']!s:>5} {r['model_finite']!s:>6} {r['final_accuracy']}")
+        print(
+            f"{r['scenario']:<20} {r['rounds_per_minute']:>10} {r['of_clean'] or '-':>8} {r['rounds_abandoned']:>9} {p99:>10}"
+            f" {sum(r['status_failures'].values()):>5} {r['server_peak_open_files'] or '-':>5} {r['server_peak_rss_mb']:>7}"
+            f" {r['server_alive']!s:>5} {r['model_finite']!s:>6} {r['final_accuracy']}"
+        )
     print(f"saved {args.out}")
     return 0 if all(r["server_alive"] and r["model_finite"] for r in results) else 1
 

@@ -9,10 +9,12 @@ instead of at its next poll. Check-ins held for the next round wait in
 default, answers every check-in at once), which the driver selects from and wakes.
 ``DB_URL`` names the database (default: SQLite in ``INSTANCE``).
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
@@ -56,8 +58,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.json = StrictJSON(app)
     app.url_map.converters["int"] = RoundId
     app.config.from_mapping(
-        INSTANCE=None, DB_URL=None, MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES, LONG_POLL_SLOTS=0,
-        ADMIN_TOKEN_SHA256=None, WORKER_ID=None, ENROLMENT_SECRET_SHA256=None, MAX_DEVICES=None,
+        INSTANCE=None,
+        DB_URL=None,
+        MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES,
+        LONG_POLL_SLOTS=0,
+        ADMIN_TOKEN_SHA256=None,
+        WORKER_ID=None,
+        ENROLMENT_SECRET_SHA256=None,
+        MAX_DEVICES=None,
     )
     if test_config:
         app.config.from_mapping(test_config)

@@ -9,10 +9,12 @@ hold its body. Such a request still reaches the app, marked as withheld, and
 in the API's error format; the upload view refuses an oversized body itself, so its
 refusal is logged with the round like every other.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException
@@ -34,7 +36,10 @@ class BodyRule:
 
 
 def takes_body(
-    credential: Literal["device", "admin"], max_bytes: Callable[[Store, Connection], int] | int, *, view_refuses_oversize: bool = False
+    credential: Literal["device", "admin"],
+    max_bytes: Callable[[Store, Connection], int] | int,
+    *,
+    view_refuses_oversize: bool = False,
 ):
     """Declare that a view takes a request body from ``credential`` of at most
     ``max_bytes`` (a number, or a function of the store for one that depends on the run)."""

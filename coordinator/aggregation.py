@@ -11,12 +11,13 @@ arithmetic is exactly the TFF factory's. ``next`` is a pure function of (state,
 weights, updates): the round driver owns I/O and persistence, and the state
 round-trips through bytes so it can be stored beside each checkpoint.
 """
+
 from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -61,11 +62,15 @@ class ServerSettings:
     clients_per_round: int = 10  # what DP's noise is calibrated for: the target reports
 
     @classmethod
-    def of(cls, config) -> "ServerSettings":
+    def of(cls, config) -> ServerSettings:
         return cls(
-            aggregator=config.aggregator, server_optimizer=config.server_optimizer, server_lr=config.server_lr,
-            server_momentum=config.server_momentum, dp_noise_multiplier=config.dp_noise_multiplier,
-            dp_clip=config.dp_clip, clients_per_round=config.target_reports,
+            aggregator=config.aggregator,
+            server_optimizer=config.server_optimizer,
+            server_lr=config.server_lr,
+            server_momentum=config.server_momentum,
+            dp_noise_multiplier=config.dp_noise_multiplier,
+            dp_clip=config.dp_clip,
+            clients_per_round=config.target_reports,
         )
 
 
@@ -98,7 +103,9 @@ def aggregator_factory(settings: ServerSettings):
     if s.aggregator == "dp_adaptive":
         return tff.learning.dp_aggregator(s.dp_noise_multiplier, s.clients_per_round, zeroing=True), False
     if s.aggregator == "dp_fixed":
-        return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(s.dp_noise_multiplier, s.clients_per_round, s.dp_clip), False
+        return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+            s.dp_noise_multiplier, s.clients_per_round, s.dp_clip
+        ), False
     raise ValueError(f"unknown aggregator {s.aggregator!r}")
 
 
@@ -167,9 +174,7 @@ def build_round(spec: Sequence[TensorSpec], settings: ServerSettings = ServerSet
         ),
         tff.SERVER,
     )
-    client_type = tff.FederatedType(
-        tff.StructType([("delta", model_type), ("weight", tff.TensorType(np.float32))]), tff.CLIENTS
-    )
+    client_type = tff.FederatedType(tff.StructType([("delta", model_type), ("weight", tff.TensorType(np.float32))]), tff.CLIENTS)
 
     @tff.federated_computation(state_type, client_type)
     def next_round(state, clients):
@@ -178,9 +183,7 @@ def build_round(spec: Sequence[TensorSpec], settings: ServerSettings = ServerSet
         else:
             aggregate = aggregator.next(state.aggregator, clients.delta)
         optimizer_state, model = tff.federated_map(optimizer_next, (state.optimizer, state.model, aggregate.result))
-        new_state = tff.federated_zip(
-            collections.OrderedDict(model=model, aggregator=aggregate.state, optimizer=optimizer_state)
-        )
+        new_state = tff.federated_zip(collections.OrderedDict(model=model, aggregator=aggregate.state, optimizer=optimizer_state))
         return new_state, aggregate.result
 
     return initialize, next_round
@@ -199,23 +202,27 @@ class FedAvgServer:
         self._strings = {leaf.path for leaf in self._leaves if leaf.dtype.kind in "SUO"}
         self.state_spec = wire.spec_of(
             [leaf.path for leaf in self._leaves if leaf.path not in self._strings],
-            [np.zeros(leaf.shape, np.int32 if leaf.dtype == bool else leaf.dtype) for leaf in self._leaves if leaf.path not in self._strings],
+            [
+                np.zeros(leaf.shape, np.int32 if leaf.dtype == bool else leaf.dtype)
+                for leaf in self._leaves
+                if leaf.path not in self._strings
+            ],
         )
 
     def initialize(self) -> ServerState:
         return tuple(np.asarray(x) for x in self.round.initialize())
 
-    def begin(self, state: ServerState, weights: Sequence[np.ndarray]) -> "RoundFold":
+    def begin(self, state: ServerState, weights: Sequence[np.ndarray]) -> RoundFold:
         """A round's fold over no updates yet, from the model and the server state."""
         round_state = (*weights, *state)
         return RoundFold(round_state, tuple(self.round.prepare(*round_state)), tuple(self.round.zero()), 0)
 
-    def fold(self, fold: "RoundFold", delta: Sequence[np.ndarray], num_examples: int) -> "RoundFold":
+    def fold(self, fold: RoundFold, delta: Sequence[np.ndarray], num_examples: int) -> RoundFold:
         """``fold`` with one more client's update in it (TFF's work, then accumulate)."""
         work = self.round.client_work(fold.broadcast, [*delta, np.float32(num_examples)])
         return replace(fold, accumulator=tuple(self.round.accumulate(*fold.accumulator, *work)), updates=fold.updates + 1)
 
-    def finish(self, fold: "RoundFold") -> ServerOutput:
+    def finish(self, fold: RoundFold) -> ServerOutput:
         """TFF's report and update: the next weights, server state and mean delta."""
         new_state, mean_delta = self.round.finish(fold.round_state, fold.accumulator)
         n = len(self.spec)
@@ -243,7 +250,8 @@ class FedAvgServer:
         arrays, metadata = wire.decode(data, self.state_spec)
         numeric = iter(arrays)
         return tuple(
-            np.asarray(metadata[leaf.path].encode(), dtype=object) if leaf.path in self._strings
+            np.asarray(metadata[leaf.path].encode(), dtype=object)
+            if leaf.path in self._strings
             else np.asarray(next(numeric), dtype=leaf.dtype)
             for leaf in self._leaves
         )

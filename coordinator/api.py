@@ -4,6 +4,7 @@ Every handler checks everything it can before it writes, and writes in one
 transaction, so a rejected request leaves the store as it found it. An update is
 acknowledged (202) only after its blob is fsynced and its row committed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,6 @@ import uuid
 from dataclasses import asdict
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
-
 from spectree import Response
 
 from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, failpoints, rounds
@@ -60,7 +60,9 @@ def _authenticated_device() -> str:
 
 def _device_if_any() -> str | None:
     """The device whose token the request carries, if it carries a valid one."""
-    return current_app.extensions["edgefl.device_tokens"].device_of(get_db(), credentials.bearer(request.headers.get("Authorization")))
+    return current_app.extensions["edgefl.device_tokens"].device_of(
+        get_db(), credentials.bearer(request.headers.get("Authorization"))
+    )
 
 
 @bp.before_request
@@ -107,7 +109,9 @@ def register_device():
 
 
 @bp.post("/checkin")
-@spec.validate(resp=Response(HTTP_200=CheckinAnswer, **_errors(401, 503)), security=DEVICE, tags=["devices"], skip_validation=True)  # no body; the hot path
+@spec.validate(
+    resp=Response(HTTP_200=CheckinAnswer, **_errors(401, 503)), security=DEVICE, tags=["devices"], skip_validation=True
+)  # no body; the hot path
 def checkin():
     """Ask for a task: a task, or when to come back.
 
@@ -150,7 +154,9 @@ def checkin():
 
 
 @bp.get("/checkpoints/<sha256:sha256>")
-@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(404)), tags=["devices"], skip_validation=True)  # a file: nothing to validate
+@spec.validate(
+    resp=Response("HTTP_200", "HTTP_304", **_errors(404)), tags=["devices"], skip_validation=True
+)  # a file: nothing to validate
 def get_checkpoint(sha256: str):
     """Download a checkpoint (safetensors; immutable, so cacheable forever).
 
@@ -183,11 +189,17 @@ def _send_artefact(kind: str, name: str):
     row = latest(get_db(), kind)
     if row is None:
         raise ApiError(
-            503, "not_built_yet", "The artefacts of the first model are being built; retry shortly.",
+            503,
+            "not_built_yet",
+            "The artefacts of the first model are being built; retry shortly.",
             headers={"Retry-After": str(_ARTEFACT_RETRY_S)},
         )
     response = send_file(
-        get_store().blobs.path(row["sha256"]), mimetype=KINDS[kind][1], etag=row["sha256"], conditional=True, max_age=0,
+        get_store().blobs.path(row["sha256"]),
+        mimetype=KINDS[kind][1],
+        etag=row["sha256"],
+        conditional=True,
+        max_age=0,
         download_name=name,
     )
     response.headers["X-Edgefl-Model-Version"] = str(row["version"])
@@ -234,7 +246,8 @@ def upload_update(round_id: int):
         return _accept_update(db, round_id, device_id)
     except ApiError as error:
         if (
-            error.code != "unknown_round" and db.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone()
+            error.code != "unknown_round"
+            and db.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone()
             and rounds.rejection_is_new(db, round_id, device_id, error.code)
         ):
             with get_store().transaction(db):
@@ -271,9 +284,7 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
                 raise ApiError(rejection.status, rejection.code, rejection.detail)
             if not store.blobs.exists(blob_sha256):  # identical bytes of a finished round, discarded meanwhile
                 store.blobs.put(body)
-            reports = rounds.record_update(
-                db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time()
-            )
+            reports = rounds.record_update(db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time())
     except BaseException:
         with store.transaction(db):  # under the write lock, so no upload of the same bytes commits meanwhile
             if not db.execute("SELECT 1 FROM updates WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
@@ -348,7 +359,12 @@ def control(action: str):
 @bp.post("/admin/config")
 @takes_body("admin", access.JSON_BODY_BYTES)
 @admin_only
-@spec.validate(json=ConfigChange, resp=Response(HTTP_200=ConfigChanged, **_errors(400, 401, 403, 409, 415, 422, 503)), security=ADMIN, tags=["operators"])
+@spec.validate(
+    json=ConfigChange,
+    resp=Response(HTTP_200=ConfigChanged, **_errors(400, 401, 403, 409, 415, 422, 503)),
+    security=ADMIN,
+    tags=["operators"],
+)
 def change_config(json: ConfigChange):
     """Change settings of the run in progress; recorded, and in effect at once."""
     db = get_db()
@@ -379,19 +395,38 @@ def status():
     current = None
     if active is not None:
         current = next(r for r in history if r["id"] == active["id"])
-        current = {**current, "target_reports": config.target_reports, "seconds_left": max(0.0, active["deadline_at"] - time.time())}
+        current = {
+            **current,
+            "target_reports": config.target_reports,
+            "seconds_left": max(0.0, active["deadline_at"] - time.time()),
+        }
     return jsonify(
         run={
-            "status": run["status"], "config": json.loads(run["config"]), "config_changes": changes,
-            "created_at": run["created_at"], "finished_at": run["finished_at"],
+            "status": run["status"],
+            "config": json.loads(run["config"]),
+            "config_changes": changes,
+            "created_at": run["created_at"],
+            "finished_at": run["finished_at"],
         },
-        model={"version": latest["version"], "sha256": latest["sha256"], "size": latest["size"], "url": f"/v1/checkpoints/{latest['sha256']}"},
+        model={
+            "version": latest["version"],
+            "sha256": latest["sha256"],
+            "size": latest["size"],
+            "url": f"/v1/checkpoints/{latest['sha256']}",
+        },
         round=current,
         devices=devices,
         history=[_summary(r) for r in history if r["evaluated_at"] is not None],
         abandoned=[
-            {"round": r["number"], "id": r["id"], "reason": r["abandon_reason"], "detail": r["abandon_detail"], "at": r["closed_at"]}
-            for r in history if r["status"] == "abandoned"
+            {
+                "round": r["number"],
+                "id": r["id"],
+                "reason": r["abandon_reason"],
+                "detail": r["abandon_detail"],
+                "at": r["closed_at"],
+            }
+            for r in history
+            if r["status"] == "abandoned"
         ],
     )
 

@@ -6,13 +6,14 @@ final model into ``INSTANCE/previous-runs/``, then clears the run's rows; the de
 stay registered (their tokens keep working) with their records reset. The old run's
 blobs are no longer referenced, and the round driver's start-up sweep removes them.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Callable
 
 from coordinator import leases, rounds
 from coordinator.store import Store

@@ -10,6 +10,7 @@ per kind in ``artefacts`` points at the newest; any worker serves them from ther
 Builds coalesce: while one runs, rounds may commit; the next build starts from the
 newest model, never from each one in turn.
 """
+
 from __future__ import annotations
 
 import logging
@@ -110,10 +111,24 @@ class Publisher:
         with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=self.store.instance_dir) as tmp:
             out = Path(tmp) / "export"
             command = [
-                "nice", "-n", "10", *self.command,
-                "--checkpoint", str(self.store.blobs.path(target.checkpoint_sha256)), "--model", target.model,
-                "--dataset", target.dataset, "--round", str(target.version), "--variants", "int8",
-                "--train-batch", str(target.batch_size), "--out", str(out),
+                "nice",
+                "-n",
+                "10",
+                *self.command,
+                "--checkpoint",
+                str(self.store.blobs.path(target.checkpoint_sha256)),
+                "--model",
+                target.model,
+                "--dataset",
+                target.dataset,
+                "--round",
+                str(target.version),
+                "--variants",
+                "int8",
+                "--train-batch",
+                str(target.batch_size),
+                "--out",
+                str(out),
             ]
             process = start_logged(command, self.log_path)
             try:
@@ -124,7 +139,12 @@ class Publisher:
             finally:
                 stop_process(process, timeout_s=10)
             if process.returncode != 0:
-                log.error("building the artefacts of model version %d failed (exit %d); see %s", target.version, process.returncode, self.log_path)
+                log.error(
+                    "building the artefacts of model version %d failed (exit %d); see %s",
+                    target.version,
+                    process.returncode,
+                    self.log_path,
+                )
                 self._failed = (target, self.clock())
                 return False
             blobs = {}
@@ -137,5 +157,10 @@ class Publisher:
             live = rounds.live_blobs(db)
         for sha256 in replaced - live:
             self.store.blobs.delete(sha256)
-        log.info("published the artefacts of model version %d (batch %d) in %.1fs", target.version, target.batch_size, time.monotonic() - started)
+        log.info(
+            "published the artefacts of model version %d (batch %d) in %.1fs",
+            target.version,
+            target.batch_size,
+            time.monotonic() - started,
+        )
         return True

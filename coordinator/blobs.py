@@ -4,6 +4,7 @@ A blob is named by the sha256 of its bytes and written to a temporary file, fsyn
 renamed into place and its directory fsynced, so after ``put`` returns the bytes
 survive a crash or power loss, and a reader never sees half a file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-
 
 _TRASH = ".trash-"
 _TMP = ".tmp-"

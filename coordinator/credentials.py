@@ -5,6 +5,7 @@ request is from, the policy before a body is read, on the server's I/O thread, w
 query per upload is affordable but not per byte. ``DeviceTokens`` remembers the tokens
 it has seen valid, so the hot path (every check-in) mostly costs a hash.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ The page is static; its script polls ``v1/status`` and draws the charts with Cha
 vendored in ``static/vendor/chartjs/``, so it needs nothing from the internet and shows
 exactly what the API reports.
 """
+
 from __future__ import annotations
 
 from flask import Blueprint, render_template

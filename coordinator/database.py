@@ -7,12 +7,14 @@ module: connecting, the identity column type, and how a write transaction takes 
 database's one writer lock, so that writers queue instead of failing on a conflict:
 SQLite's ``BEGIN IMMEDIATE``, or a transaction-scoped advisory lock in PostgreSQL.
 """
+
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 
@@ -29,10 +31,10 @@ class DatabaseError(Exception):
     """A database URL that names nothing usable."""
 
 
-def open_database(url: str) -> "SQLite | PostgreSQL":
+def open_database(url: str) -> SQLite | PostgreSQL:
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
             raise DatabaseError(f"a SQLite URL names a file: sqlite:///relative/path or sqlite:////absolute/path, not {url!r}")
         return SQLite(Path(path))
@@ -84,7 +86,7 @@ class PostgreSQL:
         self.url = url
         self.errors = (psycopg.Error,)
 
-    def connect(self) -> "_PostgresConnection":
+    def connect(self) -> _PostgresConnection:
         try:
             return _PostgresConnection(self._psycopg.connect(self.url, autocommit=True, row_factory=_row_factory))
         except self._psycopg.OperationalError as error:
@@ -97,11 +99,11 @@ class PostgreSQL:
                 db.execute(statement)
             db.execute("COMMIT")
 
-    def begin_write(self, db: "_PostgresConnection") -> None:
+    def begin_write(self, db: _PostgresConnection) -> None:
         db.execute("BEGIN")
         db.execute(f"SELECT pg_advisory_xact_lock({self._WRITER_LOCK})")
 
-    def begin_read(self, db: "_PostgresConnection") -> None:
+    def begin_read(self, db: _PostgresConnection) -> None:
         db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
 
@@ -142,7 +144,7 @@ class _PostgresConnection:
 
 
 @contextmanager
-def write_transaction(database: "SQLite | PostgreSQL", db: Connection) -> Iterator[Connection]:
+def write_transaction(database: SQLite | PostgreSQL, db: Connection) -> Iterator[Connection]:
     """Committed on success, rolled back on any exception."""
     database.begin_write(db)
     try:

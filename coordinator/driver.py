@@ -12,6 +12,7 @@ rebuilt from the store in the same order after a restart, so closing a round cos
 only TFF's report and update. Only the holder of the round-driver lease (in the
 database) steps the run, so coordinators sharing a store never both drive it.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,15 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable, Collection
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Collection
 
 import numpy as np
 
 from coordinator import failpoints, guard, leases, rounds, selection
-from coordinator.database import Connection, Row
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
+from coordinator.database import Connection, Row
 from coordinator.lobby import Lobby
 from coordinator.store import Store
 from edgefl import compression, wire
@@ -48,8 +49,11 @@ def resumed_config(store: Store, requested: RunConfig, given: Collection[str]) -
         stored = rounds.run_config(db)
     if stored is None:
         return requested
-    differing = [f"{name}={getattr(stored, name)!r} (asked {getattr(requested, name)!r})" for name in sorted(given)
-                 if getattr(stored, name) != getattr(requested, name)]
+    differing = [
+        f"{name}={getattr(stored, name)!r} (asked {getattr(requested, name)!r})"
+        for name in sorted(given)
+        if getattr(stored, name) != getattr(requested, name)
+    ]
     if differing:
         raise ValueError(
             f"{store.instance_dir} holds a run with {', '.join(differing)}; leave those settings out to resume it,"
@@ -184,9 +188,16 @@ class RoundDriver:
                 if decision is None:
                     return False
                 if decision == "abandon":
-                    self._abandon(db, current, "too_few_reports", f"{reports} of the {self.config.min_reports} reports it needed arrived by its deadline")
+                    self._abandon(
+                        db,
+                        current,
+                        "too_few_reports",
+                        f"{reports} of the {self.config.min_reports} reports it needed arrived by its deadline",
+                    )
                 else:
-                    rounds.close_collection(db, current["id"], "aggregating", now, on_target=reports >= self.config.target_reports)
+                    rounds.close_collection(
+                        db, current["id"], "aggregating", now, on_target=reports >= self.config.target_reports
+                    )
             if decision == "abandon":
                 self._after_abandoning(db, current)
                 return True
@@ -317,7 +328,7 @@ class RoundDriver:
         for leave_out in attempts:
             if not leave_out or len(leave_out) >= len(updates):
                 continue
-            refold = self.server.begin(fold.round_state[len(self.spec):], base)
+            refold = self.server.begin(fold.round_state[len(self.spec) :], base)
             for update in updates:
                 if update["id"] not in leave_out:
                     refold = self.server.fold(refold, self._delta_of(update), update["num_examples"])
@@ -368,7 +379,8 @@ class RoundDriver:
             log.info(
                 "the run finished after %d rounds (final test accuracy %.4f); still serving its model and record."
                 " To start another on this instance: edgefl serve --new-run [--from-final]",
-                committed["number"], evaluation["accuracy"],
+                committed["number"],
+                evaluation["accuracy"],
             )
 
     def run(self, stop: threading.Event, *, wake: threading.Event | None = None, poll_s: float = 0.1) -> None:
@@ -446,7 +458,8 @@ def _personalization(updates: list[Row]) -> dict | None:
     their locally fine-tuned one, weighted by those examples."""
     reports = [json.loads(u["metrics"]) for u in updates]
     reports = [
-        r for r in reports
+        r
+        for r in reports
         if r.get("holdout_examples", 0) > 0 and "holdout_accuracy_global" in r and "holdout_accuracy_personalized" in r
     ]
     if not reports:

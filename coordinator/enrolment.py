@@ -7,6 +7,7 @@ bucket bounds how fast (per server process) and ``max_devices`` how many in all,
 no client can grow the store without limit. Privacy accounting does not count
 registrations at all (see ``rounds.privacy_spent``).
 """
+
 from __future__ import annotations
 
 import threading
@@ -37,7 +38,11 @@ class Enrolment:
         if self.secret_sha256 is not None:
             secret = credentials.bearer(authorization)
             if secret is None:
-                raise ApiError(401, "enrolment_required", "This coordinator enrols devices with a secret: send it as 'Authorization: Bearer <secret>'.")
+                raise ApiError(
+                    401,
+                    "enrolment_required",
+                    "This coordinator enrols devices with a secret: send it as 'Authorization: Bearer <secret>'.",
+                )
             if not credentials.matches(secret, self.secret_sha256):
                 raise ApiError(401, "bad_enrolment_secret", "That is not this coordinator's enrolment secret.")
         now = time.monotonic() if now is None else now
@@ -48,13 +53,20 @@ class Enrolment:
             self._at = now
             if self._tokens < 1:
                 wait = (1 - self._tokens) / self.rate_per_s
-                raise ApiError(429, "registering_too_fast", "Too many registrations just now; retry shortly.", {"Retry-After": str(max(1, round(wait)))})
+                raise ApiError(
+                    429,
+                    "registering_too_fast",
+                    "Too many registrations just now; retry shortly.",
+                    {"Retry-After": str(max(1, round(wait)))},
+                )
             self._tokens -= 1
 
     def check_room(self, registered: int) -> None:
         """Nothing if the store may hold one more device (under the write lock)."""
         if registered >= self.max_devices:
             raise ApiError(
-                429, "too_many_devices", f"The coordinator holds its limit of {self.max_devices} devices; no more may register.",
+                429,
+                "too_many_devices",
+                f"The coordinator holds its limit of {self.max_devices} devices; no more may register.",
                 {"Retry-After": "60"},
             )

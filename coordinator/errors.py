@@ -1,4 +1,5 @@
 """Every error leaves the API as JSON ``{"error": code, "detail": sentence}``."""
+
 from __future__ import annotations
 
 from flask import Flask, jsonify

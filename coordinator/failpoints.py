@@ -8,6 +8,7 @@ With ``EDGEFL_HOLD_AT=name[,name...]`` in the environment, ``hold(name)`` prints
 exactly there when it kills it; ``name@N`` holds only where the caller says ``at=N``
 (a round number, say). Unset (always, outside tests) it returns at once.
 """
+
 from __future__ import annotations
 
 import os

@@ -17,10 +17,11 @@ Only the plain weighted means need this: ``robust`` and the DP aggregators clip 
 update, so no single one can ruin their result (and DP's noise, with few clients, may
 legitimately move the model further than this check allows).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -41,7 +42,9 @@ def diverged(loss: float, base_loss: float) -> bool:
 
 
 def culprits(
-    base: Sequence[np.ndarray], deltas: Iterable[tuple[int, Sequence[np.ndarray]]], loss_of: Callable[[list[np.ndarray]], float],
+    base: Sequence[np.ndarray],
+    deltas: Iterable[tuple[int, Sequence[np.ndarray]]],
+    loss_of: Callable[[list[np.ndarray]], float],
     base_loss: float,
 ) -> set[int]:
     """The ids of the updates (``(id, delta)`` pairs) whose delta, applied alone to

@@ -26,6 +26,7 @@ in small subclasses, so that no client can stop the API answering others:
 The descriptor limit is raised to its hard limit and the connection limit set from it
 (``connection_limit``), so an open file per connection beside its socket always fits.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ import logging
 import resource
 import socket
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
@@ -160,7 +161,12 @@ class _Channel(HTTPChannel):
                 if self.request is None:
                     self.request = self.parser_class(self.adj)
                 consumed = self.request.received(data)
-                if self.request.expect_continue and self.request.headers_finished and not self.requests and not self.sent_continue:
+                if (
+                    self.request.expect_continue
+                    and self.request.headers_finished
+                    and not self.requests
+                    and not self.sent_continue
+                ):
                     self.send_continue()
                 if self.request.completed:
                     request, self.request = self.request, None
@@ -173,7 +179,9 @@ class _Channel(HTTPChannel):
                         self.discarding = True
                         return True
                     if len(self.requests) > MAX_PIPELINED:
-                        log.warning("closing a connection from %s that pipelined more than %d requests", self.addr[0], MAX_PIPELINED)
+                        log.warning(
+                            "closing a connection from %s that pipelined more than %d requests", self.addr[0], MAX_PIPELINED
+                        )
                         request.close()
                         self.requests.pop()  # the ones before it are answered; this and the rest are not read
                         self.discarding = self.close_when_flushed = True
@@ -252,7 +260,8 @@ class HardenedServer(TcpWSGIServer):
         """Close connections idle for ``channel_timeout`` and requests that trickle."""
         idle_since, monotonic = now - self.adj.channel_timeout, time.monotonic()
         stale = [
-            channel for channel in self.active_channels.values()
+            channel
+            for channel in self.active_channels.values()
             if not channel.serving() and (channel.last_activity < idle_since or channel.stale(monotonic))
         ]
         for channel in stale:
@@ -295,8 +304,14 @@ class HardenedServer(TcpWSGIServer):
 
 
 def create(
-    app, *, threads: int, body_policy: BodyPolicy, host: str = "127.0.0.1", port: int = 0,
-    sock: socket.socket | None = None, **overrides,
+    app,
+    *,
+    threads: int,
+    body_policy: BodyPolicy,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    sock: socket.socket | None = None,
+    **overrides,
 ) -> HardenedServer:
     """A hardened waitress server for ``app`` on ``host:port``, or on ``sock`` (a
     listening socket inherited from a parent process)."""
@@ -323,7 +338,10 @@ def create(
     if sock is not None:
         adj = Adjustments(**settings, sockets=[sock])
         return server_class(
-            app, _sock=sock, adj=adj, bind_socket=False,
+            app,
+            _sock=sock,
+            adj=adj,
+            bind_socket=False,
             sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
         )
     adj = Adjustments(**settings, host=host, port=port)

@@ -8,6 +8,7 @@ commits, and rolls back instead of committing a round twice. A holder that dies
 stops renewing; another takes over when the lease expires, or at once when the dead
 holder ran on the same host (its process id is gone), as after a restart.
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ elsewhere: ``watch_rounds`` wakes the lobby from the store, candidates are left 
 and held check-ins fill the cohort as they wake. A held check-in also re-checks on its
 own timer, in case a wake-up is missed.
 """
+
 from __future__ import annotations
 
 import threading

@@ -10,10 +10,12 @@ production server runs one update at a time. Those graphs are imported here into
 CNN delta), memory stays at one accumulator however large the cohort, and the
 semantics remain exactly those of the TFF factories that were compiled.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -82,9 +84,7 @@ class TensorFlowFunction:
 
         @tf.function(input_signature=[tf.TensorSpec(p.shape, p.dtype) for p in self.parameters])
         def call(*args):
-            return tf.graph_util.import_graph_def(
-                graph_def, input_map=dict(zip(inputs, args)), return_elements=outputs, name=""
-            )
+            return tf.graph_util.import_graph_def(graph_def, input_map=dict(zip(inputs, args)), return_elements=outputs, name="")
 
         self._call = call
         self._tf = tf

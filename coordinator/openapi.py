@@ -8,11 +8,13 @@ format (a validation failure becomes ``ApiError``, so it leaves as
 bodies (``raw_body`` documents an upload that the view reads itself, after checking
 its size), and the hex sha256 path converter's schema.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Response as FlaskResponse, current_app
+from flask import Response as FlaskResponse
+from flask import current_app
 from pydantic import BaseModel
 from spectree import SecurityScheme, SecuritySchemeData, SpecTree
 from spectree.plugins.flask_plugin import FlaskPlugin
@@ -97,11 +99,19 @@ spec = _Spec(
     validation_error_status=422,
     validation_error_model=ErrorBody,
     security_schemes=[
-        SecurityScheme(name="deviceToken", data=SecuritySchemeData(type="http", scheme="bearer", description="A device's token from POST /v1/devices")),
-        SecurityScheme(name="adminToken", data=SecuritySchemeData(type="http", scheme="bearer", description="The token of serve --admin-token-file")),
+        SecurityScheme(
+            name="deviceToken",
+            data=SecuritySchemeData(type="http", scheme="bearer", description="A device's token from POST /v1/devices"),
+        ),
+        SecurityScheme(
+            name="adminToken",
+            data=SecuritySchemeData(type="http", scheme="bearer", description="The token of serve --admin-token-file"),
+        ),
         SecurityScheme(
             name="enrolmentSecret",
-            data=SecuritySchemeData(type="http", scheme="bearer", description="The secret of serve --enrolment-secret-file, when one is set"),
+            data=SecuritySchemeData(
+                type="http", scheme="bearer", description="The secret of serve --enrolment-secret-file, when one is set"
+            ),
         ),
     ],
 )

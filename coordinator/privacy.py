@@ -7,9 +7,10 @@ with Rényi-DP (``dp_accounting``'s RDP accountant), as TFF's DP tutorials do. D
 here are not sampled at random but by who checks in, so this is the figure the
 mechanism would give under that assumption, not a proof about this fleet.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 DELTA = 1e-5
 

@@ -8,12 +8,13 @@ retries the same model). Every function takes a connection (and, where time matt
 time), so the state machine is driven the same way by the API, the round driver and the
 tests.
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
 
 from coordinator import selection
 from coordinator.database import Connection, Row
@@ -68,14 +69,10 @@ def latest_checkpoint(db: Connection) -> Row | None:
 
 
 def active_round(db: Connection) -> Row | None:
-    return db.execute(
-        "SELECT * FROM rounds WHERE status IN ('open', 'aggregating') ORDER BY id DESC LIMIT 1"
-    ).fetchone()
+    return db.execute("SELECT * FROM rounds WHERE status IN ('open', 'aggregating') ORDER BY id DESC LIMIT 1").fetchone()
 
 
-def start_run(
-    db: Connection, config: RunConfig, checkpoint_sha256: str, size: int, state_sha256: str, now: float
-) -> None:
+def start_run(db: Connection, config: RunConfig, checkpoint_sha256: str, size: int, state_sha256: str, now: float) -> None:
     db.execute(
         "INSERT INTO run (id, config, status, created_at) VALUES (1, ?, 'running', ?)",
         (config.to_json(), now),
@@ -87,8 +84,7 @@ def add_checkpoint(
     db: Connection, version: int, sha256: str, size: int, state_sha256: str, round_id: int | None, now: float
 ) -> None:
     db.execute(
-        "INSERT INTO checkpoints (version, sha256, size, server_state_sha256, round_id, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO checkpoints (version, sha256, size, server_state_sha256, round_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         (version, sha256, size, state_sha256, round_id, now),
     )
 
@@ -124,22 +120,16 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
     if current is None or current["status"] != "open":
         return _retry(rng, SOON_RETRY_S, "between_rounds")
     round_id = current["id"]
-    if db.execute(
-        "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
-    ).fetchone():
+    if db.execute("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
         first_task = db.execute("SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (round_id,)).fetchone()[0]
         elapsed = now - first_task
         # Recent rounds say what is left; the time this device itself needed bounds it
         # (the others began with it), which keeps one slow round from oversleeping many.
         expected_left = min(_recent_round_seconds(db) - elapsed, elapsed)
         return _retry(rng, min(max(expected_left / 2, SOON_RETRY_S), LATER_RETRY_S), "reported")
-    assigned = db.execute(
-        "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
-    ).fetchone()
+    assigned = db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone()
     if not assigned:
-        (selected,) = db.execute(
-            "SELECT COUNT(*) FROM assignments WHERE round_id = ?", (round_id,)
-        ).fetchone()
+        (selected,) = db.execute("SELECT COUNT(*) FROM assignments WHERE round_id = ?", (round_id,)).fetchone()
         if selected >= config.cohort_size:
             return _retry(rng, LATER_RETRY_S, "cohort_full")
         deferred_s = selection.refusal(db, config, device_id, current, now)
@@ -151,9 +141,7 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
             "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
             (round_id, device_id, now),
         )
-    checkpoint = db.execute(
-        "SELECT sha256 FROM checkpoints WHERE version = ?", (current["base_version"],)
-    ).fetchone()
+    checkpoint = db.execute("SELECT sha256 FROM checkpoints WHERE version = ?", (current["base_version"],)).fetchone()
     task = Task(
         round_id=round_id,
         round_number=current["number"],
@@ -196,13 +184,9 @@ def upload_rejection(db: Connection, round_id: int, device_id: str) -> Rejection
         return Rejection(404, "unknown_round", f"There is no round {round_id}.")
     if row["status"] != "open":
         return Rejection(409, "round_closed", f"Round {round_id} is {row['status']} and takes no more updates.")
-    if not db.execute(
-        "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
-    ).fetchone():
+    if not db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
         return Rejection(403, "not_selected", f"This device was not selected for round {round_id}.")
-    if db.execute(
-        "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
-    ).fetchone():
+    if db.execute("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
         return Rejection(409, "duplicate_update", f"This device already uploaded an update for round {round_id}.")
     return None
 
@@ -225,9 +209,7 @@ def record_update(
     return report_count(db, round_id)
 
 
-def record_rejection(
-    db: Connection, round_id: int, device_id: str, code: str, size: int, now: float
-) -> None:
+def record_rejection(db: Connection, round_id: int, device_id: str, code: str, size: int, now: float) -> None:
     """Log a refused upload to a known round: once per device, round and reason, so a
     device repeating itself cannot grow the log. A selected device that had not
     reported, uploading after the round closed, is late (a straggler: it is alive, so
@@ -236,12 +218,9 @@ def record_rejection(
         return
     late = (
         code == "round_closed"
-        and db.execute(
-            "SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)
-        ).fetchone() is not None
-        and db.execute(
-            "SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)
-        ).fetchone() is None
+        and db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone()
+        is not None
+        and db.execute("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone() is None
     )
     db.execute(
         "INSERT INTO rejections (round_id, device_id, code, late, size, rejected_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -252,9 +231,12 @@ def record_rejection(
 
 
 def rejection_is_new(db: Connection, round_id: int, device_id: str, code: str) -> bool:
-    return db.execute(
-        "SELECT 1 FROM rejections WHERE round_id = ? AND device_id = ? AND code = ?", (round_id, device_id, code)
-    ).fetchone() is None
+    return (
+        db.execute(
+            "SELECT 1 FROM rejections WHERE round_id = ? AND device_id = ? AND code = ?", (round_id, device_id, code)
+        ).fetchone()
+        is None
+    )
 
 
 def report_count(db: Connection, round_id: int) -> int:
@@ -306,9 +288,7 @@ def round_by_id(db: Connection, round_id: int) -> Row:
 
 
 def unevaluated_round(db: Connection) -> Row | None:
-    return db.execute(
-        "SELECT * FROM rounds WHERE status = 'committed' AND evaluated_at IS NULL ORDER BY id LIMIT 1"
-    ).fetchone()
+    return db.execute("SELECT * FROM rounds WHERE status = 'committed' AND evaluated_at IS NULL ORDER BY id LIMIT 1").fetchone()
 
 
 def record_evaluation(db: Connection, round_id: int, evaluation: dict, now: float) -> None:
@@ -349,9 +329,7 @@ def live_blobs(db: Connection) -> set[str]:
 
 def round_updates(db: Connection, round_id: int, after_id: int = 0) -> list[Row]:
     """The round's updates in arrival order (the order they are folded in), after ``after_id``."""
-    return db.execute(
-        "SELECT * FROM updates WHERE round_id = ? AND id > ? ORDER BY id", (round_id, after_id)
-    ).fetchall()
+    return db.execute("SELECT * FROM updates WHERE round_id = ? AND id > ? ORDER BY id", (round_id, after_id)).fetchall()
 
 
 def commit_round(
@@ -411,7 +389,8 @@ def change_config(db: Connection, changes: dict, now: float) -> RunConfig | Reje
         return Rejection(409, "config_conflict", f"{str(error).rstrip('.')}.")
     if config.aggregator.startswith("dp") and changed.target_reports != config.target_reports:
         return Rejection(
-            409, "config_conflict",
+            409,
+            "config_conflict",
             f"A DP run's noise is calibrated for its target_reports ({config.target_reports}), which cannot change mid-run.",
         )
     current = active_round(db) or latest_round(db)

@@ -1,5 +1,6 @@
 """The API's request and response bodies as pydantic models: spectree validates
 requests against them and writes them into the OpenAPI document."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -32,10 +33,13 @@ class CheckinAnswer(BaseModel):
     status: Literal["task", "wait", "finished"]
     task: Task | None = None
     retry_after: float | None = Field(None, description="Seconds to wait before the next check-in (also the Retry-After header)")
-    reason: Literal["between_rounds", "reported", "cohort_full", "paused", "deferred", "run_finished", "run_stopped"] | None = Field(
-        None, description="deferred: this device's record keeps it out of the round for now (it missed recent rounds,"
-        " or the round's seats are kept for devices that have reported before); run_finished, run_stopped: why there"
-        " is no more work",
+    reason: Literal["between_rounds", "reported", "cohort_full", "paused", "deferred", "run_finished", "run_stopped"] | None = (
+        Field(
+            None,
+            description="deferred: this device's record keeps it out of the round for now (it missed recent rounds,"
+            " or the round's seats are kept for devices that have reported before); run_finished, run_stopped: why there"
+            " is no more work",
+        )
     )
 
 
@@ -65,7 +69,7 @@ class ConfigChange(BaseModel):
     client_lr: float = Field(None, gt=0, le=_MAX, allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _names_a_setting(self) -> "ConfigChange":
+    def _names_a_setting(self) -> ConfigChange:
         if not self.model_fields_set:
             raise ValueError("name at least one setting to change")
         return self

@@ -9,9 +9,10 @@ crowd of newcomers that take tasks and never report cannot starve the run, and h
 newcomers still get seats to prove themselves in. Functions of a connection, like
 ``coordinator.rounds``, which calls them.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from coordinator.database import Connection, Row
 from edgefl.config import RunConfig

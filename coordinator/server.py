@@ -9,6 +9,7 @@ store; a worker that dies is replaced. SIGTERM and SIGINT stop everything. Once 
 the server writes ``server.json`` (url, pid) into the instance directory, so a launcher
 that asked for port 0 learns the port without parsing logs.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
-from typing import Collection
 
 from edgefl.config import RunConfig
 
@@ -58,9 +59,20 @@ def long_poll_slots(threads: int) -> int:
 
 
 def serve(
-    *, instance: Path, config: RunConfig, given: Collection[str] = (), host: str = "127.0.0.1", port: int = 8080,
-    threads: int = 16, workers: int = 1, db_url: str | None = None, admin_token: str | None = None,
-    enrolment_secret: str | None = None, max_devices: int | None = None, new_run: bool = False, from_final: bool = False,
+    *,
+    instance: Path,
+    config: RunConfig,
+    given: Collection[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    threads: int = 16,
+    workers: int = 1,
+    db_url: str | None = None,
+    admin_token: str | None = None,
+    enrolment_secret: str | None = None,
+    max_devices: int | None = None,
+    new_run: bool = False,
+    from_final: bool = False,
     publish_command: list[str] | None = None,
 ) -> None:
     """Serve ``instance``: a new run with ``config``, or the run the instance holds (see
@@ -81,11 +93,21 @@ def serve(
     stop_serving = lambda: None  # noqa: E731
     try:
         if workers == 1:
-            app = create_app({
-                "INSTANCE": str(instance), "DB_URL": db_url, "LONG_POLL_SLOTS": long_poll_slots(threads), "ADMIN_TOKEN": admin_token,
-                "ENROLMENT_SECRET": enrolment_secret, "MAX_DEVICES": max_devices,
-            })
-            store, lobby, wake = app.extensions["edgefl.store"], app.extensions["edgefl.lobby"], app.extensions["edgefl.update_arrived"]
+            app = create_app(
+                {
+                    "INSTANCE": str(instance),
+                    "DB_URL": db_url,
+                    "LONG_POLL_SLOTS": long_poll_slots(threads),
+                    "ADMIN_TOKEN": admin_token,
+                    "ENROLMENT_SECRET": enrolment_secret,
+                    "MAX_DEVICES": max_devices,
+                }
+            )
+            store, lobby, wake = (
+                app.extensions["edgefl.store"],
+                app.extensions["edgefl.lobby"],
+                app.extensions["edgefl.update_arrived"],
+            )
         else:
             store, lobby, wake = Store(instance, db_url), None, None
         initial = None
@@ -107,8 +129,11 @@ def serve(
         _say_if_over(store)
         # Without an in-process wake-up the driver polls for other processes' uploads.
         driver_thread = threading.Thread(
-            target=driver.run, args=(stop,), kwargs={"wake": wake, "poll_s": 0.1 if wake else 0.02},
-            name="round-driver", daemon=True,
+            target=driver.run,
+            args=(stop,),
+            kwargs={"wake": wake, "poll_s": 0.1 if wake else 0.02},
+            name="round-driver",
+            daemon=True,
         )
         if publish_command:
             publisher = Publisher(store, publish_command, instance / "publish.log")
@@ -123,7 +148,9 @@ def serve(
             server.run()
         else:
             listener = socket.create_server((host, port), backlog=2048)
-            supervisor = _Workers(listener, workers, threads, instance, store.database.url, admin_token, enrolment_secret, max_devices)
+            supervisor = _Workers(
+                listener, workers, threads, instance, store.database.url, admin_token, enrolment_secret, max_devices
+            )
             stop_serving = supervisor.stop
             url = f"http://{host}:{listener.getsockname()[1]}"
             supervisor.start()
@@ -179,16 +206,33 @@ class _Workers:
     """WSGI worker processes accepting on one inherited socket; a dead one is replaced."""
 
     def __init__(
-        self, listener: socket.socket, count: int, threads: int, instance: Path, db_url: str, admin_token: str | None,
-        enrolment_secret: str | None, max_devices: int | None,
+        self,
+        listener: socket.socket,
+        count: int,
+        threads: int,
+        instance: Path,
+        db_url: str,
+        admin_token: str | None,
+        enrolment_secret: str | None,
+        max_devices: int | None,
     ):
         from coordinator.credentials import token_hash
 
         self.listener = listener
         self.count = count
         self.command = [
-            sys.executable, "-m", "coordinator.worker", "--fd", str(listener.fileno()), "--instance", str(instance),
-            "--db", db_url, "--threads", str(threads), *(["--max-devices", str(max_devices)] if max_devices else []),
+            sys.executable,
+            "-m",
+            "coordinator.worker",
+            "--fd",
+            str(listener.fileno()),
+            "--instance",
+            str(instance),
+            "--db",
+            db_url,
+            "--threads",
+            str(threads),
+            *(["--max-devices", str(max_devices)] if max_devices else []),
         ]
         # Workers get the secrets' hashes only, through the environment (not the command line, which anyone can read).
         self.env = {
@@ -202,7 +246,9 @@ class _Workers:
     def _spawn(self) -> subprocess.Popen:
         from edgefl.processes import orphan_proof
 
-        return subprocess.Popen(orphan_proof(self.command), pass_fds=(self.listener.fileno(),), stdin=subprocess.DEVNULL, env=self.env)
+        return subprocess.Popen(
+            orphan_proof(self.command), pass_fds=(self.listener.fileno(),), stdin=subprocess.DEVNULL, env=self.env
+        )
 
     def start(self) -> None:
         self.processes = [self._spawn() for _ in range(self.count)]

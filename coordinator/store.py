@@ -6,11 +6,12 @@ directory. The rows are in the database the URL names (``coordinator.database``:
 SQLite in the instance directory by default, or PostgreSQL), in SQL both speak.
 Timestamps are seconds since the epoch as DOUBLE PRECISION, byte counts BIGINT.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from coordinator.blobs import BlobStore
 from coordinator.database import Connection, open_database, write_transaction

@@ -5,6 +5,7 @@ It holds no round state of its own. Held check-ins are woken by a thread watchin
 the store for the round driver's transitions (``lobby.watch_rounds``), since the driver
 runs in another process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import threading
 
 from coordinator import create_app
 from coordinator.lobby import watch_rounds
-from coordinator.server import _Stop, _raise_stop_on_signals, long_poll_slots, wsgi_server
+from coordinator.server import _raise_stop_on_signals, _Stop, long_poll_slots, wsgi_server
 from edgefl import logs
 
 log = logging.getLogger("edgefl.coordinator")
@@ -32,11 +33,17 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure()  # the level serve was given, inherited
     _raise_stop_on_signals()
 
-    app = create_app({
-        "INSTANCE": args.instance, "DB_URL": args.db, "LONG_POLL_SLOTS": long_poll_slots(args.threads),
-        "ADMIN_TOKEN_SHA256": os.environ.get("EDGEFL_ADMIN_TOKEN_SHA256") or None, "WORKER_ID": str(os.getpid()),
-        "ENROLMENT_SECRET_SHA256": os.environ.get("EDGEFL_ENROLMENT_SECRET_SHA256") or None, "MAX_DEVICES": args.max_devices,
-    })
+    app = create_app(
+        {
+            "INSTANCE": args.instance,
+            "DB_URL": args.db,
+            "LONG_POLL_SLOTS": long_poll_slots(args.threads),
+            "ADMIN_TOKEN_SHA256": os.environ.get("EDGEFL_ADMIN_TOKEN_SHA256") or None,
+            "WORKER_ID": str(os.getpid()),
+            "ENROLMENT_SECRET_SHA256": os.environ.get("EDGEFL_ENROLMENT_SECRET_SHA256") or None,
+            "MAX_DEVICES": args.max_devices,
+        }
+    )
     lobby, stop = app.extensions["edgefl.lobby"], threading.Event()
     watcher = threading.Thread(target=watch_rounds, args=(app.extensions["edgefl.store"], lobby, stop), daemon=True)
     server = wsgi_server(app, threads=args.threads, sock=socket.socket(fileno=args.fd))

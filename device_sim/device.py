@@ -19,6 +19,7 @@ on its own data, by the same runtime). The coordinator aggregates the reports pe
 A task may ask for the update quantized (a ``compressed`` run): the device then sends
 it as ``bits``-bit codes with their bounds (``edgefl.compression``), not float32.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl import compression, wire
+from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl.datasets import Split, load_dataset
 from edgefl.models import model_spec
 from edgefl.partition import partition
@@ -125,7 +126,9 @@ class _LiteRTRuntime:
         return self.learner
 
 
-def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None, enrolment_secret: str | None = None) -> DeviceSummary:
+def run_device(
+    spec: DeviceSpec, *, client: CoordinatorClient | None = None, enrolment_secret: str | None = None
+) -> DeviceSummary:
     """Serve the coordinator's tasks until it says the run is over."""
     if spec.runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {spec.runtime!r}; choose one of {', '.join(RUNTIMES)}")
@@ -152,7 +155,12 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None, enr
         if litert is not None:
             learner = litert.learner_for(task)
             if learner is None:
-                log.info("device %d: no training file for batch %d yet; skipping round %d", spec.index, task["batch_size"], task["round_number"])
+                log.info(
+                    "device %d: no training file for batch %d yet; skipping round %d",
+                    spec.index,
+                    task["batch_size"],
+                    task["round_number"],
+                )
                 time.sleep(1.0)
                 continue
             weight_spec = learner.spec
@@ -193,7 +201,10 @@ def run_device(spec: DeviceSpec, *, client: CoordinatorClient | None = None, enr
             summary.rounds_trained += 1
             log.info(
                 "device %d: round %d done: checkpoint %.3fs, training %.3fs, upload %.3fs",
-                spec.index, task["round_number"], t_downloaded - t_task, t_trained - t_downloaded,
+                spec.index,
+                task["round_number"],
+                t_downloaded - t_task,
+                t_trained - t_downloaded,
                 time.monotonic() - t_trained,
             )
         except ProtocolError as exc:

@@ -5,6 +5,7 @@ stall and get killed independently, the way phones do. Children are told by the 
 to die with the fleet (PR_SET_PDEATHSIG), and SIGINT/SIGTERM to the fleet is passed on,
 so stopping the fleet never leaves a device behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,29 @@ from edgefl.processes import start_logged, stop_process
 
 def spawn_device(spec: DeviceSpec, log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "device_sim",
-        "--coordinator", spec.coordinator,
-        "--index", str(spec.index),
-        "--num-devices", str(spec.num_devices),
-        "--dataset", spec.dataset,
-        "--partition", spec.partition,
-        "--seed", str(spec.seed),
-        "--threads", str(spec.threads),
-        "--runtime", spec.runtime,
-        "--holdout", str(spec.holdout),
-        "--summary", str(log_dir / f"device-{spec.index:04d}.json"),
+        sys.executable,
+        "-m",
+        "device_sim",
+        "--coordinator",
+        spec.coordinator,
+        "--index",
+        str(spec.index),
+        "--num-devices",
+        str(spec.num_devices),
+        "--dataset",
+        spec.dataset,
+        "--partition",
+        spec.partition,
+        "--seed",
+        str(spec.seed),
+        "--threads",
+        str(spec.threads),
+        "--runtime",
+        spec.runtime,
+        "--holdout",
+        str(spec.holdout),
+        "--summary",
+        str(log_dir / f"device-{spec.index:04d}.json"),
     ]
     return start_logged(command, log_dir / f"device-{spec.index:04d}.log", env=env)
 
@@ -87,7 +100,11 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout, enrolme
                     )
                 else:
                     failures += 1
-                    print(f"device {index}: exited with code {code}; see {log_dir / f'device-{index:04d}.log'}", file=out, flush=True)
+                    print(
+                        f"device {index}: exited with code {code}; see {log_dir / f'device-{index:04d}.log'}",
+                        file=out,
+                        flush=True,
+                    )
             time.sleep(0.2)
     except KeyboardInterrupt:
         interrupted = True
@@ -102,8 +119,12 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout, enrolme
     if interrupted:
         raise KeyboardInterrupt
     if reasons and not failures:
-        print(f"all {len(specs)} devices stopped because {' and '.join(sorted(_WHY.get(r, r) for r in reasons))};"
-              " the coordinator can start another run with edgefl serve --new-run", file=out, flush=True)
+        print(
+            f"all {len(specs)} devices stopped because {' and '.join(sorted(_WHY.get(r, r) for r in reasons))};"
+            " the coordinator can start another run with edgefl serve --new-run",
+            file=out,
+            flush=True,
+        )
     return 1 if failures else 0
 
 

@@ -5,6 +5,7 @@ capped exponential backoff and full jitter (honouring Retry-After), so a coordin
 restart or a burst of load costs a device time, not its work. Other 4xx answers are
 final and raised as ``ProtocolError`` with the server's error code.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -124,7 +125,7 @@ class CoordinatorClient:
         self.traffic.bytes_down += len(data)
         return data
 
-    def download_training_model(self, cached: "TrainingModel | None" = None) -> "TrainingModel":
+    def download_training_model(self, cached: TrainingModel | None = None) -> TrainingModel:
         """The coordinator's newest on-device training file, or ``cached`` if that is it
         still (ETag). Retried while the coordinator is still building the first one."""
         headers = {"If-None-Match": f'"{cached.sha256}"'} if cached else {}

@@ -12,9 +12,10 @@ bit first, so a 4-bit upload weighs half an 8-bit one. Widths are 1, 2, 4, 8 or 
 A quantized update is an ordinary safetensors payload whose spec is derived from the
 model's (``quantized_spec``), so the wire's header checks apply to it unchanged.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -8,12 +8,14 @@ the validation of every value are derived from these declarations, and a problem
 reported by the name its reader knows (``--round-timeout`` on the command line,
 ``round_timeout_s`` in the API).
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from edgefl.compression import BITS
 from edgefl.datasets import DATASET_NAMES
@@ -84,8 +86,10 @@ class RunConfig:
     batch_size: int = setting(10, "local batch size", low=1, high=100_000, mutable=True)
     client_lr: float = setting(0.05, "device SGD learning rate", low=0, high=1000, above_low=True, mutable=True)
     aggregator: str = setting(
-        "mean", "mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP), or compressed"
-        " (devices upload quantized updates)", choices=AGGREGATORS,
+        "mean",
+        "mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP), or compressed"
+        " (devices upload quantized updates)",
+        choices=AGGREGATORS,
     )
     server_optimizer: str = setting("sgd", "sgd (FedAvg), sgdm (FedAvgM) or adam (FedAdam)", choices=SERVER_OPTIMIZERS)
     server_lr: float = setting(1.0, "server optimizer's learning rate (1.0 with sgd: FedAvg)", low=0, high=1000, above_low=True)
@@ -125,7 +129,7 @@ class RunConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
+    def from_json(cls, text: str) -> RunConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 

@@ -5,10 +5,11 @@ run needs no download. Each 8x8 scan is upsampled to 20x20 and centred in a 28x2
 the way MNIST centres its 20x20 digits. NumPy, SciPy and scikit-learn only, no
 TensorFlow, so a device can load its shard without importing TensorFlow.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, indices: np.ndarray) -> "Split":
+    def subset(self, indices: np.ndarray) -> Split:
         return Split(self.x[indices], self.y[indices])
 
 
@@ -44,7 +45,7 @@ def _digits_to_28x28(images: np.ndarray) -> np.ndarray:
     return np.clip(framed, 0.0, 1.0)[..., None].astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_dataset(name: str) -> Dataset:
     """The named dataset; the split is fixed so every process sees the same one."""
     if name != "digits":

@@ -4,6 +4,7 @@ The coordinator and the devices are the same ``edgefl serve`` and ``edgefl devic
 commands a user types; the final model goes through ``edgefl export``; the demo prints
 a line per round while it runs and a table, a plot and the .tflite paths at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,13 +40,25 @@ def run_demo(args, config: RunConfig) -> int:
     print("starting the coordinator (TensorFlow and TFF) and the device processes...", flush=True)
     export_dir = out / "tflite"
     try:
-        with federation(out, config, count=args.count, partition=args.partition, data_seed=args.data_seed, device_flags=["--runtime", args.runtime]) as fed:
-            print(f"coordinator at {fed.url} (dashboard: {fed.url}/); {args.count} devices are starting (the first round includes their start-up)", flush=True)
+        with federation(
+            out,
+            config,
+            count=args.count,
+            partition=args.partition,
+            data_seed=args.data_seed,
+            device_flags=["--runtime", args.runtime],
+        ) as fed:
+            print(
+                f"coordinator at {fed.url} (dashboard: {fed.url}/); {args.count} devices are starting (the first round includes their start-up)",
+                flush=True,
+            )
             status = fed.follow(lambda entry: print(progress_line(entry, config.rounds), flush=True))
             print("exporting the final model to TensorFlow Lite...", flush=True)
             exported = subprocess.run(
                 edgefl_command("export", "--coordinator", fed.url, "--out", str(export_dir), "--dataset", config.dataset),
-                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
             )
             if exported.returncode != 0:
                 raise CliError(f"export failed: {(exported.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -7,6 +7,7 @@ for deeply nested arrays, a ``ValueError`` for integers of more than 4,300 digit
 with one ``except``. ``dumps`` writes only what a strict parser reads: a non-finite
 float (a device's overflowing metric, a diverged model's loss) becomes ``null``.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,16 +5,17 @@ Used by the demo, the benchmark and the end-to-end tests, so all three exercise 
 same commands and none of them can leave a process behind: children die with their
 parent (PR_SET_PDEATHSIG) and are stopped on leaving the context, whatever happened.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig, command_line
@@ -78,8 +79,15 @@ def wait_for_server(instance: Path, server: subprocess.Popen, log_path: Path) ->
 
 @contextmanager
 def federation(
-    out: Path, config: RunConfig, *, count: int, partition: str, data_seed: int, start_devices: bool = True,
-    serve_flags: Sequence[str] = (), device_flags: Sequence[str] = (),
+    out: Path,
+    config: RunConfig,
+    *,
+    count: int,
+    partition: str,
+    data_seed: int,
+    start_devices: bool = True,
+    serve_flags: Sequence[str] = (),
+    device_flags: Sequence[str] = (),
 ) -> Iterator[Federation]:
     """Start a coordinator on a free port (and ``count`` devices), stop them on exit."""
     instance, logs = out / "coordinator", out / "logs"
@@ -87,13 +95,26 @@ def federation(
     server = fleet = None
     try:
         server_log = logs / "coordinator.log"
-        server = start_logged(edgefl_command("serve", "--instance", str(instance), "--port", "0", *command_line(config), *serve_flags), server_log)
+        server = start_logged(
+            edgefl_command("serve", "--instance", str(instance), "--port", "0", *command_line(config), *serve_flags), server_log
+        )
         url = wait_for_server(instance, server, server_log)
         if start_devices:
             fleet = start_logged(
                 edgefl_command(
-                    "devices", "--coordinator", url, "--count", str(count), "--partition", partition,
-                    "--data-seed", str(data_seed), "--dataset", config.dataset, "--log-dir", str(logs / "devices"),
+                    "devices",
+                    "--coordinator",
+                    url,
+                    "--count",
+                    str(count),
+                    "--partition",
+                    partition,
+                    "--data-seed",
+                    str(data_seed),
+                    "--dataset",
+                    config.dataset,
+                    "--log-dir",
+                    str(logs / "devices"),
                     *device_flags,
                 ),
                 logs / "devices.log",

@@ -9,6 +9,7 @@ bounded the same way for their weighted means. The round driver still checks the
 aggregate it gets (``coordinator.driver``): these bounds are the first line, not the
 only one.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ interpreter, and imports no TensorFlow: a device process using it carries what a
 app would. Both learners draw their batches through ``training.local_sgd``, so the two
 runtimes make the same steps.
 """
+
 from __future__ import annotations
 
 import numpy as np

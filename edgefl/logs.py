@@ -7,13 +7,14 @@ libraries' records pass only at ERROR; ``debug`` lets everything through, includ
 TensorFlow's native logs. The level is inherited by child processes through
 ``EDGEFL_LOG_LEVEL``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 LEVELS = ("debug", "info", "warning", "error")
 ENV = "EDGEFL_LOG_LEVEL"

@@ -3,10 +3,11 @@
 Every layer is named so that weight names (``conv1/kernel``...) are stable across
 processes and TF sessions; those names are the wire format's tensor names.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 from edgefl.wire import TensorSpec, spec_of
 
@@ -70,7 +71,7 @@ def weight_names(model) -> list[str]:
     return [v.name.split(":")[0] for v in model.weights]
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_spec(name: str) -> tuple[TensorSpec, ...]:
     """Names and shapes of a model's weights: what every checkpoint and delta must match."""
     model = build_model(name)

@@ -26,6 +26,7 @@ weights are resource variables, read and written through ``get_weights`` and
 ``__``: signature keys are identifiers). Flex's checkpoint save/restore has no builtin
 equivalent; an app keeps the ``get_weights`` outputs instead.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -113,12 +114,14 @@ def build_training_module(tf, model_name: str, batch_size: int, initial_weights=
             self.weights = [tf.Variable(w, name=signature_key(n)) for n, w in zip(names, model.get_weights())]
             self.forward = _builtin_forward(tf, model, dict(zip(names, self.weights)))
 
-        @tf.function(input_signature=[
-            tf.TensorSpec(batch_shape, tf.float32, name="x"),
-            tf.TensorSpec([batch_size], tf.int32, name="y"),
-            tf.TensorSpec([batch_size], tf.float32, name="mask"),
-            tf.TensorSpec([], tf.float32, name="learning_rate"),
-        ])
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec(batch_shape, tf.float32, name="x"),
+                tf.TensorSpec([batch_size], tf.int32, name="y"),
+                tf.TensorSpec([batch_size], tf.float32, name="mask"),
+                tf.TensorSpec([], tf.float32, name="learning_rate"),
+            ]
+        )
         def train(self, x, y, mask, learning_rate):
             """One SGD step on the rows ``mask`` marks; the mean loss and the number of
             correct predictions over those rows, before the step."""
@@ -139,7 +142,11 @@ def build_training_module(tf, model_name: str, batch_size: int, initial_weights=
         def get_weights(self):
             return {v.name.split(":")[0]: tf.identity(v) for v in self.weights}
 
-        @tf.function(input_signature=[tf.TensorSpec(w.shape, tf.float32, name=signature_key(n)) for n, w in zip(names, model.get_weights())])
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec(w.shape, tf.float32, name=signature_key(n)) for n, w in zip(names, model.get_weights())
+            ]
+        )
         def set_weights(self, *values):
             for variable, value in zip(self.weights, values):
                 variable.assign(value)

@@ -4,6 +4,7 @@ A device builds its own shard from (dataset, partition spec, seed, number of dev
 its index); the coordinator never sees device data. Every partitioner returns a list of
 index arrays that together use every example exactly once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ class PartitionSpec:
     param: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "PartitionSpec":
+    def parse(cls, text: str) -> PartitionSpec:
         kind, _, arg = text.partition(":")
         try:
             if kind == "iid" and not arg:
@@ -33,9 +34,7 @@ class PartitionSpec:
                 return cls("classes", int(arg))
         except ValueError:
             pass
-        raise ValueError(
-            f"bad partition {text!r}: use iid, dirichlet:ALPHA (ALPHA > 0) or classes:K (K >= 1)"
-        )
+        raise ValueError(f"bad partition {text!r}: use iid, dirichlet:ALPHA (ALPHA > 0) or classes:K (K >= 1)")
 
     def __str__(self) -> str:
         if self.param is None:
@@ -47,9 +46,7 @@ def iid(labels: np.ndarray, num_devices: int, rng: np.random.Generator) -> list[
     return [np.sort(s) for s in np.array_split(rng.permutation(len(labels)), num_devices)]
 
 
-def dirichlet(
-    labels: np.ndarray, num_devices: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, num_devices: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
     """Label skew: each class is spread over devices in Dirichlet(alpha) proportions.
 
     Draws are repeated until every device holds at least ``_MIN_SHARD`` examples (the
@@ -73,9 +70,7 @@ def dirichlet(
     )
 
 
-def classes(
-    labels: np.ndarray, num_devices: int, k: int, rng: np.random.Generator
-) -> list[np.ndarray]:
+def classes(labels: np.ndarray, num_devices: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Pathological skew: device i holds exactly k classes, (i*k + j) mod C for j < k.
 
     Each class's examples are split evenly among the devices that hold it, so every
@@ -84,9 +79,7 @@ def classes(
     class_ids = np.unique(labels)
     num_classes = len(class_ids)
     if k > num_classes or num_devices * k < num_classes:
-        raise ValueError(
-            f"classes:{k} needs k <= {num_classes} and devices * k >= {num_classes}"
-        )
+        raise ValueError(f"classes:{k} needs k <= {num_classes} and devices * k >= {num_classes}")
     holders: dict[int, list[int]] = {int(c): [] for c in class_ids}
     for device in range(num_devices):
         for j in range(k):
@@ -99,9 +92,7 @@ def classes(
     return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
 
 
-def partition(
-    labels: np.ndarray, spec: PartitionSpec | str, num_devices: int, seed: int
-) -> list[np.ndarray]:
+def partition(labels: np.ndarray, spec: PartitionSpec | str, num_devices: int, seed: int) -> list[np.ndarray]:
     """Index arrays, one per device, for ``labels`` split as ``spec`` says."""
     if isinstance(spec, str):
         spec = PartitionSpec.parse(spec)

@@ -11,6 +11,7 @@ exec but CPython's own exec path.
 The kernel sends the signal when the *thread* that spawned the child exits, so spawn
 long-lived children from a thread that lives as long as they should (the main thread).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Human-facing views of a run's status JSON: a round table, a progress line, a plot."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,14 @@ def rounds_table(history: list[dict]) -> str:
 def export_table(card: dict, out_dir: Path) -> str:
     """What ``edgefl export`` wrote, checked on LiteRT against Keras."""
     rows = [
-        (f["file"], f"{f['bytes'] / 1e6:.2f}", f"{f['accuracy']:.4f}", f"{f['top1_agreement']:.2%}",
-         f"{f['max_abs_logit_diff']:.2g}", f"{f['latency_ms']:.3f}")
+        (
+            f["file"],
+            f"{f['bytes'] / 1e6:.2f}",
+            f"{f['accuracy']:.4f}",
+            f"{f['top1_agreement']:.2%}",
+            f"{f['max_abs_logit_diff']:.2g}",
+            f"{f['latency_ms']:.3f}",
+        )
         for f in card["files"]
     ]
     lines = [

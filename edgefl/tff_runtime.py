@@ -11,6 +11,7 @@ stopped by ``stop()`` and by ``atexit``. Start it
 from the main thread (see ``edgefl.processes``). The execution
 context is assembled from public ``tff.framework`` pieces around that worker.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -121,10 +122,9 @@ class TffRuntime:
             channel.close()
         stop_process(process, timeout_s=5)
 
-    def __enter__(self) -> "TffRuntime":
+    def __enter__(self) -> TffRuntime:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
-

@@ -5,10 +5,11 @@ delta, an example count and metrics, and does no I/O, so the device, the coordin
 evaluation, the benchmark and the tests share it. A ``KerasLearner`` only caches one
 model and its compiled steps per process; every call starts from the weights it is given.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +50,9 @@ def local_sgd(
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct_sum / max(seen, 1)}
 
 
-def client_result(global_weights: list[np.ndarray], local_weights: list[np.ndarray], num_examples: int, metrics: dict) -> ClientResult:
+def client_result(
+    global_weights: list[np.ndarray], local_weights: list[np.ndarray], num_examples: int, metrics: dict
+) -> ClientResult:
     delta = [(w_local - w_global).astype(np.float32) for w_local, w_global in zip(local_weights, global_weights)]
     return ClientResult(delta, num_examples, metrics)
 
@@ -80,9 +83,7 @@ class KerasLearner:
         @tf.function(reduce_retracing=True)
         def eval_step(x, y):
             logits = self.model(x, training=False)
-            loss = tf.reduce_sum(
-                tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            )
+            loss = tf.reduce_sum(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
             correct = tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == y, tf.float32))
             return loss, correct
 

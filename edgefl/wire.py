@@ -6,12 +6,13 @@ JSON parse, not an allocation. Values are then checked finite. String metadata t
 in the safetensors ``__metadata__`` block (e.g. an update's example count), so an
 uploaded blob is self-describing once stored. No pickle anywhere.
 """
+
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +20,10 @@ from edgefl import jsonsafe
 
 _MAX_HEADER_BYTES = 1 << 20
 _DTYPES = {
-    "F32": np.dtype(np.float32), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "U8": np.dtype(np.uint8),
+    "F32": np.dtype(np.float32),
+    "I32": np.dtype(np.int32),
+    "I64": np.dtype(np.int64),
+    "U8": np.dtype(np.uint8),
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
@@ -52,14 +56,10 @@ def _wire_dtype(array: np.ndarray) -> np.dtype:
 
 
 def spec_of(names: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:
-    return tuple(
-        TensorSpec(n, tuple(int(d) for d in np.shape(a)), _CODES[_wire_dtype(a)]) for n, a in zip(names, arrays)
-    )
+    return tuple(TensorSpec(n, tuple(int(d) for d in np.shape(a)), _CODES[_wire_dtype(a)]) for n, a in zip(names, arrays))
 
 
-def encode(
-    names: Sequence[str], arrays: Sequence[np.ndarray], metadata: Mapping[str, str] | None = None
-) -> bytes:
+def encode(names: Sequence[str], arrays: Sequence[np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     from safetensors.numpy import save
 
     tensors = {n: np.require(a, dtype=_wire_dtype(a), requirements="C") for n, a in zip(names, arrays)}
@@ -88,9 +88,7 @@ def read_header(data: bytes) -> tuple[dict, dict[str, str], int]:
     if not isinstance(header, dict):
         raise WireError("malformed", "Body is not a safetensors payload: its header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise WireError("malformed", "The safetensors __metadata__ must map strings to strings.")
     return header, metadata, 8 + header_len
 
@@ -101,9 +99,7 @@ def spec_of_payload(data: bytes) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(name, tuple(entry["shape"]), entry["dtype"]) for name, entry in header.items())
 
 
-def decode(
-    data: bytes, spec: Sequence[TensorSpec], *, max_abs: float | None = None
-) -> tuple[list[np.ndarray], dict[str, str]]:
+def decode(data: bytes, spec: Sequence[TensorSpec], *, max_abs: float | None = None) -> tuple[list[np.ndarray], dict[str, str]]:
     """Arrays in ``spec`` order and the metadata, or a ``WireError`` saying what is wrong.
     With ``max_abs``, float values beyond it in magnitude are refused too."""
     header, metadata, start = read_header(data)

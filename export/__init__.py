@@ -1,10 +1,11 @@
 """``edgefl export``: a global checkpoint becomes .tflite files (inference variants and
 the on-device training model) and a model card."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

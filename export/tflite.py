@@ -6,6 +6,7 @@ held-out test split, so the model card reports what the file does, not what it s
 do. Quantised variants keep float32 input and output, so an app feeds every variant
 the same way; the int8 file is calibrated on that held-out split, never on device data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,9 @@ def convert(model, kind: str, calibration_x: np.ndarray) -> bytes:
     elif kind == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in calibration_x[:_CALIBRATION_EXAMPLES])
+        converter.representative_dataset = lambda: (
+            [image[None].astype(np.float32)] for image in calibration_x[:_CALIBRATION_EXAMPLES]
+        )
     elif kind != "float32":
         raise ValueError(f"unknown variant {kind!r}; choose one of {', '.join(VARIANTS)}")
     return converter.convert()

@@ -1,9 +1,10 @@
 """The on-device training file in the export: converted, then proven to train as Keras
 does by one SGD step through LiteRT against the same step in Keras."""
+
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

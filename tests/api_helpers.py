@@ -1,6 +1,7 @@
 """What the API tests share: a device's calls through Flask's test client, update bodies,
 and an app started with the admin token. Not a test module: test modules import this,
 never each other."""
+
 from __future__ import annotations
 
 import json
@@ -66,9 +67,14 @@ def administered(tmp_path, small_parts, config, db_url=None):
     from coordinator import create_app
     from coordinator.driver import RoundDriver
 
-    app = create_app({
-        "INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:],
-    })
+    app = create_app(
+        {
+            "INSTANCE": str(tmp_path / "instance"),
+            "DB_URL": db_url,
+            "TESTING": True,
+            "ADMIN_TOKEN": ADMIN["Authorization"][7:],
+        }
+    )
     assert "an-admin-token" not in json.dumps({k: str(v) for k, v in app.config.items()})  # kept hashed
     learner, server = small_parts
     driver = RoundDriver(app.extensions["edgefl.store"], config, learner=learner, server=server)

@@ -1,4 +1,5 @@
 """Shared fixtures: a TFF runtime per session, a coordinator app on a temp instance."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ Debian's ``postgresql`` package provides the programs (``make test`` installs it
 absent). PostgreSQL refuses to run as root, so under root the cluster belongs to the
 package's ``postgres`` user.
 """
+
 from __future__ import annotations
 
 import glob
@@ -57,8 +58,12 @@ class PostgresServer:
             os.chown(self.directory, self._owner.pw_uid, self._owner.pw_gid)
         data = self.directory / "data"
         initdb = subprocess.run(
-            self._as_owner([_program("initdb"), "-D", str(data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-instructions"]),
-            capture_output=True, text=True, cwd=self.directory,
+            self._as_owner(
+                [_program("initdb"), "-D", str(data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-instructions"]
+            ),
+            capture_output=True,
+            text=True,
+            cwd=self.directory,
         )
         if initdb.returncode:
             self.stop()
@@ -66,7 +71,9 @@ class PostgresServer:
         self._log = open(self.directory / "postgres.log", "wb")
         self._process = subprocess.Popen(
             self._as_owner([_program("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), "-k", ""]),
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.directory,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
         )
         deadline = time.monotonic() + 60
         while not self._accepts_connections():
@@ -101,10 +108,16 @@ class PostgresServer:
     def stop(self) -> None:
         """A fast shutdown (SIGINT); afterwards no process of the cluster may remain."""
         if self._process is not None:
-            members = [self._process.pid] + [c.pid for c in psutil.Process(self._process.pid).children(recursive=True)] if self._process.poll() is None else []
+            members = (
+                [self._process.pid] + [c.pid for c in psutil.Process(self._process.pid).children(recursive=True)]
+                if self._process.poll() is None
+                else []
+            )
             self._process.send_signal(signal.SIGINT)
             self._process.wait(timeout=60)
             self._log.close()
-            survivors = [pid for pid in members if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+            survivors = [
+                pid for pid in members if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            ]
             assert not survivors, f"PostgreSQL processes outlived the server: {survivors}"
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The server round (TFF's aggregators and optimizers, compiled to MapReduce form)
 against numpy and against TFF's own executor."""
+
 from __future__ import annotations
 
 import collections
@@ -101,9 +102,9 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
     weights = _random_like(spec, rng)
     tff_state = collections.OrderedDict(model=weights, **initialize())
     state = server.initialize()
-    _assert_same(state, _flat(tff_state)[len(spec):])
+    _assert_same(state, _flat(tff_state)[len(spec) :])
 
-    for round_number in range(2):
+    for _ in range(2):
         deltas = [_random_like(spec, rng, scale) for scale in (0.1, 0.1, 3.0, 0.01)]  # one outlier
         counts = [5, 50, 500, 1]
         tff_deltas = deltas
@@ -116,7 +117,7 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
         tff_state, tff_mean = next_round(tff_state, clients)
         _assert_same(compiled.mean_delta, tff_mean)
         _assert_same(compiled.weights, tff_state["model"])
-        _assert_same(compiled.state, _flat(tff_state)[len(spec):])
+        _assert_same(compiled.state, _flat(tff_state)[len(spec) :])
         state = server.state_from_bytes(server.state_to_bytes(compiled.state))  # as the store keeps it
         _assert_same(state, compiled.state)
         weights = compiled.weights

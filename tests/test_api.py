@@ -3,6 +3,7 @@
 Every bad request must answer 4xx JSON {"error", "detail"} and leave the store (rows
 and blobs) exactly as it was.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,16 @@ import pytest
 
 from edgefl import wire
 from tests.api_helpers import (
-    ADMIN, SPEC, administered, assert_error, random_delta, register, rejections, take_task, update_body, upload,
+    ADMIN,
+    SPEC,
+    administered,
+    assert_error,
+    random_delta,
+    register,
+    rejections,
+    take_task,
+    update_body,
+    upload,
 )
 
 
@@ -82,8 +92,13 @@ def test_anonymous_checkpoint_downloads_change_nothing(client, store, open_round
     headers, task = open_round
     url = f"/v1/checkpoints/{task['checkpoint_sha256']}"
     before = store.snapshot()
-    for call, extra in ((client.get, {}), (client.head, {}), (client.get, {"Range": "bytes=0-99"}),
-                        (client.get, {"Authorization": "Bearer not-a-device"}), (client.head, headers)):
+    for call, extra in (
+        (client.get, {}),
+        (client.head, {}),
+        (client.get, {"Range": "bytes=0-99"}),
+        (client.get, {"Authorization": "Bearer not-a-device"}),
+        (client.head, headers),
+    ):
         assert call(url, headers=extra).status_code in (200, 206)
     assert store.snapshot() == before
 
@@ -251,15 +266,24 @@ def test_personalisation_reports_are_averaged_per_round_by_held_out_examples(cli
     headers_b = register(client)
     take_task(client, headers_b)
     reports = (
-        (headers_a, {"train_loss": 1.0, "holdout_examples": 30, "holdout_accuracy_global": 0.5, "holdout_accuracy_personalized": 0.9}),
-        (headers_b, {"train_loss": 1.0, "holdout_examples": 10, "holdout_accuracy_global": 0.9, "holdout_accuracy_personalized": 0.5}),
+        (
+            headers_a,
+            {"train_loss": 1.0, "holdout_examples": 30, "holdout_accuracy_global": 0.5, "holdout_accuracy_personalized": 0.9},
+        ),
+        (
+            headers_b,
+            {"train_loss": 1.0, "holdout_examples": 10, "holdout_accuracy_global": 0.9, "holdout_accuracy_personalized": 0.5},
+        ),
     )
     for seed, (headers, metrics) in enumerate(reports):
         assert upload(client, headers, task["round_id"], update_body(metrics=json.dumps(metrics), seed=seed)).status_code == 202
     assert driver.step()
     (entry,) = client.get("/v1/status").json["history"]
     assert entry["personalization"] == {
-        "devices": 2, "examples": 40, "global_accuracy": pytest.approx(0.6), "personalized_accuracy": pytest.approx(0.8),
+        "devices": 2,
+        "examples": 40,
+        "global_accuracy": pytest.approx(0.6),
+        "personalized_accuracy": pytest.approx(0.8),
     }
     first, second = client.get("/v1/rounds").json["rounds"]  # round 2 has opened
     assert first["metrics"]["personalization"] == entry["personalization"] and second["metrics"] is None
@@ -380,7 +404,9 @@ def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(cl
     assert upload(client, headers_a, second["round_id"], update_body(seed=3)).status_code == 202
     with closing(store.connect()) as db:
         (device_id,) = db.execute("SELECT device_id FROM updates WHERE round_id = ?", (second["round_id"],)).fetchone()
-        (first_task,) = db.execute("SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (second["round_id"],)).fetchone()
+        (first_task,) = db.execute(
+            "SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (second["round_id"],)
+        ).fetchone()
         (took,) = db.execute(  # 2.5 s
             "SELECT MAX(r.committed_at) - MIN(a.assigned_at) FROM rounds r JOIN assignments a ON a.round_id = r.id"
             " WHERE r.number = 1"
@@ -461,7 +487,10 @@ def test_held_checkins_get_the_next_round_and_slots_bound_them(tmp_path, small_p
     learner, server = small_parts
     config = RunConfig(model="cnn_small", rounds=3, target_reports=2, min_reports=2, round_timeout_s=60)
     driver = RoundDriver(
-        app.extensions["edgefl.store"], config, learner=learner, server=server,
+        app.extensions["edgefl.store"],
+        config,
+        learner=learner,
+        server=server,
         lobby=app.extensions["edgefl.lobby"],
     )
     driver.ensure_run()
@@ -498,7 +527,11 @@ def test_an_operator_pauses_resumes_and_stops_the_run(tmp_path, small_parts, db_
     client, store = app.test_client(), app.extensions["edgefl.store"]
     device = register(client)
     before = store.snapshot()
-    for headers, code in (({}, "missing_token"), ({"Authorization": "Bearer wrong"}, "bad_admin_token"), (device, "bad_admin_token")):
+    for headers, code in (
+        ({}, "missing_token"),
+        ({"Authorization": "Bearer wrong"}, "bad_admin_token"),
+        (device, "bad_admin_token"),
+    ):
         assert_error(client.post("/v1/admin/pause", headers=headers), 401, code)
     assert_error(client.post("/v1/admin/resume", headers=ADMIN), 409, "bad_transition")  # it is running
     assert store.snapshot() == before
@@ -530,25 +563,43 @@ def test_an_operator_changes_the_configuration_mid_run(tmp_path, small_parts, db
     before = store.snapshot()
     assert_error(client.post("/v1/admin/config", json={"rounds": 5}), 401, "missing_token")
     assert_error(client.post("/v1/admin/config", data="rounds=5", headers=ADMIN), 415, "unsupported_media_type")
-    assert_error(client.post("/v1/admin/config", data="{rounds", headers={**ADMIN, "Content-Type": "application/json"}), 400, "bad_json")
+    assert_error(
+        client.post("/v1/admin/config", data="{rounds", headers={**ADMIN, "Content-Type": "application/json"}), 400, "bad_json"
+    )
     for changes, code in (
-        ({}, "invalid_request"), ({"round_timeout_s": None}, "invalid_request"),
-        ({"model": "cnn"}, "invalid_request"), ({"seed": 1}, "invalid_request"), ({"rounds": "5"}, "invalid_request"),
-        ({"rounds": True}, "invalid_request"), ({"epochs": 1.5}, "invalid_request"), ({"client_lr": -1}, "invalid_request"),
+        ({}, "invalid_request"),
+        ({"round_timeout_s": None}, "invalid_request"),
+        ({"model": "cnn"}, "invalid_request"),
+        ({"seed": 1}, "invalid_request"),
+        ({"rounds": "5"}, "invalid_request"),
+        ({"rounds": True}, "invalid_request"),
+        ({"epochs": 1.5}, "invalid_request"),
+        ({"client_lr": -1}, "invalid_request"),
         ({"rounds": 10**12}, "invalid_request"),
     ):
         posted = client.post("/v1/admin/config", data=json.dumps(changes), headers={**ADMIN, "Content-Type": "application/json"})
         assert_error(posted, 422, code)
-    overflowing = client.post("/v1/admin/config", data='{"client_lr": 1e999}', headers={**ADMIN, "Content-Type": "application/json"})
+    overflowing = client.post(
+        "/v1/admin/config", data='{"client_lr": 1e999}', headers={**ADMIN, "Content-Type": "application/json"}
+    )
     assert_error(overflowing, 422, "invalid_request")  # JSON, but a number no float holds
-    for not_json in ('{"client_lr": Infinity}', '{"client_lr": NaN}', '{"rounds": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000):
-        assert_error(client.post("/v1/admin/config", data=not_json, headers={**ADMIN, "Content-Type": "application/json"}), 400, "bad_json")
+    for not_json in (
+        '{"client_lr": Infinity}',
+        '{"client_lr": NaN}',
+        '{"rounds": ' + "9" * 5000 + "}",
+        "[" * 100_000 + "]" * 100_000,
+    ):
+        assert_error(
+            client.post("/v1/admin/config", data=not_json, headers={**ADMIN, "Content-Type": "application/json"}), 400, "bad_json"
+        )
     assert_error(client.post("/v1/admin/config", json={"min_reports": 3}, headers=ADMIN), 409, "config_conflict")  # > target
     assert store.snapshot() == before
 
     # A bigger target and cohort take effect in the open round; new tasks train longer; the
     # run now ends after this round.
-    changed = client.post("/v1/admin/config", json={"target_reports": 3, "over_selection": 1.0, "epochs": 3, "rounds": 1}, headers=ADMIN)
+    changed = client.post(
+        "/v1/admin/config", json={"target_reports": 3, "over_selection": 1.0, "epochs": 3, "rounds": 1}, headers=ADMIN
+    )
     assert changed.status_code == 200 and changed.json["config"]["target_reports"] == 3
     late_task = take_task(client, devices[2])
     assert late_task["epochs"] == 3 and tasks[0]["epochs"] == 1
@@ -560,7 +611,9 @@ def test_an_operator_changes_the_configuration_mid_run(tmp_path, small_parts, db
     status = client.get("/v1/status").json
     assert status["run"]["status"] == "finished" and [h["reported"] for h in status["history"]] == [3]
     assert status["run"]["config"]["rounds"] == 1
-    assert [c["changes"] for c in status["run"]["config_changes"]] == [{"epochs": 3, "over_selection": 1.0, "rounds": 1, "target_reports": 3}]
+    assert [c["changes"] for c in status["run"]["config_changes"]] == [
+        {"epochs": 3, "over_selection": 1.0, "rounds": 1, "target_reports": 3}
+    ]
     assert_error(client.post("/v1/admin/config", json={"rounds": 5}, headers=ADMIN), 409, "bad_transition")
 
 
@@ -574,10 +627,18 @@ def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_par
     from edgefl.config import RunConfig
 
     config = RunConfig(
-        model="cnn_small", rounds=2, target_reports=2, min_reports=2, over_selection=2.0,  # room for devices new to the run
-        aggregator="dp_fixed", dp_noise_multiplier=1.1, dp_clip=1.0,
+        model="cnn_small",
+        rounds=2,
+        target_reports=2,
+        min_reports=2,
+        over_selection=2.0,  # room for devices new to the run
+        aggregator="dp_fixed",
+        dp_noise_multiplier=1.1,
+        dp_clip=1.0,
     )
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:]})
+    app = create_app(
+        {"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:]}
+    )
     driver = RoundDriver(
         app.extensions["edgefl.store"], config, learner=small_parts[0], server=FedAvgServer(SPEC, ServerSettings.of(config))
     )
@@ -620,8 +681,15 @@ def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_
     from edgefl import compression
     from edgefl.config import RunConfig
 
-    config = RunConfig(model="cnn_small", rounds=1, target_reports=2, min_reports=2, over_selection=1.0,
-                       aggregator="compressed", compression_bits=4)
+    config = RunConfig(
+        model="cnn_small",
+        rounds=1,
+        target_reports=2,
+        min_reports=2,
+        over_selection=1.0,
+        aggregator="compressed",
+        compression_bits=4,
+    )
     app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
     store = app.extensions["edgefl.store"]
     driver = RoundDriver(store, config, learner=small_parts[0], server=small_parts[1])  # compressed folds a plain mean
@@ -637,15 +705,19 @@ def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_
     assert_error(float32, 422, "wrong_tensors")
     assert "4-bit quantized" in float32.json["detail"]
     names, quantized = [s.name for s in SPEC], compression.quantized_spec(SPEC, 4)
-    codes_and_bounds, _ = wire.decode(compression.encode_update(names, random_delta(), {}, 4, np.random.default_rng(0)), quantized)
+    codes_and_bounds, _ = wire.decode(
+        compression.encode_update(names, random_delta(), {}, 4, np.random.default_rng(0)), quantized
+    )
     min_above_max = [np.array([1, -1], np.float32) if s.dtype == "F32" else a for s, a in zip(quantized, codes_and_bounds)]
     body = wire.encode([s.name for s in quantized], min_above_max, {"num_examples": "3", "quantization_bits": "4"})
     assert_error(upload(client, devices[0], tasks[0]["round_id"], body), 422, "bad_bounds")
     assert store.snapshot() == before
 
     deltas = [random_delta(seed) for seed in (1, 2)]
-    bodies = [compression.encode_update(names, d, {"num_examples": n}, 4, np.random.default_rng(seed))
-              for seed, (d, n) in enumerate(zip(deltas, ("30", "10")))]
+    bodies = [
+        compression.encode_update(names, d, {"num_examples": n}, 4, np.random.default_rng(seed))
+        for seed, (d, n) in enumerate(zip(deltas, ("30", "10")))
+    ]
     for headers, task, body in zip(devices, tasks, bodies):
         assert upload(client, headers, task["round_id"], body).status_code == 202
     base, _ = wire.decode(client.get(f"/v1/checkpoints/{tasks[0]['checkpoint_sha256']}").data, SPEC)
@@ -674,8 +746,16 @@ def test_the_aggregator_and_optimizer_state_survive_a_restart(tmp_path, small_pa
     from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
 
-    config = RunConfig(model="cnn_small", rounds=2, target_reports=2, min_reports=2, over_selection=1.0,
-                       aggregator="robust", server_optimizer="adam", server_lr=0.01)
+    config = RunConfig(
+        model="cnn_small",
+        rounds=2,
+        target_reports=2,
+        min_reports=2,
+        over_selection=1.0,
+        aggregator="robust",
+        server_optimizer="adam",
+        server_lr=0.01,
+    )
     app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True})
     store, client = app.extensions["edgefl.store"], app.test_client()
     server = FedAvgServer(SPEC, ServerSettings.of(config))

@@ -1,5 +1,6 @@
 """The phone artefacts: built by the real ``edgefl export`` in a child process, served
 with ETags, replaced (and their old blobs deleted) when the model changes."""
+
 from __future__ import annotations
 
 import hashlib

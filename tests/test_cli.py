@@ -1,4 +1,5 @@
 """The edgefl command as a user meets it: help, and one-line errors with non-zero exits."""
+
 from __future__ import annotations
 
 import socket
@@ -41,14 +42,21 @@ def test_bad_flag_is_one_line_and_exit_2():
 
 
 def test_bad_values_are_one_line():
-    assert_one_line_error(edgefl("serve", "--model", "resnet", "--port", "0"), contains="--model: invalid choice: 'resnet'", code=2)
-    assert_one_line_error(edgefl("serve", "--min-reports", "5", "--target-reports", "2"), contains="--min-reports must not exceed --target-reports")
+    assert_one_line_error(
+        edgefl("serve", "--model", "resnet", "--port", "0"), contains="--model: invalid choice: 'resnet'", code=2
+    )
+    assert_one_line_error(
+        edgefl("serve", "--min-reports", "5", "--target-reports", "2"), contains="--min-reports must not exceed --target-reports"
+    )
     assert_one_line_error(edgefl("devices", "--partition", "dirichlet:-1"), contains="bad partition")
     assert_one_line_error(edgefl("devices", "--runtime", "keras,tpu"), contains="bad --runtime")
     assert_one_line_error(
-        edgefl("serve", "--aggregator", "dp_adaptive", "--port", "0"), contains="--target-reports must be above 10 x --dp-noise-multiplier"
+        edgefl("serve", "--aggregator", "dp_adaptive", "--port", "0"),
+        contains="--target-reports must be above 10 x --dp-noise-multiplier",
     )
-    assert_one_line_error(edgefl("serve", "--aggregator", "median", "--port", "0"), contains="--aggregator: invalid choice", code=2)
+    assert_one_line_error(
+        edgefl("serve", "--aggregator", "median", "--port", "0"), contains="--aggregator: invalid choice", code=2
+    )
     assert_one_line_error(edgefl("devices", "--holdout", "1"), contains="--holdout", code=2)
     assert_one_line_error(edgefl("export", "--variants", "int4"), contains="bad --variants")
     assert_one_line_error(edgefl("demo", "--runtime", "tflite"), contains="bad --runtime")
@@ -60,11 +68,14 @@ def test_unreachable_coordinator_is_one_line(command):
     assert_one_line_error(result, contains="unreachable")
 
 
-@pytest.mark.parametrize("url, says", [
-    ("mysql://db/edgefl", "unsupported database URL"),
-    ("sqlite://relative.db", "a SQLite URL names a file"),
-    ("postgresql://edgefl@127.0.0.1:1/edgefl", "cannot connect to postgresql://edgefl@127.0.0.1:1/edgefl"),
-])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("mysql://db/edgefl", "unsupported database URL"),
+        ("sqlite://relative.db", "a SQLite URL names a file"),
+        ("postgresql://edgefl@127.0.0.1:1/edgefl", "cannot connect to postgresql://edgefl@127.0.0.1:1/edgefl"),
+    ],
+)
 def test_an_unusable_database_url_is_one_line(tmp_path, url, says):
     assert_one_line_error(edgefl("serve", "--instance", str(tmp_path / "instance"), "--port", "0", "--db", url), contains=says)
 
@@ -104,7 +115,10 @@ def test_impossible_partition_is_one_line_before_any_device_starts():
     assert_one_line_error(result, contains="classes:11")
 
 
-@pytest.mark.parametrize("content, says", [(None, "cannot read --admin-token-file"), ("short", "at least 16 characters"), (b"\xff" * 20, "cannot read")])
+@pytest.mark.parametrize(
+    "content, says",
+    [(None, "cannot read --admin-token-file"), ("short", "at least 16 characters"), (b"\xff" * 20, "cannot read")],
+)
 def test_a_bad_admin_token_file_is_one_line_before_serving(tmp_path, content, says):
     token_file = tmp_path / "admin-token"
     if isinstance(content, bytes):

@@ -1,4 +1,5 @@
 """The protocol client's retries, against a real HTTP server on 127.0.0.1."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Quantized uploads (edgefl.compression): size, error, bias, TFF's decoder, bad bodies."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +56,9 @@ def test_stochastic_rounding_is_unbiased():
 def test_codes_pack_into_one_most_significant_bit_first_stream(bits):
     codes = np.random.default_rng(bits).integers(0, 1 << bits, size=1001).astype(np.uint16 if bits > 8 else np.uint8)
     packed = compression._pack(codes, bits)
-    as_bits = np.unpackbits(codes.astype(">u2").view(np.uint8).reshape(-1, 2), axis=1)[:, 16 - bits :].ravel()  # each code's bits, in order
+    as_bits = np.unpackbits(codes.astype(">u2").view(np.uint8).reshape(-1, 2), axis=1)[
+        :, 16 - bits :
+    ].ravel()  # each code's bits, in order
     np.testing.assert_array_equal(packed, np.packbits(as_bits))
     np.testing.assert_array_equal(compression._unpack(packed, codes.size, bits), codes)
 
@@ -103,9 +106,27 @@ def _quantized(bits=8, **replace):
         (lambda: wire.encode(*_quantized(), {"quantization_bits": "4"}), "wrong_quantization", "must be 8"),
         (lambda: wire.encode(*_quantized(), {}), "wrong_quantization", "must be 8"),
         (lambda: wire.encode(*_quantized(4), {"quantization_bits": "4"}), "wrong_shape", "8-bit quantized"),
-        (lambda: wire.encode(*_quantized(**{SPEC[0].name + ":min_max": np.array([1, -1], np.float32)}), {"quantization_bits": "8"}), "bad_bounds", "min <= max"),
-        (lambda: wire.encode(*_quantized(**{SPEC[1].name + ":min_max": np.array([-3e38, 3e38], np.float32)}), {"quantization_bits": "8"}), "out_of_range", "beyond"),
-        (lambda: wire.encode(*_quantized(**{SPEC[3].name + ":min_max": np.array([0, np.nan], np.float32)}), {"quantization_bits": "8"}), "non_finite", "NaN"),
+        (
+            lambda: wire.encode(
+                *_quantized(**{SPEC[0].name + ":min_max": np.array([1, -1], np.float32)}), {"quantization_bits": "8"}
+            ),
+            "bad_bounds",
+            "min <= max",
+        ),
+        (
+            lambda: wire.encode(
+                *_quantized(**{SPEC[1].name + ":min_max": np.array([-3e38, 3e38], np.float32)}), {"quantization_bits": "8"}
+            ),
+            "out_of_range",
+            "beyond",
+        ),
+        (
+            lambda: wire.encode(
+                *_quantized(**{SPEC[3].name + ":min_max": np.array([0, np.nan], np.float32)}), {"quantization_bits": "8"}
+            ),
+            "non_finite",
+            "NaN",
+        ),
         (lambda: compression.encode_update(NAMES, _delta(), {}, 8, np.random.default_rng(0))[:-1], "malformed", "body"),
     ],
     ids=["float32", "other-bits", "no-bits", "4-bit-codes", "min-above-max", "overflowing-span", "nan-bound", "truncated"],
@@ -134,5 +155,6 @@ def test_the_configuration_asks_devices_for_quantized_updates_only_when_compress
 
 def test_the_spec_of_a_quantized_update_names_codes_and_bounds():
     assert compression.quantized_spec([TensorSpec("k", (3, 5))], 3) == (
-        TensorSpec("k", (6,), "U8"), TensorSpec("k:min_max", (2,), "F32"),  # 15 values x 3 bits in 6 bytes
+        TensorSpec("k", (6,), "U8"),
+        TensorSpec("k:min_max", (2,), "F32"),  # 15 values x 3 bits in 6 bytes
     )

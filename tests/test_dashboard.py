@@ -5,6 +5,7 @@ fixed sequence of JSON documents, the last of which stays. Every point Chromium 
 (the page records them from Chart.js's own parsed data) must match that document, a
 null anywhere must only leave its point out, and no script error may occur.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,16 +22,34 @@ import coordinator
 from coordinator import dashboard
 from tests.test_e2e import assert_all_gone, chromium
 
-RUN = {"status": "running", "config": {"model": "cnn_small", "dataset": "digits", "rounds": 5},
-       "config_changes": [], "created_at": 1.7e9, "finished_at": None}
+RUN = {
+    "status": "running",
+    "config": {"model": "cnn_small", "dataset": "digits", "rounds": 5},
+    "config_changes": [],
+    "created_at": 1.7e9,
+    "finished_at": None,
+}
 
 
 def entry(round_, accuracy, loss, **more):
     base = {
-        "round": round_, "accuracy": accuracy, "loss": loss, "selected": 5, "reported": 4, "late": 1, "dropped": 0,
-        "rejected": 0, "bytes_down": 1_234_567, "bytes_up": 345_678, "seconds": 3.2, "aggregation_seconds": 0.1,
-        "phase_seconds": {}, "personalization": {"devices": 4, "examples": 80, "global_accuracy": 0.8123, "personalized_accuracy": 0.9012},
-        "privacy": None, "bytes_up_float32": 1_382_712, "upload_bits": 8,
+        "round": round_,
+        "accuracy": accuracy,
+        "loss": loss,
+        "selected": 5,
+        "reported": 4,
+        "late": 1,
+        "dropped": 0,
+        "rejected": 0,
+        "bytes_down": 1_234_567,
+        "bytes_up": 345_678,
+        "seconds": 3.2,
+        "aggregation_seconds": 0.1,
+        "phase_seconds": {},
+        "personalization": {"devices": 4, "examples": 80, "global_accuracy": 0.8123, "personalized_accuracy": 0.9012},
+        "privacy": None,
+        "bytes_up_float32": 1_382_712,
+        "upload_bits": 8,
     }
     return {**base, **more}
 
@@ -44,16 +63,28 @@ FULL = {
         entry(1, 0.4567, 1.9876, late=None, privacy={"epsilon": 1.2345, "delta": 1e-5}),
         # A round whose model could not be evaluated, and whose devices sent no personalisation.
         entry(2, None, None, personalization=None, privacy={"epsilon": None, "delta": 1e-5}, bytes_up_float32=None),
-        entry(3, 0.9321, 0.2468, personalization={"global_accuracy": 0.7, "personalized_accuracy": None},
-              privacy={"epsilon": 2.5432, "delta": 1e-5}, upload_bits=None, bytes_down=None),
+        entry(
+            3,
+            0.9321,
+            0.2468,
+            personalization={"global_accuracy": 0.7, "personalized_accuracy": None},
+            privacy={"epsilon": 2.5432, "delta": 1e-5},
+            upload_bits=None,
+            bytes_down=None,
+        ),
     ],
     "abandoned": [
         {"round": 2, "id": 2, "reason": "too_few_reports", "detail": "1 of 4 reports by the deadline.", "at": 1.7e9},
         {"round": 4, "id": 5, "reason": "non_finite_model", "detail": "The new model had NaN weights <b>.", "at": 1.7e9 + 60},
     ],
 }
-EMPTY = {"run": RUN, "model": {"version": 0, "sha256": "cd" * 32, "size": 1000, "url": "/v1/checkpoints/y"},
-         "round": None, "devices": 0, "history": []}  # an older server: no "abandoned" key
+EMPTY = {
+    "run": RUN,
+    "model": {"version": 0, "sha256": "cd" * 32, "size": 1000, "url": "/v1/checkpoints/y"},
+    "round": None,
+    "devices": 0,
+    "history": [],
+}  # an older server: no "abandoned" key
 NO_RUN = {"run": None}
 
 

@@ -1,4 +1,5 @@
 """Datasets, partitioners and the model zoo."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,8 +82,14 @@ def test_fedavg_cnn_has_the_papers_parameter_count():
     assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
     spec = model_spec("cnn")
     assert [s.name for s in spec] == [
-        "conv1/kernel", "conv1/bias", "conv2/kernel", "conv2/bias",
-        "dense1/kernel", "dense1/bias", "logits/kernel", "logits/bias",
+        "conv1/kernel",
+        "conv1/bias",
+        "conv2/kernel",
+        "conv2/bias",
+        "dense1/kernel",
+        "dense1/bias",
+        "logits/kernel",
+        "logits/bias",
     ]
     assert sum(int(np.prod(s.shape)) for s in spec) == 1_663_370
     assert build_model("cnn_small").count_params() < 100_000
@@ -102,9 +109,7 @@ def test_client_update_learns_and_returns_a_delta(digits):
     learner = KerasLearner("cnn_small")
     weights = build_model("cnn_small", seed=0).get_weights()
     before = learner.evaluate(weights, digits.test.x, digits.test.y)
-    result = learner.client_update(
-        weights, digits.train.x, digits.train.y, epochs=2, batch_size=32, learning_rate=0.1, seed=0
-    )
+    result = learner.client_update(weights, digits.train.x, digits.train.y, epochs=2, batch_size=32, learning_rate=0.1, seed=0)
     assert result.num_examples == len(digits.train.y)
     after = learner.evaluate([w + d for w, d in zip(weights, result.delta)], digits.test.x, digits.test.y)
     assert after["accuracy"] > before["accuracy"] + 0.3

@@ -7,6 +7,7 @@ deterministic function of the device, the round and the model it was given, so a
 update lost, doubled or folded from the wrong base changes every later model: equal
 final checkpoints mean every acknowledged update was kept exactly once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,7 @@ import requests
 
 from coordinator.store import Store
 from edgefl import wire
-from edgefl.config import RunConfig
-from edgefl.config import command_line
+from edgefl.config import RunConfig, command_line
 from edgefl.launcher import edgefl_command, start_logged, stop_process, wait_for_server
 from edgefl.models import model_spec
 

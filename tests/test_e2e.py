@@ -4,23 +4,24 @@ Each test records every process it caused to exist (coordinator, devices, TFF's
 worker_binary where one is used) while they run, and asserts afterwards that none of
 them survives.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from contextlib import closing
-import signal
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import psutil
-import requests
 import pytest
+import requests
 
 from edgefl.config import RunConfig
 from edgefl.launcher import edgefl_command, federation, start_logged, stop_process, wait_for_server
@@ -61,10 +62,26 @@ def chromium(url: str, out: Path, *flags: str, timeout_s: float = 180) -> tuple[
     assert binary, "Debian's chromium is missing; `make test` installs it"
     before = descendant_pids()
     browser = subprocess.Popen(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-         f"--user-data-dir={out / 'chromium-profile'}", "--virtual-time-budget=15000", *flags, url],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={out / 'chromium-profile'}",
+            "--virtual-time-budget=15000",
+            *flags,
+            url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     started = {browser.pid: "chromium"}
     deadline = time.monotonic() + timeout_s
@@ -110,24 +127,40 @@ def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int
 def test_real_processes_learn_export_and_leave_nothing(tmp_path):
     """A compressed run: the devices (Keras and LiteRT alike) upload 8-bit quantized deltas."""
     config = RunConfig(
-        model="cnn_small", rounds=3, target_reports=4, min_reports=4, round_timeout_s=300,
-        epochs=2, batch_size=10, client_lr=0.1, aggregator="compressed",
+        model="cnn_small",
+        rounds=3,
+        target_reports=4,
+        min_reports=4,
+        round_timeout_s=300,
+        epochs=2,
+        batch_size=10,
+        client_lr=0.1,
+        aggregator="compressed",
     )
     before = descendant_pids()
     seen: dict[int, str] = {}
-    with federation(tmp_path, config, count=4, partition="dirichlet:0.5", data_seed=0, device_flags=["--runtime", "keras,litert"]) as fed:
+    with federation(
+        tmp_path, config, count=4, partition="dirichlet:0.5", data_seed=0, device_flags=["--runtime", "keras,litert"]
+    ) as fed:
         seen.update(descendant_pids(before))
         status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
         seen.update(descendant_pids(before))
         assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "logs" / "devices.log").read_text()
         exported = subprocess.run(
             edgefl_command("export", "--coordinator", fed.url, "--out", str(tmp_path / "tflite")),
-            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
         )
         assert exported.returncode == 0, exported.stderr
         assert exported.stderr == "", exported.stderr  # no converter or LiteRT chatter unless --log-level debug
         shown = subprocess.run(
-            edgefl_command("status", "--coordinator", fed.url), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+            edgefl_command("status", "--coordinator", fed.url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
         assert shown.returncode == 0, shown.stderr
         assert "run: finished, model cnn_small on digits, 3/3 rounds, 4 devices registered" in shown.stdout
@@ -166,8 +199,11 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
 
     # A user sees edgefl's own lines: no TensorFlow, TFF, absl, waitress or LiteRT noise.
     for log in [tmp_path / "logs" / "coordinator.log", *(tmp_path / "logs" / "devices").glob("device-*.log")]:
-        foreign = [line for line in log.read_text().splitlines() if not re.match(r"^\S+ \S+ edgefl[.\w]*\[\d+\] ", line)
-                   and not line.startswith("edgefl ")]
+        foreign = [
+            line
+            for line in log.read_text().splitlines()
+            if not re.match(r"^\S+ \S+ edgefl[.\w]*\[\d+\] ", line) and not line.startswith("edgefl ")
+        ]
         assert not foreign, (log.name, foreign[:5])
 
     # Devices upload deltas and counts, never examples: no device data on the coordinator.
@@ -180,8 +216,12 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
 def test_killing_the_owner_of_tffs_worker_takes_the_worker_with_it(tmp_path):
     """The TFF simulation in the benchmark owns a worker_binary; SIGKILL must not orphan it."""
     owner = start_logged(
-        [sys.executable, "-c", "import time; from edgefl.tff_runtime import TffRuntime; r = TffRuntime(); "
-         "r.start(); print('worker', r.pid, flush=True); time.sleep(600)"],
+        [
+            sys.executable,
+            "-c",
+            "import time; from edgefl.tff_runtime import TffRuntime; r = TffRuntime(); "
+            "r.start(); print('worker', r.pid, flush=True); time.sleep(600)",
+        ],
         tmp_path / "owner.log",
     )
     try:
@@ -189,7 +229,7 @@ def test_killing_the_owner_of_tffs_worker_takes_the_worker_with_it(tmp_path):
         while "worker " not in (tmp_path / "owner.log").read_text() and owner.poll() is None:
             assert time.monotonic() < deadline, "the worker did not start"
             time.sleep(0.2)
-        line = next(l for l in (tmp_path / "owner.log").read_text().splitlines() if l.startswith("worker "))
+        line = next(text for text in (tmp_path / "owner.log").read_text().splitlines() if text.startswith("worker "))
         worker = int(line.split()[1])
         assert psutil.Process(worker).name() == "worker_binary"
         os.kill(owner.pid, signal.SIGKILL)
@@ -221,7 +261,11 @@ def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path,
     seen: dict[int, str] = {}
     serve_flags = ["--workers", "2", *(["--db", db_url] if db_url else [])]
     with federation(tmp_path, config, count=4, partition="iid", data_seed=0, serve_flags=serve_flags) as fed:
-        workers = lambda: {p.pid for p in psutil.Process(fed.server.pid).children() if "coordinator.worker" in " ".join(p.cmdline())}  # noqa: E731
+
+        def workers():
+            children = psutil.Process(fed.server.pid).children()
+            return {p.pid for p in children if "coordinator.worker" in " ".join(p.cmdline())}
+
         deadline = time.monotonic() + 30
         while len(first := workers()) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)  # a worker counts once it has exec'd its command

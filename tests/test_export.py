@@ -1,5 +1,6 @@
 """``edgefl export``'s acceptance lines, on a model trained here: every variant agrees
 with Keras, int8 is small and keeps the accuracy, the training file is builtin-only."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ def exported(tmp_path_factory, small_parts):
         weights = [w + d for w, d in zip(weights, result.delta)]
     out = tmp_path_factory.mktemp("export")
     card = export_checkpoint(
-        weights=weights, model_name="cnn_small", dataset="digits", out_dir=out,
-        checkpoint_sha256="0" * 64, round_number=6, train_batch=10,
+        weights=weights,
+        model_name="cnn_small",
+        dataset="digits",
+        out_dir=out,
+        checkpoint_sha256="0" * 64,
+        round_number=6,
+        train_batch=10,
     )
     assert json.loads((out / MODEL_CARD).read_text()) == card
     return card, out

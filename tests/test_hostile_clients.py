@@ -2,6 +2,7 @@
 connections, pipelined requests nobody reads, bodies that stall, headers that trickle.
 Throughout, other clients' status reads and check-ins are answered, and bodies the
 coordinator will refuse are never read."""
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,7 @@ def read_answer(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict, b
         body += sock.recv(65536)
     try:
         closed = sock.recv(1) == b""
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         closed = False
     return int(lines[0].split()[1]), json.loads(body[:length]), closed
 
@@ -105,9 +106,14 @@ def test_a_connection_flood_past_the_limit_closes_idle_connections_not_the_door(
             sock.close()
 
 
-@pytest.mark.parametrize("authorization, status, code", [
-    (None, 401, "missing_token"), ("Bearer not-a-device", 401, "unknown_token"), ("Basic abc", 401, "missing_token"),
-])
+@pytest.mark.parametrize(
+    "authorization, status, code",
+    [
+        (None, 401, "missing_token"),
+        ("Bearer not-a-device", 401, "unknown_token"),
+        ("Basic abc", 401, "missing_token"),
+    ],
+)
 def test_an_upload_without_a_valid_token_is_refused_before_its_body(app, store, open_round, authorization, status, code):
     """Headers announcing 60 MB, then nothing: the answer comes at once, the
     connection is closed, and nothing of the body was read or stored."""
@@ -140,19 +146,28 @@ def test_a_device_upload_too_large_for_the_run_is_refused_before_its_body_and_lo
         assert rejections(store) == [(task["round_id"], "update_too_large", 0)]
         # A well-sized upload on a new connection is read and accepted as usual.
         response = requests.post(
-            f"{url}/v1/rounds/{task['round_id']}/updates", data=update_body(),
-            headers={**headers, "Content-Type": "application/octet-stream"}, timeout=10,
+            f"{url}/v1/rounds/{task['round_id']}/updates",
+            data=update_body(),
+            headers={**headers, "Content-Type": "application/octet-stream"},
+            timeout=10,
         )
         assert response.status_code == 202
 
 
-@pytest.mark.parametrize("request_head, status, code", [
-    ("POST /v1/checkin HTTP/1.1\r\nContent-Length: 10000000\r\n", 413, "takes_no_body"),
-    ("POST /v1/devices HTTP/1.1\r\nContent-Length: 10000000\r\n", 413, "takes_no_body"),
-    ("POST /v1/admin/config HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n", 403, "admin_disabled"),
-    ("POST /v1/rounds/1/updates HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 411, "length_required"),
-    ("POST /v1/rounds/1/updates HTTP/1.1\r\nContent-Length: 5\r\nEdgefl-Body-Withheld: no\r\n", 401, "missing_token"),
-])
+@pytest.mark.parametrize(
+    "request_head, status, code",
+    [
+        ("POST /v1/checkin HTTP/1.1\r\nContent-Length: 10000000\r\n", 413, "takes_no_body"),
+        ("POST /v1/devices HTTP/1.1\r\nContent-Length: 10000000\r\n", 413, "takes_no_body"),
+        (
+            "POST /v1/admin/config HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n",
+            403,
+            "admin_disabled",
+        ),
+        ("POST /v1/rounds/1/updates HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 411, "length_required"),
+        ("POST /v1/rounds/1/updates HTTP/1.1\r\nContent-Length: 5\r\nEdgefl-Body-Withheld: no\r\n", 401, "missing_token"),
+    ],
+)
 def test_bodies_nobody_may_send_are_never_read(app, store, request_head, status, code):
     before = store.snapshot()
     with live(app) as (url, _):
@@ -181,7 +196,7 @@ def test_headers_that_trickle_and_idle_connections_are_closed(app, monkeypatch):
                 if trickling.recv(1) == b"":
                     closed = True
                     break
-            except socket.timeout:
+            except TimeoutError:
                 pass
             assert time.monotonic() < deadline
         assert closed  # headers never finished within HEADER_TIMEOUT_S, though bytes kept coming
@@ -214,13 +229,16 @@ def test_registered_devices_are_served_while_the_attacks_go_on(app, client, driv
     take_task(client, honest[0])
 
 
-@pytest.mark.parametrize("raw, status", [
-    (b"POST /v1/checkin HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
-    (b"POST /v1/checkin HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"GET /v1/status HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
-    (b"POST /v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
-])
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"POST /v1/checkin HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+        (b"POST /v1/checkin HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /v1/status HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"POST /v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    ],
+)
 def test_malformed_http_gets_a_json_4xx_and_the_server_goes_on(app, store, raw, status):
     before = store.snapshot()
     with live(app) as (url, _):
@@ -241,7 +259,9 @@ def test_a_chunked_body_is_never_read_whatever_content_length_says(app, store, o
         sock = connect(url)
         sock.sendall(
             f"POST /v1/rounds/{task['round_id']}/updates HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n"
-            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + b"100000\r\n" + b"\0" * 65536
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + b"100000\r\n"
+            + b"\0" * 65536
         )
         got, body, closed = read_answer(sock)
         assert (got, body["error"], closed) == (411, "length_required", True)
@@ -257,7 +277,9 @@ def test_a_client_still_sending_a_refused_body_reads_its_answer(app, open_round)
     with live(app) as (url, _):
         for _ in range(3):
             response = requests.post(
-                f"{url}/v1/rounds/{task['round_id']}/updates", data=b"\0" * (8 << 20),
-                headers={"Authorization": "Bearer not-a-device", "Content-Type": "application/octet-stream"}, timeout=10,
+                f"{url}/v1/rounds/{task['round_id']}/updates",
+                data=b"\0" * (8 << 20),
+                headers={"Authorization": "Bearer not-a-device", "Content-Type": "application/octet-stream"},
+                timeout=10,
             )
             assert response.status_code == 401 and response.json()["error"] == "unknown_token"

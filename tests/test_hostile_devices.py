@@ -1,6 +1,7 @@
 """A registered device sending well-formed but hostile uploads cannot stop the run, make
 the model non-finite, or make any answer unreadable; the driver cannot loop for ever on
 a round it cannot close; devices that take tasks and never report lose their seats."""
+
 from __future__ import annotations
 
 import json
@@ -57,16 +58,19 @@ def test_the_largest_updates_allowed_aggregate_to_a_finite_model(client, driver,
     assert status["model"]["version"] == 1 and all(np.isfinite(w).all() for w in weights)
 
 
-@pytest.mark.parametrize("metrics, says", [
-    ({"holdout_examples": 10**308, "holdout_accuracy_global": 0.5, "holdout_accuracy_personalized": 0.5}, "holdout_examples"),
-    ({"holdout_examples": 1.5}, "whole number"),
-    ({"train_loss": 1e300}, "train_loss"),
-    ({"train_accuracy": 2.0}, "train_accuracy"),
-    ({"custom": -1e13}, "custom"),
-    ({"custom": True}, "must be a number"),
-    ({f"m{i}": 1 for i in range(limits.MAX_METRICS + 1)}, "at most"),
-    ({"x" * 65: 1}, "names"),
-])
+@pytest.mark.parametrize(
+    "metrics, says",
+    [
+        ({"holdout_examples": 10**308, "holdout_accuracy_global": 0.5, "holdout_accuracy_personalized": 0.5}, "holdout_examples"),
+        ({"holdout_examples": 1.5}, "whole number"),
+        ({"train_loss": 1e300}, "train_loss"),
+        ({"train_accuracy": 2.0}, "train_accuracy"),
+        ({"custom": -1e13}, "custom"),
+        ({"custom": True}, "must be a number"),
+        ({f"m{i}": 1 for i in range(limits.MAX_METRICS + 1)}, "at most"),
+        ({"x" * 65: 1}, "names"),
+    ],
+)
 def test_metrics_outside_their_bounds_are_refused(client, store, open_round, metrics, says):
     headers, task = open_round
     before = store.snapshot()
@@ -77,9 +81,16 @@ def test_metrics_outside_their_bounds_are_refused(client, store, open_round, met
     assert rejections(store) == [(task["round_id"], "bad_metrics", 0)]
 
 
-@pytest.mark.parametrize("metrics", [
-    "[" * 50_000 + "]" * 50_000, "[" * 600 + "]" * 600, '{"n": ' + "9" * 5000 + "}", '{"a": {"b": 1}}', '{"loss": Infinity}',
-])
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        "[" * 50_000 + "]" * 50_000,
+        "[" * 600 + "]" * 600,
+        '{"n": ' + "9" * 5000 + "}",
+        '{"a": {"b": 1}}',
+        '{"loss": Infinity}',
+    ],
+)
 def test_hostile_metrics_json_is_a_logged_400(client, store, open_round, metrics):
     headers, task = open_round
     before = store.snapshot()
@@ -88,9 +99,15 @@ def test_hostile_metrics_json_is_a_logged_400(client, store, open_round, metrics
     assert rejections(store) == [(task["round_id"], "bad_metrics", 0)]
 
 
-@pytest.mark.parametrize("header", [
-    b"[" * 100_000 + b"]" * 100_000, b"[" * 700 + b"]" * 700, b'{"w": {"shape": [' + b"9" * 5000 + b"]}}", b'{"w": NaN}',
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b"[" * 700 + b"]" * 700,
+        b'{"w": {"shape": [' + b"9" * 5000 + b"]}}",
+        b'{"w": NaN}',
+    ],
+)
 def test_hostile_safetensors_headers_are_a_logged_400(client, store, open_round, header):
     headers, task = open_round
     body = len(header).to_bytes(8, "little") + header
@@ -105,8 +122,13 @@ def test_metrics_at_their_bounds_give_finite_round_figures(client, driver, open_
     commits (it used to stay 'aggregating' for ever) and every figure is finite."""
     headers, task = open_round
     other = second_device(client, task)
-    huge = {"train_loss": limits.MAX_ABS_METRIC, "train_accuracy": 1.0, "holdout_examples": limits.MAX_EXAMPLES,
-            "holdout_accuracy_global": 1.0, "holdout_accuracy_personalized": 0.0}
+    huge = {
+        "train_loss": limits.MAX_ABS_METRIC,
+        "train_accuracy": 1.0,
+        "holdout_examples": limits.MAX_EXAMPLES,
+        "holdout_accuracy_global": 1.0,
+        "holdout_accuracy_personalized": 0.0,
+    }
     for seed, device in enumerate((headers, other)):
         body = update_body(metrics=json.dumps(huge), num_examples=str(limits.MAX_EXAMPLES), seed=seed)
         assert upload(client, device, task["round_id"], body).status_code == 202
@@ -141,7 +163,12 @@ def test_a_non_finite_aggregate_abandons_the_round_and_the_run_goes_on(client, d
     (abandoned,) = status["abandoned"]
     assert abandoned["round"] == 1 and abandoned["reason"] == "non_finite_model" and "model version 0" in abandoned["detail"]
     first, second = strict_json(client.get("/v1/rounds").get_data(as_text=True))["rounds"]
-    assert (first["status"], first["abandon_reason"], second["status"], second["number"]) == ("abandoned", "non_finite_model", "open", 1)
+    assert (first["status"], first["abandon_reason"], second["status"], second["number"]) == (
+        "abandoned",
+        "non_finite_model",
+        "open",
+        1,
+    )
 
     monkeypatch.setattr(driver.server, "finish", finish)  # the fault is gone: the retried round commits
     for seed, device in enumerate((headers, other)):
@@ -209,8 +236,11 @@ def test_non_finite_figures_are_null_in_every_answer(client, driver, open_round,
     from coordinator import guard
 
     real = driver.learner.evaluate  # the guard's probe sees a sound model; the evaluation of all 360 examples diverges
-    monkeypatch.setattr(driver.learner, "evaluate", lambda w, x, y: real(w, x, y) if len(y) <= guard.PROBE_EXAMPLES
-                        else {"loss": math.nan, "accuracy": math.inf})
+    monkeypatch.setattr(
+        driver.learner,
+        "evaluate",
+        lambda w, x, y: real(w, x, y) if len(y) <= guard.PROBE_EXAMPLES else {"loss": math.nan, "accuracy": math.inf},
+    )
     headers, task = open_round
     assert upload(client, headers, task["round_id"], update_body()).status_code == 202
     driver.clock.now += driver.config.round_timeout_s
@@ -223,8 +253,16 @@ def test_non_finite_figures_are_null_in_every_answer(client, driver, open_round,
     assert entry["loss"] is None and entry["accuracy"] is None
 
 
-@pytest.mark.parametrize("path", ["/v1/rounds/\u0661/updates", "/v1/rounds/%D9%A1/updates", "/v1/rounds/+1/updates",
-                                  "/v1/rounds/99999999999/updates", "/v1/rounds/2147483648/updates"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/rounds/\u0661/updates",
+        "/v1/rounds/%D9%A1/updates",
+        "/v1/rounds/+1/updates",
+        "/v1/rounds/99999999999/updates",
+        "/v1/rounds/2147483648/updates",
+    ],
+)
 def test_round_ids_are_ascii_digits_within_range(client, store, open_round, path):
     headers, _ = open_round
     before = store.snapshot()
@@ -299,8 +337,10 @@ def test_an_update_that_ruins_the_model_alone_is_left_out_and_its_device_sits_ou
     committed, and the attacker is kept out of the next rounds."""
     headers, task = open_round
     attacker = second_device(client, task)
-    poison = update_body(arrays=[np.full(s.shape, limits.MAX_ABS_UPDATE * (-1) ** i, np.float32) for i, s in enumerate(SPEC)],
-                         num_examples=str(limits.MAX_EXAMPLES))
+    poison = update_body(
+        arrays=[np.full(s.shape, limits.MAX_ABS_UPDATE * (-1) ** i, np.float32) for i, s in enumerate(SPEC)],
+        num_examples=str(limits.MAX_EXAMPLES),
+    )
     assert upload(client, attacker, task["round_id"], poison).status_code == 202
     assert upload(client, headers, task["round_id"], update_body(seed=3, num_examples="40")).status_code == 202
     base, _ = wire.decode(client.get(f"/v1/checkpoints/{task['checkpoint_sha256']}").data, SPEC)

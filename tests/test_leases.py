@@ -1,5 +1,6 @@
 """Two round drivers over one store (as with two coordinator processes): only the lease
 holder drives, and one that froze past its lease's expiry commits nothing when it wakes."""
+
 from __future__ import annotations
 
 import math

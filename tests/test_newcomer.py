@@ -1,6 +1,7 @@
 """A newcomer's first hour: every mistake seen when trying the README gets one line and
 a non-zero exit, or a sensible behaviour; a finished run says so and a new one can
 start; stopping things is quiet."""
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,25 @@ def test_every_numeric_flag_is_checked_against_its_range(command, flag, value, c
 
 def test_the_range_checks_cover_the_flags_newcomers_tripped_on():
     covered = {(command, flag) for command, flag, _ in numeric_flags()}
-    assert {("serve", "--port"), ("serve", "--threads"), ("serve", "--workers"), ("serve", "--round-timeout"),
-            ("serve", "--rounds"), ("devices", "--count"), ("devices", "--threads"), ("export", "--train-batch")} <= covered
-    assert one_line_error(edgefl("serve", "--port", "70000"), code=2).endswith("must be at least 0 and at most 65535 (see 'edgefl serve --help')")
+    assert {
+        ("serve", "--port"),
+        ("serve", "--threads"),
+        ("serve", "--workers"),
+        ("serve", "--round-timeout"),
+        ("serve", "--rounds"),
+        ("devices", "--count"),
+        ("devices", "--threads"),
+        ("export", "--train-batch"),
+    } <= covered
+    assert one_line_error(edgefl("serve", "--port", "70000"), code=2).endswith(
+        "must be at least 0 and at most 65535 (see 'edgefl serve --help')"
+    )
 
 
 def test_a_subcommands_bad_flag_is_its_own_error_and_there_is_a_version():
-    assert one_line_error(edgefl("serve", "--no-such-flag"), code=2).startswith("edgefl serve: error: unrecognized arguments: --no-such-flag")
+    assert one_line_error(edgefl("serve", "--no-such-flag"), code=2).startswith(
+        "edgefl serve: error: unrecognized arguments: --no-such-flag"
+    )
     assert one_line_error(edgefl("status", "--json", "extra"), code=2).startswith("edgefl status: error:")
     version = edgefl("--version")
     assert version.returncode == 0 and version.stdout.startswith("edgefl ")
@@ -80,9 +93,13 @@ def test_export_out_that_is_a_file_or_unwritable_is_one_line(tmp_path):
     existing.write_text("keep me")
     line = one_line_error(edgefl("export", "--checkpoint", str(checkpoint), "--model", "cnn_small", "--out", str(existing)))
     assert "--out" in line and "not a directory" in line and existing.read_text() == "keep me"
-    line = one_line_error(edgefl("export", "--checkpoint", str(checkpoint), "--model", "cnn_small", "--out", str(existing / "below")))
+    line = one_line_error(
+        edgefl("export", "--checkpoint", str(checkpoint), "--model", "cnn_small", "--out", str(existing / "below"))
+    )
     assert "cannot write into --out" in line
-    line = one_line_error(edgefl("export", "--checkpoint", str(checkpoint), "--model", "cnn_small", "--out", "/proc/edgefl-export"))
+    line = one_line_error(
+        edgefl("export", "--checkpoint", str(checkpoint), "--model", "cnn_small", "--out", "/proc/edgefl-export")
+    )
     assert "cannot write into --out /proc/edgefl-export" in line
 
 
@@ -165,8 +182,20 @@ def test_a_new_run_starts_from_the_final_model_and_stops_quietly(finished_instan
     a check-in is held stops it cleanly, without a traceback."""
     instance, finished, final = finished_instance
     log = tmp_path / "serve.log"
-    server, url = serve(instance, log, "--new-run", "--from-final", "--model", "cnn_small", "--rounds", "2",
-                        "--target-reports", "2", "--min-reports", "1")
+    server, url = serve(
+        instance,
+        log,
+        "--new-run",
+        "--from-final",
+        "--model",
+        "cnn_small",
+        "--rounds",
+        "2",
+        "--target-reports",
+        "2",
+        "--min-reports",
+        "1",
+    )
     try:
         status = requests.get(f"{url}/v1/status", timeout=10).json()
         assert status["run"]["status"] == "running" and status["run"]["config"]["rounds"] == 2
@@ -180,7 +209,10 @@ def test_a_new_run_starts_from_the_final_model_and_stops_quietly(finished_instan
 
         fleet = subprocess.Popen(
             edgefl_command("devices", "--coordinator", url, "--count", "1", "--log-dir", str(tmp_path / "devices")),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
         while not list((tmp_path / "devices").glob("device-*.log")) and time.monotonic() < deadline:
@@ -196,12 +228,17 @@ def test_a_new_run_starts_from_the_final_model_and_stops_quietly(finished_instan
             assert time.monotonic() < deadline, answer
             time.sleep(answer["retry_after"])
         body = update_body()
-        sent = requests.post(f"{url}/v1/rounds/{answer['task']['round_id']}/updates", data=body,
-                             headers={**headers, "Content-Type": "application/octet-stream"}, timeout=30)
+        sent = requests.post(
+            f"{url}/v1/rounds/{answer['task']['round_id']}/updates",
+            data=body,
+            headers={**headers, "Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
         assert sent.status_code == 202  # one of the two reports the round waits for: this device waits in the lobby
         held: dict = {}
-        waiting = threading.Thread(target=lambda: held.update(
-            answer=requests.post(f"{url}/v1/checkin", headers=headers, timeout=30)))
+        waiting = threading.Thread(
+            target=lambda: held.update(answer=requests.post(f"{url}/v1/checkin", headers=headers, timeout=30))
+        )
         waiting.start()
         waiting.join(timeout=1.0)
         assert waiting.is_alive()  # held in the lobby: an unheld check-in is answered in milliseconds

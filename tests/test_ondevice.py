@@ -1,5 +1,6 @@
 """The on-device training model: builtin ops only, run by the standalone LiteRT runtime,
 and training exactly as Keras does."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -77,7 +78,9 @@ def test_one_sgd_step_matches_keras(litert, keras, digits, rows):
     start = fresh_weights()
     x, y = digits.x[:rows], digits.y[:rows]
     by_keras = keras.client_update(start, x, y, epochs=1, batch_size=BATCH, learning_rate=0.1, seed=0)
-    by_litert = litert.client_update(keras_weights_in(litert, keras, start), x, y, epochs=1, batch_size=BATCH, learning_rate=0.1, seed=0)
+    by_litert = litert.client_update(
+        keras_weights_in(litert, keras, start), x, y, epochs=1, batch_size=BATCH, learning_rate=0.1, seed=0
+    )
     for name, delta in zip(litert.names, by_litert.delta):
         assert np.abs(delta).max() > 0, f"{name} did not move"
         np.testing.assert_allclose(delta, by_keras.delta[keras.names.index(name)], atol=1e-5, rtol=0)
@@ -107,4 +110,6 @@ def test_the_loss_falls_step_by_step(litert, keras, digits):
 
 def test_a_batch_larger_than_the_models_is_refused(litert, digits):
     with pytest.raises(ValueError, match="batches of 10"):
-        litert.client_update(litert.get_weights(), digits.x[:20], digits.y[:20], epochs=1, batch_size=20, learning_rate=0.1, seed=0)
+        litert.client_update(
+            litert.get_weights(), digits.x[:20], digits.y[:20], epochs=1, batch_size=20, learning_rate=0.1, seed=0
+        )

@@ -6,6 +6,7 @@ keeps the final accuracy within a point of clean FedAvg; ``mean`` is wrecked by 
 A flip without scaling keeps the update's norm, which is all TFF's robust aggregator
 looks at, so it is no test of this defence: to it, that device is one honest-sized
 update pulling the other way."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,13 @@ def final_accuracy(small_parts):
                 updates = []
                 for device, shard in enumerate(shards):
                     result = learner.client_update(
-                        weights, data.train.x[shard], data.train.y[shard], epochs=1, batch_size=10,
-                        learning_rate=0.1, seed=round_number * DEVICES + device,
+                        weights,
+                        data.train.x[shard],
+                        data.train.y[shard],
+                        epochs=1,
+                        batch_size=10,
+                        learning_rate=0.1,
+                        seed=round_number * DEVICES + device,
                     )
                     poison = ATTACKS[attack] if device == 0 else None  # 10% of the devices
                     updates.append((poison(result.delta) if poison else result.delta, result.num_examples))

@@ -1,5 +1,6 @@
 """An instance written before the store had a schema version resumes after an upgrade:
 its tables gain the new columns, its abandoned rounds their reason, and the run goes on."""
+
 from __future__ import annotations
 
 from contextlib import closing
@@ -54,7 +55,9 @@ def test_an_instance_of_the_first_release_is_migrated_and_resumed(tmp_path, smal
         pass
     rounds = client.get("/v1/rounds").json["rounds"]
     assert [(r["status"], r["abandon_reason"]) for r in rounds[:3]] == [
-        ("abandoned", "too_few_reports"), ("committed", None), ("open", None)
+        ("abandoned", "too_few_reports"),
+        ("committed", None),
+        ("open", None),
     ]
     assert upload(client, headers, take_task(client, headers)["round_id"], update_body(seed=2)).status_code == 202
     while restarted.step():

@@ -1,4 +1,5 @@
 """The wire format: round trips, and every way a payload can fail to fit the model."""
+
 from __future__ import annotations
 
 import json
@@ -138,5 +139,7 @@ def test_the_same_contents_encode_to_the_same_bytes_in_every_process():
         "print(hashlib.sha256(wire.encode(['b', 'a'], [np.ones(3, np.float32), np.zeros(2, np.int64)],"
         " {'version': '1', 'model': 'm', 'num_examples': '5', 'metrics': '{}'})).hexdigest())"
     )
-    digests = {subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout for _ in range(4)}
+    digests = {
+        subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout for _ in range(4)
+    }
     assert len(digests) == 1

@@ -18,7 +18,8 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(BIN)/edgefl demo
 
-# The project's own checks first (lint, format), then every test, in a random order
+# The project's own checks first (lint, format, the import contracts in pyproject.toml),
+# then every test, in a random order
 # (pytest-randomly; its seed is printed, and -p no:randomly turns it off).
 test: install debian-packages check
 	$(BIN)/python -m pytest --durations=15
@@ -26,6 +27,7 @@ test: install debian-packages check
 check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 # The unit, API and hostile-input tests, without the ones that start real processes,
 # fuzz the API or SIGKILL coordinators (a few minutes instead of ten).

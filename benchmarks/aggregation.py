@@ -63,7 +63,7 @@ def measure(kind: str, cohort: int) -> dict:
         import collections
 
         from coordinator.aggregation import ServerSettings, build_round
-        from edgefl.tff_runtime import TffRuntime
+        from edgefl.app.tff_runtime import TffRuntime
 
         runtime = TffRuntime()
         runtime.start()

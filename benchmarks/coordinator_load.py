@@ -42,8 +42,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 from edgefl import wire
+from edgefl.app.launcher import federation
 from edgefl.config import RunConfig
-from edgefl.launcher import federation
 from edgefl.models import model_spec
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from edgefl.app.launcher import federation  # noqa: E402
 from edgefl.config import RunConfig  # noqa: E402
 from edgefl.datasets import load_dataset  # noqa: E402
-from edgefl.launcher import federation  # noqa: E402
 from edgefl.partition import partition  # noqa: E402
 
 
@@ -74,8 +74,8 @@ def run_tff(config: RunConfig, devices: int, partition_spec: str, data_seed: int
     import tensorflow as tf
     import tensorflow_federated as tff
 
+    from edgefl.app.tff_runtime import TffRuntime
     from edgefl.models import build_model
-    from edgefl.tff_runtime import TffRuntime
     from edgefl.training import KerasLearner
 
     data = load_dataset(config.dataset)

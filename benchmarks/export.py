@@ -32,9 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # shadow the export package it measures.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from edgefl.app.launcher import federation  # noqa: E402
 from edgefl.config import RunConfig  # noqa: E402
 from edgefl.datasets import load_dataset  # noqa: E402
-from edgefl.launcher import federation  # noqa: E402
 
 
 def trained_weights(model: str, epochs: int, batch_size: int) -> list:
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    from edgefl.report import export_table
+    from edgefl.app.report import export_table
     from edgefl.training import limit_threads
     from export import export_checkpoint
 

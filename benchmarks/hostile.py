@@ -53,8 +53,8 @@ from edgefl import logs
 logs.quiet_native_logs()  # before TensorFlow (model_spec) is imported
 
 from edgefl import wire  # noqa: E402
+from edgefl.app.launcher import federation  # noqa: E402
 from edgefl.config import RunConfig  # noqa: E402
-from edgefl.launcher import federation  # noqa: E402
 from edgefl.models import model_spec  # noqa: E402
 
 CONFIG = RunConfig(model="cnn_small", rounds=100_000, target_reports=4, min_reports=3, over_selection=1.5, round_timeout_s=15)

@@ -1,5 +1,5 @@
 import sys
 
-from edgefl.cli import main
+from edgefl.app.cli import main
 
 sys.exit(main())

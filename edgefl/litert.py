@@ -12,9 +12,21 @@ from __future__ import annotations
 import numpy as np
 
 from edgefl.logs import native_stderr_silenced
-from edgefl.ondevice import signature_key, wire_name
 from edgefl.training import ClientResult, client_result, local_sgd
 from edgefl.wire import TensorSpec
+
+# The on-device training file's contract, which ``export.ondevice`` writes by: its
+# signatures, and its tensors under the wire format's names with "/" as "__"
+# (signature keys are identifiers).
+SIGNATURES = ("train", "infer", "get_weights", "set_weights")
+
+
+def signature_key(wire_name: str) -> str:
+    return wire_name.replace("/", "__")
+
+
+def wire_name(signature_key: str) -> str:
+    return signature_key.replace("__", "/")
 
 
 class LiteRTLearner:

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgefl.litert import LiteRTLearner
-from edgefl.ondevice import SIGNATURES, convert_training_model
 from edgefl.training import KerasLearner
+from export.ondevice import SIGNATURES, convert_training_model
 
 _CHECK_LEARNING_RATE = 0.1
 

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 @pytest.fixture(scope="session")
 def tff_runtime(tmp_path_factory):
     """TFF's worker_binary for the whole session; the session fails if it outlives stop()."""
-    from edgefl.tff_runtime import TffRuntime
+    from edgefl.app.tff_runtime import TffRuntime
 
     runtime = TffRuntime(log_path=tmp_path_factory.mktemp("tff") / "worker_binary.log")
     runtime.start()

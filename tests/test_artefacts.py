@@ -11,7 +11,7 @@ from contextlib import closing
 import psutil
 import pytest
 
-from edgefl.launcher import edgefl_command
+from edgefl.app.launcher import edgefl_command
 from tests.api_helpers import assert_error, register, take_task, update_body, upload
 
 pytestmark = pytest.mark.slow

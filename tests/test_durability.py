@@ -26,8 +26,8 @@ import requests
 
 from coordinator.store import Store
 from edgefl import wire
+from edgefl.app.launcher import edgefl_command, start_logged, stop_process, wait_for_server
 from edgefl.config import RunConfig, command_line
-from edgefl.launcher import edgefl_command, start_logged, stop_process, wait_for_server
 from edgefl.models import model_spec
 
 pytestmark = pytest.mark.e2e

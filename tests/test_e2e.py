@@ -23,8 +23,8 @@ import psutil
 import pytest
 import requests
 
+from edgefl.app.launcher import edgefl_command, federation, start_logged, stop_process, wait_for_server
 from edgefl.config import RunConfig
-from edgefl.launcher import edgefl_command, federation, start_logged, stop_process, wait_for_server
 
 pytestmark = pytest.mark.e2e
 
@@ -219,7 +219,7 @@ def test_killing_the_owner_of_tffs_worker_takes_the_worker_with_it(tmp_path):
         [
             sys.executable,
             "-c",
-            "import time; from edgefl.tff_runtime import TffRuntime; r = TffRuntime(); "
+            "import time; from edgefl.app.tff_runtime import TffRuntime; r = TffRuntime(); "
             "r.start(); print('worker', r.pid, flush=True); time.sleep(600)",
         ],
         tmp_path / "owner.log",

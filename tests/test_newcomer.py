@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import requests
 
-from edgefl import cli, wire
-from edgefl.launcher import edgefl_command, start_logged, stop_process, wait_for_server
+from edgefl import wire
+from edgefl.app import cli
+from edgefl.app.launcher import edgefl_command, start_logged, stop_process, wait_for_server
 from tests.api_helpers import SPEC, register, take_task, update_body, upload
 
 
@@ -126,8 +127,9 @@ def test_logs_show_only_edgefls_own_lines_unless_asked():
 
 
 @pytest.fixture(scope="module")
-def finished_instance(tmp_path_factory, small_parts):
-    """An instance directory whose one-round run of cnn_small has finished."""
+def finished_template(tmp_path_factory, small_parts):
+    """An instance directory whose one-round run of cnn_small has finished (built once;
+    each test gets its own copy, ``finished_instance``)."""
     from coordinator import create_app
     from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
@@ -147,6 +149,17 @@ def finished_instance(tmp_path_factory, small_parts):
     assert status["run"]["status"] == "finished"
     driver.release_lease()
     final = app.extensions["edgefl.store"].blobs.get(status["model"]["sha256"])
+    return path, status, final
+
+
+@pytest.fixture
+def finished_instance(finished_template, tmp_path):
+    """A copy of the finished instance for one test, which may change it at will."""
+    import shutil
+
+    template, status, final = finished_template
+    path = tmp_path / "instance"
+    shutil.copytree(template, path)
     return path, status, final
 
 

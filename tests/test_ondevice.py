@@ -13,7 +13,7 @@ BATCH = 10
 
 @pytest.fixture(scope="module")
 def train_tflite():
-    from edgefl.ondevice import convert_training_model
+    from export.ondevice import convert_training_model
 
     return convert_training_model("cnn_small", BATCH)
 

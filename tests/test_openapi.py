@@ -60,7 +60,7 @@ def publish_artefacts(store, log_dir) -> None:
     from contextlib import closing
 
     from coordinator.artefacts import Publisher, wanted
-    from edgefl.launcher import edgefl_command
+    from edgefl.app.launcher import edgefl_command
 
     with closing(store.connect()) as db:
         target = wanted(db)

@@ -23,7 +23,8 @@ The train signature takes a fixed batch (``batch_size`` rows, a mask for a parti
 last batch), as the TFLite converter needs static shapes for the rewritten ops. The
 weights are resource variables, read and written through ``get_weights`` and
 ``set_weights`` in Keras's order and under the wire format's names (``/`` becomes
-``__``: signature keys are identifiers). Flex's checkpoint save/restore has no builtin
+``__``: signature keys are identifiers; ``edgefl.litert`` holds that naming, which the
+devices read by). Flex's checkpoint save/restore has no builtin
 equivalent; an app keeps the ``get_weights`` outputs instead.
 """
 
@@ -32,17 +33,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from edgefl.litert import SIGNATURES, signature_key
 from edgefl.models import INPUT_SHAPE, NUM_CLASSES, build_model, weight_names
-
-SIGNATURES = ("train", "infer", "get_weights", "set_weights")
-
-
-def signature_key(wire_name: str) -> str:
-    return wire_name.replace("/", "__")
-
-
-def wire_name(signature_key: str) -> str:
-    return signature_key.replace("__", "/")
 
 
 def _builtin_forward(tf, model, variables: dict):

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args) -> int:
     from coordinator.database import DatabaseError
     from coordinator.server import serve
-    from edgefl.launcher import edgefl_command
+    from edgefl.app.launcher import edgefl_command
 
     config = run_config_from(args)
     if args.from_final and not args.new_run:
@@ -455,8 +455,8 @@ def _export(args) -> int:
         raise CliError(f"the checkpoint does not fit model {model}: {exc.detail}") from None
     if round_number is None and metadata.get("version", "").isdigit():
         round_number = int(metadata["version"])
+    from edgefl.app.report import export_table
     from edgefl.logs import native_stderr_silenced
-    from edgefl.report import export_table
     from export import MODEL_CARD, export_checkpoint
 
     try:
@@ -479,8 +479,8 @@ def _export(args) -> int:
 
 
 def _status(args) -> int:
+    from edgefl.app.report import format_status
     from edgefl.client import CoordinatorClient
-    from edgefl.report import format_status
 
     status = CoordinatorClient(args.coordinator, give_up_after_s=5).status()
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -488,7 +488,7 @@ def _status(args) -> int:
 
 
 def _demo(args) -> int:
-    from edgefl.demo import run_demo
+    from edgefl.app.demo import run_demo
 
     config = run_config_from(args, DEMO_DEFAULTS)
     device_runtimes(args.runtime)

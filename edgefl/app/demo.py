@@ -12,16 +12,16 @@ import shutil
 import subprocess
 import time
 
+from edgefl.app.launcher import edgefl_command, federation
+from edgefl.app.report import export_table, figure, plot_history, progress_line, rounds_table
 from edgefl.config import RunConfig
-from edgefl.launcher import edgefl_command, federation
 from edgefl.processes import raise_on_sigterm
-from edgefl.report import export_table, figure, plot_history, progress_line, rounds_table
 
 _MARKER = ".edgefl-demo"
 
 
 def run_demo(args, config: RunConfig) -> int:
-    from edgefl.cli import CliError
+    from edgefl.app.cli import CliError
 
     out = args.out
     if out.exists():

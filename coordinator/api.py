@@ -1,4 +1,4 @@
-"""The /v1 API blueprint: what devices and operators call.
+"""The /v1 API blueprint and what devices call (operators' calls: ``coordinator.operators``).
 
 Every handler checks everything it can before it writes, and writes in one
 transaction, so a rejected request leaves the store as it found it. An update is
@@ -7,14 +7,11 @@ acknowledged (202) only after its blob is fsynced and its row committed.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import random
 import re
 import time
 import uuid
-from dataclasses import asdict
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 from spectree import Response
@@ -23,8 +20,8 @@ from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, failpoint
 from coordinator.access import takes_body
 from coordinator.database import Connection
 from coordinator.errors import ApiError
-from coordinator.openapi import ADMIN, DEVICE, ENROLMENT, ErrorBody, raw_body, spec
-from coordinator.schemas import CheckinAnswer, ConfigChange, ConfigChanged, DeviceRegistration, RunControlled, UpdateAccepted
+from coordinator.openapi import DEVICE, ENROLMENT, ErrorBody, raw_body, spec
+from coordinator.schemas import CheckinAnswer, DeviceRegistration, UpdateAccepted
 from coordinator.store import Store
 from edgefl import compression, jsonsafe, limits, wire
 
@@ -71,14 +68,14 @@ def _answer_withheld_bodies() -> None:
         access.answer_withheld(get_db())
 
 
-def _require_run(db: Connection):
+def require_run(db: Connection):
     config = rounds.run_config(db)
     if config is None:
         raise ApiError(503, "no_run", "No run has started yet; try again shortly.", {"Retry-After": "1"})
     return config
 
 
-def _errors(*statuses: int) -> dict:
+def errors(*statuses: int) -> dict:
     return {f"HTTP_{status}": ErrorBody for status in statuses}
 
 
@@ -88,7 +85,7 @@ def openapi_document():
 
 
 @bp.post("/devices")
-@spec.validate(resp=Response(HTTP_201=DeviceRegistration, **_errors(401, 429)), security=ENROLMENT, tags=["devices"])
+@spec.validate(resp=Response(HTTP_201=DeviceRegistration, **errors(401, 429)), security=ENROLMENT, tags=["devices"])
 def register_device():
     """Register a device: its id and bearer token.
 
@@ -110,7 +107,7 @@ def register_device():
 
 @bp.post("/checkin")
 @spec.validate(
-    resp=Response(HTTP_200=CheckinAnswer, **_errors(401, 503)), security=DEVICE, tags=["devices"], skip_validation=True
+    resp=Response(HTTP_200=CheckinAnswer, **errors(401, 503)), security=DEVICE, tags=["devices"], skip_validation=True
 )  # no body; the hot path
 def checkin():
     """Ask for a task: a task, or when to come back.
@@ -121,7 +118,7 @@ def checkin():
     the round it is needed for."""
     device_id = _authenticated_device()
     db = get_db()
-    _require_run(db)
+    require_run(db)
 
     def ask() -> dict:
         with get_store().reading(db):
@@ -155,7 +152,7 @@ def checkin():
 
 @bp.get("/checkpoints/<sha256:sha256>")
 @spec.validate(
-    resp=Response("HTTP_200", "HTTP_304", **_errors(404)), tags=["devices"], skip_validation=True
+    resp=Response("HTTP_200", "HTTP_304", **errors(404)), tags=["devices"], skip_validation=True
 )  # a file: nothing to validate
 def get_checkpoint(sha256: str):
     """Download a checkpoint (safetensors; immutable, so cacheable forever).
@@ -208,14 +205,14 @@ def _send_artefact(kind: str, name: str):
 
 
 @bp.get("/models/latest.tflite")
-@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(503)), tags=["models"], skip_validation=True)
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **errors(503)), tags=["models"], skip_validation=True)
 def get_latest_inference_model():
     """The newest model as an int8 .tflite for inference on phones (float32 input and output)."""
     return _send_artefact("inference", "latest.tflite")
 
 
 @bp.get("/models/latest-train.tflite")
-@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(503)), tags=["models"], skip_validation=True)
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **errors(503)), tags=["models"], skip_validation=True)
 def get_latest_training_model():
     """The on-device training .tflite (builtin ops only; signatures train, infer,
     get_weights, set_weights) holding the newest model, for the batch size in
@@ -224,7 +221,7 @@ def get_latest_training_model():
 
 
 @bp.get("/models/latest.json")
-@spec.validate(resp=Response("HTTP_200", "HTTP_304", **_errors(503)), tags=["models"], skip_validation=True)
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **errors(503)), tags=["models"], skip_validation=True)
 def get_latest_model_card():
     """The model card of the newest artefacts: sizes, accuracy and agreement with Keras
     as measured on LiteRT."""
@@ -235,7 +232,7 @@ def get_latest_model_card():
 @takes_body("device", lambda store, db: _largest_upload(store, db), view_refuses_oversize=True)
 @raw_body("application/octet-stream", DEFAULT_MAX_UPLOAD_BYTES)
 @spec.validate(
-    resp=Response(HTTP_202=UpdateAccepted, **_errors(400, 401, 403, 404, 409, 413, 422, 503)), security=DEVICE, tags=["devices"]
+    resp=Response(HTTP_202=UpdateAccepted, **errors(400, 401, 403, 404, 409, 413, 422, 503)), security=DEVICE, tags=["devices"]
 )
 def upload_update(round_id: int):
     """Upload a device's weight delta for a round it was selected into (safetensors,
@@ -256,7 +253,7 @@ def upload_update(round_id: int):
 
 
 def _accept_update(db: Connection, round_id: int, device_id: str):
-    config = _require_run(db)
+    config = require_run(db)
     rejection = rounds.upload_rejection(db, round_id, device_id)
     if rejection:
         raise ApiError(rejection.status, rejection.code, rejection.detail)
@@ -327,135 +324,3 @@ def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:
     if problem:
         raise ApiError(400, "bad_metrics", f"Metadata metrics are refused: {problem}.")
     return int(raw), metrics
-
-
-def admin_only(view):
-    """Operator endpoints need the admin token (checked before the body is validated),
-    and are off without one configured."""
-
-    @functools.wraps(view)
-    def guarded(*args, **kwargs):
-        access.require_admin(request.headers.get("Authorization"), current_app)
-        return view(*args, **kwargs)
-
-    return guarded
-
-
-@bp.post("/admin/<any(pause, resume, stop):action>")
-@admin_only
-@spec.validate(resp=Response(HTTP_200=RunControlled, **_errors(401, 403, 404, 409, 503)), security=ADMIN, tags=["operators"])
-def control(action: str):
-    """Pause the run (no new tasks), resume it, or stop it for good."""
-    db = get_db()
-    _require_run(db)
-    with get_store().transaction(db):
-        rejection = rounds.control_run(db, action, time.time())
-        if rejection:
-            raise ApiError(rejection.status, rejection.code, rejection.detail)
-    current_app.extensions["edgefl.lobby"].notify()  # held check-ins learn of it now
-    return jsonify(run=rounds.run_status(db))
-
-
-@bp.post("/admin/config")
-@takes_body("admin", access.JSON_BODY_BYTES)
-@admin_only
-@spec.validate(
-    json=ConfigChange,
-    resp=Response(HTTP_200=ConfigChanged, **_errors(400, 401, 403, 409, 415, 422, 503)),
-    security=ADMIN,
-    tags=["operators"],
-)
-def change_config(json: ConfigChange):
-    """Change settings of the run in progress; recorded, and in effect at once."""
-    db = get_db()
-    _require_run(db)
-    with get_store().transaction(db):
-        changed = rounds.change_config(db, json.model_dump(exclude_unset=True), time.time())
-        if isinstance(changed, rounds.Rejection):
-            raise ApiError(changed.status, changed.code, changed.detail)
-    current_app.extensions["edgefl.lobby"].notify()  # a bigger cohort may take held devices now
-    return ConfigChanged(config=asdict(changed))
-
-
-@bp.get("/status")
-@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
-def status():
-    """The run, its newest model, the open round and every evaluated round's summary."""
-    db = get_db()
-    with get_store().reading(db):
-        config = rounds.run_config(db)
-        if config is None:
-            return jsonify(run=None)
-        run = db.execute("SELECT * FROM run WHERE id = 1").fetchone()
-        latest = rounds.latest_checkpoint(db)
-        history = rounds.history(db)
-        active = rounds.active_round(db)
-        (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
-        changes = rounds.config_changes(db)
-    current = None
-    if active is not None:
-        current = next(r for r in history if r["id"] == active["id"])
-        current = {
-            **current,
-            "target_reports": config.target_reports,
-            "seconds_left": max(0.0, active["deadline_at"] - time.time()),
-        }
-    return jsonify(
-        run={
-            "status": run["status"],
-            "config": json.loads(run["config"]),
-            "config_changes": changes,
-            "created_at": run["created_at"],
-            "finished_at": run["finished_at"],
-        },
-        model={
-            "version": latest["version"],
-            "sha256": latest["sha256"],
-            "size": latest["size"],
-            "url": f"/v1/checkpoints/{latest['sha256']}",
-        },
-        round=current,
-        devices=devices,
-        history=[_summary(r) for r in history if r["evaluated_at"] is not None],
-        abandoned=[
-            {
-                "round": r["number"],
-                "id": r["id"],
-                "reason": r["abandon_reason"],
-                "detail": r["abandon_detail"],
-                "at": r["closed_at"],
-            }
-            for r in history
-            if r["status"] == "abandoned"
-        ],
-    )
-
-
-def _summary(r: dict) -> dict:
-    metrics = r["metrics"] or {}
-    return {
-        "round": r["number"],
-        "accuracy": metrics.get("accuracy"),
-        "loss": metrics.get("loss"),
-        "selected": r["selected"],
-        "reported": r["reported"],
-        "dropped": r["dropped"],
-        "late": r["late"],
-        "rejected": sum(r["rejected"].values()),
-        "bytes_down": r["bytes_down"],
-        "bytes_up": r["bytes_up"],
-        "seconds": r["committed_at"] - r["opened_at"],
-        "aggregation_seconds": metrics.get("aggregation_s"),
-        "phase_seconds": r["phase_seconds"],
-        "personalization": metrics.get("personalization"),
-        "privacy": metrics.get("privacy"),
-        "bytes_up_float32": metrics.get("bytes_up_float32"),
-        "upload_bits": metrics.get("upload_bits"),
-    }
-
-
-@bp.get("/rounds")
-@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
-def list_rounds():
-    """Every round's full record."""
-    return jsonify(rounds=rounds.history(get_db()))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
-from coordinator import leases, rounds
+from coordinator import leases, records, rounds
 from coordinator.store import Store
 from edgefl import jsonsafe
 from edgefl.config import RunConfig
@@ -44,11 +44,11 @@ def start_over(store: Store, check: Callable[[RunConfig, bytes], None] = lambda 
         record = {
             "status": status,
             "config": json.loads(run["config"]),
-            "config_changes": rounds.config_changes(db),
+            "config_changes": records.config_changes(db),
             "created_at": run["created_at"],
             "finished_at": run["finished_at"],
             "final_model": {"version": final["version"], "sha256": final["sha256"]},
-            "rounds": rounds.history(db),
+            "rounds": records.history(db),
         }
     checkpoint = store.blobs.get(final["sha256"])
     check(RunConfig.from_json(run["config"]), checkpoint)

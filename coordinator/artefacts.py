@@ -22,7 +22,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import NamedTuple
 
-from coordinator import rounds
+from coordinator import records, rounds
 from coordinator.database import Connection
 from coordinator.store import Store
 from edgefl.processes import start_logged, stop_process
@@ -154,7 +154,7 @@ class Publisher:
         with closing(self.store.connect()) as db:
             with self.store.transaction(db):
                 replaced = record(db, target, blobs, self.clock())
-            live = rounds.live_blobs(db)
+            live = records.live_blobs(db)
         for sha256 in replaced - live:
             self.store.blobs.delete(sha256)
         log.info(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -27,12 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator import failpoints, guard, leases, rounds, selection
+from coordinator import failpoints, guard, leases, records, rounds, selection
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
 from coordinator.database import Connection, Row
 from coordinator.lobby import Lobby
 from coordinator.store import Store
-from edgefl import compression, wire
+from edgefl import compression, metrics, wire
 from edgefl.config import RunConfig
 from edgefl.datasets import load_dataset
 from edgefl.models import weight_names
@@ -85,8 +84,7 @@ class RoundDriver:
         self.spec = wire.spec_of(self.names, self.learner.model.get_weights())
         self.server = server or FedAvgServer(self.spec, ServerSettings.of(config))
         self.test = load_dataset(config.dataset).test
-        self.probe = (self.test.x[: guard.PROBE_EXAMPLES], self.test.y[: guard.PROBE_EXAMPLES])
-        self._base_losses: dict[int, float] = {}
+        self.guard = guard.Guard(self.learner, self.test.x[: guard.PROBE_EXAMPLES], self.test.y[: guard.PROBE_EXAMPLES])
         self._fold: _Fold | None = None
         self.lobby = lobby or Lobby()
         self.holder = leases.holder_name(uuid.uuid4().hex[:8])
@@ -245,9 +243,11 @@ class RoundDriver:
         output = self.server.finish(fold.fold)
         base = list(fold.fold.round_state[: len(self.spec)])
         excluded: list[Row] = []
-        problem = self._problem(output.weights, base, current["base_version"])
+        problem = self.guard.problem(output.weights, base, current["base_version"], self.config.aggregator)
         if problem is not None:
-            output, excluded = self._without_culprits(fold.fold, updates, base, current["base_version"])
+            output, excluded = self.guard.screen(
+                self.server, fold.fold, updates, base, current["base_version"], self.config.aggregator, self._delta_of
+            )
         aggregated = self.clock()
         if output is None:  # deterministic: the same updates give the same result, so retrying cannot help
             with self._transition(db):
@@ -263,22 +263,23 @@ class RoundDriver:
         checkpoint = wire.encode(self.names, output.weights, {"version": str(number), "model": self.config.model})
         sha = self.store.blobs.put(checkpoint)
         state_sha = self.store.blobs.put(self.server.state_to_bytes(output.state))
-        total = sum(u["num_examples"] for u in updates)
-        metrics = {
-            "num_examples": total,
-            "train_loss": _weighted(updates, "train_loss"),
-            "train_accuracy": _weighted(updates, "train_accuracy"),
+        reports = [json.loads(u["metrics"]) for u in updates]
+        examples = [u["num_examples"] for u in updates]
+        figures = {
+            "num_examples": sum(examples),
+            "train_loss": metrics.weighted(reports, "train_loss", examples),
+            "train_accuracy": metrics.weighted(reports, "train_accuracy", examples),
             "fold_s": fold.seconds,
             "aggregation_s": aggregated - started,
-            "personalization": _personalization(updates),
+            "personalization": metrics.personalization(reports),
             # what the same updates' tensors weigh as float32, beside the bytes that came
             "bytes_up_float32": len(updates) * compression.payload_bytes(self.spec, None),
             "upload_bits": self.config.upload_bits,
         }
         if excluded:
-            metrics["excluded_updates"] = {"count": len(excluded), "reason": "applied alone, each made the model diverge"}
+            figures["excluded_updates"] = {"count": len(excluded), "reason": "applied alone, each made the model diverge"}
         with self._transition(db):
-            rounds.commit_round(db, current, sha, len(checkpoint), state_sha, metrics, self.clock())
+            rounds.commit_round(db, current, sha, len(checkpoint), state_sha, figures, self.clock())
             selection.exclude_devices(db, [u["device_id"] for u in excluded], current["id"])
             if number < self.config.rounds:
                 self._begin_round(db, self.clock())
@@ -287,55 +288,6 @@ class RoundDriver:
         failpoints.hold("committed", at=number)  # its update blobs not yet discarded, its model not evaluated
         self._discard_updates(db, current["id"])
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
-
-    def _probe_loss(self, weights: list[np.ndarray]) -> float:
-        return self.learner.evaluate(weights, *self.probe)["loss"]
-
-    def _base_loss(self, base: list[np.ndarray], base_version: int) -> float:
-        if base_version not in self._base_losses:
-            self._base_losses = {base_version: self._probe_loss(base)}
-        return self._base_losses[base_version]
-
-    def _problem(self, weights: list[np.ndarray], base: list[np.ndarray], base_version: int) -> tuple[str, str] | None:
-        """Why a round's new model may not be committed (``coordinator.guard``), or None."""
-        if not guard.finite(weights):
-            return "non_finite_model", f"its aggregate is not finite; the run goes on from model version {base_version}"
-        if self.config.aggregator not in guard.UNBOUNDED_AGGREGATORS:
-            return None
-        try:
-            loss, base_loss = self._probe_loss(weights), self._base_loss(base, base_version)
-        except Exception:  # the check itself failed (its evaluation is reported on its own): commit unchecked
-            log.exception("could not check the new model against model version %d", base_version)
-            return None
-        if guard.diverged(loss, base_loss):
-            return "diverged", (
-                f"its model's loss on {len(self.probe[1])} held-out examples is {loss:.3g}, against {base_loss:.3g} for model"
-                f" version {base_version}, from which the run goes on"
-            )
-        return None
-
-    def _without_culprits(self, fold: RoundFold, updates: list[Row], base: list[np.ndarray], base_version: int):
-        """The round aggregated again without the updates that ruin the model: those that
-        do alone, or else (they may only together, or through a server optimizer's step)
-        the ones claiming the most examples, up to ``guard.MOST_LEFT_OUT`` of them.
-        (output, the updates left out), or (None, []) if that gives no sound model. One
-        update's delta is in memory at a time, as in the fold."""
-        alone = guard.culprits(
-            base, ((u["id"], self._delta_of(u)) for u in updates), self._probe_loss, self._base_loss(base, base_version)
-        )
-        heaviest = [u["id"] for u in sorted(updates, key=lambda u: u["num_examples"], reverse=True)]
-        attempts = [alone] + [set(heaviest[:k]) for k in range(1, guard.MOST_LEFT_OUT + 1)]
-        for leave_out in attempts:
-            if not leave_out or len(leave_out) >= len(updates):
-                continue
-            refold = self.server.begin(fold.round_state[len(self.spec) :], base)
-            for update in updates:
-                if update["id"] not in leave_out:
-                    refold = self.server.fold(refold, self._delta_of(update), update["num_examples"])
-            output = self.server.finish(refold)
-            if self._problem(output.weights, base, base_version) is None:
-                return output, [u for u in updates if u["id"] in leave_out]
-        return None, []
 
     def _delta_of(self, update: Row) -> list[np.ndarray]:
         delta, _ = compression.decode_update(self.store.blobs.get(update["blob_sha256"]), self.spec, self.config.upload_bits)
@@ -347,7 +299,7 @@ class RoundDriver:
         recorded, half-written temporary files. Only the lease holder writes checkpoints,
         so none of them is in flight. Under the write lock, like ``_discard_updates``."""
         with self._transition(db):
-            for sha256 in self.store.blobs.names() - rounds.live_blobs(db):
+            for sha256 in self.store.blobs.names() - records.live_blobs(db):
                 self.store.blobs.trash(sha256)
         self.store.blobs.empty_trash()
         self.store.blobs.remove_stale_temporaries()
@@ -358,7 +310,7 @@ class RoundDriver:
         under the write lock, so an upload of the same bytes either finds its blob gone
         and rewrites it, or has its row counted here; the slow unlinks come after."""
         with self._transition(db):
-            for sha256 in rounds.discardable_update_blobs(db, round_id):
+            for sha256 in records.discardable_update_blobs(db, round_id):
                 self.store.blobs.trash(sha256)
         self.store.blobs.empty_trash()
 
@@ -450,43 +402,3 @@ class _Fold:
     fold: RoundFold
     last_update_id: int = 0
     seconds: float = 0.0
-
-
-def _personalization(updates: list[Row]) -> dict | None:
-    """The devices' personalisation reports (sent with their updates), combined: the
-    accuracy on their own held-out examples of the global model they were sent and of
-    their locally fine-tuned one, weighted by those examples."""
-    reports = [json.loads(u["metrics"]) for u in updates]
-    reports = [
-        r
-        for r in reports
-        if r.get("holdout_examples", 0) > 0 and "holdout_accuracy_global" in r and "holdout_accuracy_personalized" in r
-    ]
-    if not reports:
-        return None
-    examples = [r["holdout_examples"] for r in reports]
-    return {
-        "devices": len(reports),
-        "examples": int(sum(examples)),
-        "global_accuracy": weighted_mean([r["holdout_accuracy_global"] for r in reports], examples),
-        "personalized_accuracy": weighted_mean([r["holdout_accuracy_personalized"] for r in reports], examples),
-    }
-
-
-def _weighted(updates: list[Row], key: str) -> float | None:
-    values = [json.loads(u["metrics"]).get(key) for u in updates]
-    if not updates or any(v is None for v in values):
-        return None
-    return weighted_mean(values, [u["num_examples"] for u in updates])
-
-
-def weighted_mean(values: list[float], weights: list[float]) -> float | None:
-    """Σ w·v / Σ w in floats, exactly rounded (``math.fsum``); None if that is not a
-    finite number. The API bounds what devices report, so sums of them stay finite;
-    this is the guard behind that bound."""
-    try:
-        total = math.fsum(float(w) for w in weights)
-        mean = math.fsum(float(w) * float(v) for v, w in zip(values, weights)) / total
-    except (OverflowError, ZeroDivisionError, ValueError, TypeError):
-        return None
-    return mean if math.isfinite(mean) else None

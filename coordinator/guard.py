@@ -20,10 +20,13 @@ legitimately move the model further than this check allows).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+
+log = logging.getLogger("edgefl.coordinator")
 
 UNBOUNDED_AGGREGATORS = ("mean", "compressed")  # no per-update clipping: screened here
 PROBE_EXAMPLES = 128
@@ -56,3 +59,59 @@ def culprits(
         if not finite(alone) or diverged(loss_of(alone), base_loss):
             found.add(update_id)
     return found
+
+
+class Guard:
+    """The check for one round driver: its learner evaluates the probe, and the loss of
+    the round's base model is remembered while rounds retry it."""
+
+    def __init__(self, learner, probe_x: np.ndarray, probe_y: np.ndarray):
+        self.learner = learner
+        self.probe = (probe_x, probe_y)
+        self._base_losses: dict[int, float] = {}
+
+    def loss(self, weights: Sequence[np.ndarray]) -> float:
+        return self.learner.evaluate(list(weights), *self.probe)["loss"]
+
+    def base_loss(self, base: Sequence[np.ndarray], base_version: int) -> float:
+        if base_version not in self._base_losses:
+            self._base_losses = {base_version: self.loss(base)}
+        return self._base_losses[base_version]
+
+    def problem(self, weights, base, base_version: int, aggregator: str) -> tuple[str, str] | None:
+        """Why a round's new model may not be committed, as (reason, detail), or None."""
+        if not finite(weights):
+            return "non_finite_model", f"its aggregate is not finite; the run goes on from model version {base_version}"
+        if aggregator not in UNBOUNDED_AGGREGATORS:
+            return None
+        try:
+            loss, base_loss = self.loss(weights), self.base_loss(base, base_version)
+        except Exception:  # the check itself failed (its evaluation is reported on its own): commit unchecked
+            log.exception("could not check the new model against model version %d", base_version)
+            return None
+        if diverged(loss, base_loss):
+            return "diverged", (
+                f"its model's loss on {len(self.probe[1])} held-out examples is {loss:.3g}, against {base_loss:.3g} for model"
+                f" version {base_version}, from which the run goes on"
+            )
+        return None
+
+    def screen(self, server, fold, updates: Sequence, base, base_version: int, aggregator: str, delta_of: Callable):
+        """The round aggregated again by ``server`` without the updates (rows with ``id``
+        and ``num_examples``) that ruin the model: those that do alone, or else the ones
+        claiming the most examples, up to ``MOST_LEFT_OUT`` of them. (output, the updates
+        left out), or (None, []) if that gives no sound model. ``delta_of`` reads one
+        update's delta: one is in memory at a time, as in the fold."""
+        alone = culprits(base, ((u["id"], delta_of(u)) for u in updates), self.loss, self.base_loss(base, base_version))
+        heaviest = [u["id"] for u in sorted(updates, key=lambda u: u["num_examples"], reverse=True)]
+        for leave_out in [alone] + [set(heaviest[:k]) for k in range(1, MOST_LEFT_OUT + 1)]:
+            if not leave_out or len(leave_out) >= len(updates):
+                continue
+            refold = server.begin(fold.round_state[len(base) :], base)
+            for update in updates:
+                if update["id"] not in leave_out:
+                    refold = server.fold(refold, delta_of(update), update["num_examples"])
+            output = server.finish(refold)
+            if self.problem(output.weights, base, base_version, aggregator) is None:
+                return output, [u for u in updates if u["id"] in leave_out]
+        return None, []

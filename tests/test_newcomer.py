@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from edgefl import wire
-from edgefl.app import cli
+from edgefl.app import flags
 from edgefl.app.launcher import edgefl_command, start_logged, stop_process, wait_for_server
 from tests.api_helpers import SPEC, register, take_task, update_body, upload
 
@@ -35,7 +35,7 @@ def one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> str:
 
 def numeric_flags() -> list[tuple[str, str, str]]:
     """(command, flag, a value outside its range) for every bounded numeric flag."""
-    _, commands = cli.build_parser()
+    _, commands = flags.build_parser()
     cases = []
     for name, parser in commands.items():
         for action in parser._actions:
@@ -50,7 +50,7 @@ def numeric_flags() -> list[tuple[str, str, str]]:
 @pytest.mark.parametrize("command, flag, value", numeric_flags())
 def test_every_numeric_flag_is_checked_against_its_range(command, flag, value, capsys):
     with pytest.raises(SystemExit) as exit:
-        cli.parse([command, flag, value])
+        flags.parse([command, flag, value])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1
     assert lines[0].startswith(f"edgefl {command}: error: argument {flag}") and "must be" in lines[0]
@@ -268,4 +268,4 @@ def test_a_new_run_starts_from_the_final_model_and_stops_quietly(finished_instan
 def test_a_non_number_is_reported_plainly():
     """``bounded`` types carry their kind's name, which argparse shows for a non-number."""
     with pytest.raises(argparse.ArgumentTypeError, match="not a whole number"):
-        cli.bounded(int, 0, 10)("ten")
+        flags.bounded(int, 0, 10)("ten")

@@ -1,0 +1,153 @@
+"""What operators call on the /v1 blueprint: the run's status and round records, and,
+with the admin token, pause, resume, stop and configuration changes. (Devices' calls
+are in ``coordinator.api``, whose blueprint these views join when this module is
+imported by ``create_app``.)
+"""
+
+from __future__ import annotations
+
+import functools
+import json as jsonlib
+import time
+from dataclasses import asdict
+
+from flask import current_app, jsonify, request
+from spectree import Response
+
+from coordinator import access, records, rounds
+from coordinator.api import bp, errors, get_db, get_store, require_run
+from coordinator.errors import ApiError
+from coordinator.openapi import ADMIN, spec
+from coordinator.schemas import ConfigChange, ConfigChanged, RunControlled
+
+
+def admin_only(view):
+    """Operator endpoints need the admin token (checked before the body is validated),
+    and are off without one configured."""
+
+    @functools.wraps(view)
+    def guarded(*args, **kwargs):
+        access.require_admin(request.headers.get("Authorization"), current_app)
+        return view(*args, **kwargs)
+
+    return guarded
+
+
+@bp.post("/admin/<any(pause, resume, stop):action>")
+@admin_only
+@spec.validate(resp=Response(HTTP_200=RunControlled, **errors(401, 403, 404, 409, 503)), security=ADMIN, tags=["operators"])
+def control(action: str):
+    """Pause the run (no new tasks), resume it, or stop it for good."""
+    db = get_db()
+    require_run(db)
+    with get_store().transaction(db):
+        rejection = rounds.control_run(db, action, time.time())
+        if rejection:
+            raise ApiError(rejection.status, rejection.code, rejection.detail)
+    current_app.extensions["edgefl.lobby"].notify()  # held check-ins learn of it now
+    return jsonify(run=rounds.run_status(db))
+
+
+@bp.post("/admin/config")
+@access.takes_body("admin", access.JSON_BODY_BYTES)
+@admin_only
+@spec.validate(
+    json=ConfigChange,
+    resp=Response(HTTP_200=ConfigChanged, **errors(400, 401, 403, 409, 415, 422, 503)),
+    security=ADMIN,
+    tags=["operators"],
+)
+def change_config(json: ConfigChange):
+    """Change settings of the run in progress; recorded, and in effect at once."""
+    db = get_db()
+    require_run(db)
+    with get_store().transaction(db):
+        changed = rounds.change_config(db, json.model_dump(exclude_unset=True), time.time())
+        if isinstance(changed, rounds.Rejection):
+            raise ApiError(changed.status, changed.code, changed.detail)
+    current_app.extensions["edgefl.lobby"].notify()  # a bigger cohort may take held devices now
+    return ConfigChanged(config=asdict(changed))
+
+
+@bp.get("/status")
+@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
+def status():
+    """The run, its newest model, the open round and every evaluated round's summary."""
+    db = get_db()
+    with get_store().reading(db):
+        config = rounds.run_config(db)
+        if config is None:
+            return jsonify(run=None)
+        run = db.execute("SELECT * FROM run WHERE id = 1").fetchone()
+        latest = rounds.latest_checkpoint(db)
+        history = records.history(db)
+        active = rounds.active_round(db)
+        (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
+        changes = records.config_changes(db)
+    current = None
+    if active is not None:
+        current = next(r for r in history if r["id"] == active["id"])
+        current = {
+            **current,
+            "target_reports": config.target_reports,
+            "seconds_left": max(0.0, active["deadline_at"] - time.time()),
+        }
+    return jsonify(
+        run={
+            "status": run["status"],
+            "config": jsonlib.loads(run["config"]),
+            "config_changes": changes,
+            "created_at": run["created_at"],
+            "finished_at": run["finished_at"],
+        },
+        model={
+            "version": latest["version"],
+            "sha256": latest["sha256"],
+            "size": latest["size"],
+            "url": f"/v1/checkpoints/{latest['sha256']}",
+        },
+        round=current,
+        devices=devices,
+        history=[_summary(r) for r in history if r["evaluated_at"] is not None],
+        abandoned=[
+            {
+                "round": r["number"],
+                "id": r["id"],
+                "reason": r["abandon_reason"],
+                "detail": r["abandon_detail"],
+                "at": r["closed_at"],
+            }
+            for r in history
+            if r["status"] == "abandoned"
+        ],
+    )
+
+
+def _summary(r: dict) -> dict:
+    metrics = r["metrics"] or {}
+    return {
+        "round": r["number"],
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics.get("loss"),
+        "selected": r["selected"],
+        "reported": r["reported"],
+        "dropped": r["dropped"],
+        "late": r["late"],
+        "rejected": sum(r["rejected"].values()),
+        "bytes_down": r["bytes_down"],
+        "bytes_up": r["bytes_up"],
+        "seconds": r["committed_at"] - r["opened_at"],
+        "aggregation_seconds": metrics.get("aggregation_s"),
+        "phase_seconds": r["phase_seconds"],
+        "personalization": metrics.get("personalization"),
+        "privacy": metrics.get("privacy"),
+        "bytes_up_float32": metrics.get("bytes_up_float32"),
+        "upload_bits": metrics.get("upload_bits"),
+    }
+
+
+@bp.get("/rounds")
+@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
+def list_rounds():
+    """Every round's full record."""
+    return jsonify(rounds=records.history(get_db()))

@@ -12,11 +12,12 @@ from edgefl.datasets import load_dataset
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, small_parts):
+    from edgefl.models import build_model
     from export import MODEL_CARD, export_checkpoint
 
     learner = small_parts[0]
     train = load_dataset("digits").train
-    weights = learner.model.get_weights()
+    weights = build_model("cnn_small", seed=0).get_weights()  # not the shared learner's: other tests leave theirs in it
     for epoch in range(6):
         result = learner.client_update(weights, train.x, train.y, epochs=1, batch_size=32, learning_rate=0.1, seed=epoch)
         weights = [w + d for w, d in zip(weights, result.delta)]

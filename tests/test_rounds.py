@@ -295,8 +295,10 @@ def test_held_checkins_get_the_next_round_and_slots_bound_them(tmp_path, small_p
     held = {}
     waiting = threading.Thread(target=lambda: held.update(answer=app.test_client().post("/v1/checkin", headers=devices[0]).json))
     waiting.start()
-    time.sleep(0.5)
-    assert waiting.is_alive()  # held, not told to come back
+    lobby, deadline = app.extensions["edgefl.lobby"], time.monotonic() + 10
+    while not lobby.waiting() and time.monotonic() < deadline:  # until the check-in is held in the lobby
+        waiting.join(timeout=0.01)
+    assert waiting.is_alive() and len(lobby.waiting()) == 1  # held, not told to come back
     other = client.post("/v1/checkin", headers=devices[1]).json  # the one slot is taken
     assert other["status"] == "wait" and other["reason"] == "reported"
     assert driver.step()  # commits round 1, opens round 2

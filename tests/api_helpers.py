@@ -62,21 +62,41 @@ def assert_error(response, status, code):
 ADMIN = {"Authorization": "Bearer an-admin-token-of-some-length"}
 
 
-def administered(tmp_path, small_parts, config, db_url=None):
-    """An app started with the admin token, and its round driver with a started run."""
+def build_coordinator(
+    instance, small_parts, config, *, db_url=None, admin=False, server=None, clock=None, lobby=False, **settings
+):
+    """The one way tests build a coordinator: an app on ``instance`` (a directory) with a
+    started run of ``config``, and its round driver, which runs only when the test calls
+    ``driver.step()``. ``small_parts`` are the session's learner and plain FedAvg server
+    (another server is compiled when ``config`` aggregates otherwise); ``admin`` starts the
+    app with ``ADMIN``'s token, ``lobby`` makes the driver seat the app's lobby, and
+    ``settings`` are more app configuration (``LONG_POLL_SLOTS``, say)."""
     from coordinator import create_app
+    from coordinator.aggregation import FedAvgServer, ServerSettings
     from coordinator.driver import RoundDriver
 
     app = create_app(
         {
-            "INSTANCE": str(tmp_path / "instance"),
+            "INSTANCE": str(instance),
             "DB_URL": db_url,
             "TESTING": True,
-            "ADMIN_TOKEN": ADMIN["Authorization"][7:],
+            **({"ADMIN_TOKEN": ADMIN["Authorization"][7:]} if admin else {}),
+            **settings,
         }
     )
     assert "an-admin-token" not in json.dumps({k: str(v) for k, v in app.config.items()})  # kept hashed
-    learner, server = small_parts
-    driver = RoundDriver(app.extensions["edgefl.store"], config, learner=learner, server=server)
+    learner, plain = small_parts
+    if server is None:
+        fedavg = config.aggregator in ("mean", "compressed") and config.server_optimizer == "sgd" and config.server_lr == 1.0
+        server = plain if fedavg else FedAvgServer(SPEC, ServerSettings.of(config))
+    options = {"clock": clock} if clock is not None else {}
+    if lobby:
+        options["lobby"] = app.extensions["edgefl.lobby"]
+    driver = RoundDriver(app.extensions["edgefl.store"], config, learner=learner, server=server, **options)
     driver.ensure_run()
     return app, driver
+
+
+def administered(tmp_path, small_parts, config, db_url=None):
+    """An app started with the admin token, and its round driver with a started run."""
+    return build_coordinator(tmp_path / "instance", small_parts, config, db_url=db_url, admin=True)

@@ -79,16 +79,11 @@ def coordinator(tmp_path, small_parts, db_url):
 
     The driver runs only when a test calls ``driver.step()``, on a clock the test moves.
     """
-    from coordinator import create_app
-    from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
+    from tests.api_helpers import build_coordinator
 
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
     config = RunConfig(model="cnn_small", rounds=2, target_reports=2, min_reports=1, over_selection=1.5, round_timeout_s=60)
-    learner, server = small_parts
-    driver = RoundDriver(app.extensions["edgefl.store"], config, clock=Clock(), learner=learner, server=server)
-    driver.ensure_run()
-    return app, driver
+    return build_coordinator(tmp_path / "instance", small_parts, config, db_url=db_url, clock=Clock())
 
 
 @pytest.fixture

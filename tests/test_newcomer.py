@@ -19,7 +19,7 @@ import requests
 from edgefl import wire
 from edgefl.app import flags
 from edgefl.app.launcher import edgefl_command, start_logged, stop_process, wait_for_server
-from tests.api_helpers import SPEC, register, take_task, update_body, upload
+from tests.api_helpers import SPEC, build_coordinator, register, take_task, update_body, upload
 
 
 def edgefl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -130,15 +130,11 @@ def test_logs_show_only_edgefls_own_lines_unless_asked():
 def finished_template(tmp_path_factory, small_parts):
     """An instance directory whose one-round run of cnn_small has finished (built once;
     each test gets its own copy, ``finished_instance``)."""
-    from coordinator import create_app
-    from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
 
     path = tmp_path_factory.mktemp("finished") / "instance"
-    app = create_app({"INSTANCE": str(path), "TESTING": True})
     config = RunConfig(model="cnn_small", rounds=1, target_reports=1, min_reports=1)
-    driver = RoundDriver(app.extensions["edgefl.store"], config, learner=small_parts[0], server=small_parts[1])
-    driver.ensure_run()
+    app, driver = build_coordinator(path, small_parts, config)
     client = app.test_client()
     assert driver.step()
     headers = register(client)

@@ -15,6 +15,7 @@ from tests.api_helpers import (
     SPEC,
     administered,
     assert_error,
+    build_coordinator,
     random_delta,
     register,
     take_task,
@@ -130,9 +131,6 @@ def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_par
     import dp_accounting
     from dp_accounting import rdp
 
-    from coordinator import create_app
-    from coordinator.aggregation import FedAvgServer, ServerSettings
-    from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
 
     config = RunConfig(
@@ -145,13 +143,7 @@ def test_a_dp_run_reports_the_privacy_spent_after_each_round(tmp_path, small_par
         dp_noise_multiplier=1.1,
         dp_clip=1.0,
     )
-    app = create_app(
-        {"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "ADMIN_TOKEN": ADMIN["Authorization"][7:]}
-    )
-    driver = RoundDriver(
-        app.extensions["edgefl.store"], config, learner=small_parts[0], server=FedAvgServer(SPEC, ServerSettings.of(config))
-    )
-    driver.ensure_run()
+    app, driver = build_coordinator(tmp_path / "instance", small_parts, config, db_url=db_url, admin=True)
     client = app.test_client()
     devices = [register(client) for _ in range(4)]  # cohorts of 2: devices 0 and 1, then 2 and 3
     assert driver.step()  # round 1 opens; each commit opens the next
@@ -185,8 +177,6 @@ def test_a_run_without_dp_reports_no_privacy(client, driver, open_round):
 
 
 def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_path, small_parts, db_url):
-    from coordinator import create_app
-    from coordinator.driver import RoundDriver
     from edgefl import compression
     from edgefl.config import RunConfig
 
@@ -199,11 +189,8 @@ def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_
         aggregator="compressed",
         compression_bits=4,
     )
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
-    store = app.extensions["edgefl.store"]
-    driver = RoundDriver(store, config, learner=small_parts[0], server=small_parts[1])  # compressed folds a plain mean
-    driver.ensure_run()
-    client = app.test_client()
+    app, driver = build_coordinator(tmp_path / "instance", small_parts, config, db_url=db_url)  # a plain mean of decoded updates
+    store, client = app.extensions["edgefl.store"], app.test_client()
     devices = [register(client) for _ in range(2)]
     assert driver.step()
     tasks = [take_task(client, headers) for headers in devices]
@@ -250,7 +237,6 @@ def test_the_aggregator_and_optimizer_state_survive_a_restart(tmp_path, small_pa
     """robust + adam: the clip and zeroing norm estimates and Adam's moments are stored
     beside each checkpoint, so a new coordinator (a new driver and a freshly built
     server) continues the run exactly as the old one would have."""
-    from coordinator import create_app
     from coordinator.aggregation import FedAvgServer, ServerSettings
     from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
@@ -265,11 +251,8 @@ def test_the_aggregator_and_optimizer_state_survive_a_restart(tmp_path, small_pa
         server_optimizer="adam",
         server_lr=0.01,
     )
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "TESTING": True})
-    store, client = app.extensions["edgefl.store"], app.test_client()
-    server = FedAvgServer(SPEC, ServerSettings.of(config))
-    driver = RoundDriver(store, config, learner=small_parts[0], server=server)
-    driver.ensure_run()
+    app, driver = build_coordinator(tmp_path / "instance", small_parts, config)
+    store, client, server = app.extensions["edgefl.store"], app.test_client(), driver.server
     devices = [register(client) for _ in range(2)]
     deltas = {(r, i): random_delta(seed=10 * r + i, scale=(0.01, 1.0)[i]) for r in (1, 2) for i in (0, 1)}  # one outlier
 

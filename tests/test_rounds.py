@@ -14,6 +14,7 @@ from edgefl import wire
 from tests.api_helpers import (
     SPEC,
     assert_error,
+    build_coordinator,
     register,
     rejections,
     take_task,
@@ -250,14 +251,10 @@ def test_run_finishes_after_its_rounds(client, driver):
 
 
 def test_a_relative_instance_directory_serves_checkpoints(tmp_path, monkeypatch, small_parts):
-    from coordinator import create_app
-    from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
 
     monkeypatch.chdir(tmp_path)
-    app = create_app({"INSTANCE": "relative/instance", "TESTING": True})
-    learner, server = small_parts
-    RoundDriver(app.extensions["edgefl.store"], RunConfig(model="cnn_small"), learner=learner, server=server).ensure_run()
+    app, _ = build_coordinator("relative/instance", small_parts, RunConfig(model="cnn_small"))
     monkeypatch.chdir("/")
     client = app.test_client()
     sha = client.get("/v1/status").json["model"]["sha256"]
@@ -270,21 +267,10 @@ def test_held_checkins_get_the_next_round_and_slots_bound_them(tmp_path, small_p
     (instead of sleeping into it); once the slots are taken, others are answered at once."""
     import threading
 
-    from coordinator import create_app
-    from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
 
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True, "LONG_POLL_SLOTS": 1})
-    learner, server = small_parts
     config = RunConfig(model="cnn_small", rounds=3, target_reports=2, min_reports=2, round_timeout_s=60)
-    driver = RoundDriver(
-        app.extensions["edgefl.store"],
-        config,
-        learner=learner,
-        server=server,
-        lobby=app.extensions["edgefl.lobby"],
-    )
-    driver.ensure_run()
+    app, driver = build_coordinator(tmp_path / "instance", small_parts, config, db_url=db_url, lobby=True, LONG_POLL_SLOTS=1)
     assert driver.step()
     client = app.test_client()
     devices = [register(client) for _ in range(2)]

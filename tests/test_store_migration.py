@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import closing
 
 from coordinator.store import MIGRATIONS, SCHEMA_VERSION, Store
-from tests.api_helpers import register, take_task, update_body, upload
+from tests.api_helpers import build_coordinator, register, take_task, update_body, upload
 
 
 def as_first_release_made_it(store: Store) -> None:
@@ -28,11 +28,9 @@ def test_an_instance_of_the_first_release_is_migrated_and_resumed(tmp_path, smal
     from edgefl.config import RunConfig
 
     config = RunConfig(model="cnn_small", rounds=2, target_reports=1, min_reports=1, round_timeout_s=60)
-    app = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
-    store, client = app.extensions["edgefl.store"], app.test_client()
     now = [0.0]
-    driver = RoundDriver(store, config, learner=small_parts[0], server=small_parts[1], clock=lambda: now[0])
-    driver.ensure_run()
+    app, driver = build_coordinator(tmp_path / "instance", small_parts, config, db_url=db_url, clock=lambda: now[0])
+    store, client = app.extensions["edgefl.store"], app.test_client()
     headers = register(client)
     assert driver.step()  # round 1 opens; its deadline passes with no report: abandoned, retried
     now[0] = 61.0

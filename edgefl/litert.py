@@ -1,18 +1,19 @@
-"""The client update through the standalone LiteRT runtime, the way a phone runs it.
+"""The LiteRT runtime of the ``Learner`` interface (``edgefl.learner``), the way a phone
+runs it.
 
-``LiteRTLearner`` has ``KerasLearner``'s interface (``names``, ``client_update``,
-``evaluate``, weights as lists in ``names`` order) but trains the on-device .tflite (``edgefl.ondevice``) through ``ai_edge_litert``'s
-interpreter, and imports no TensorFlow: a device process using it carries what a phone
-app would. Both learners draw their batches through ``training.local_sgd``, so the two
-runtimes make the same steps.
+``LiteRTLearner`` trains the on-device .tflite (``export.ondevice`` writes it) through
+``ai_edge_litert``'s interpreter, implementing only the runtime's operations (weights in
+and out, one step, evaluation); the client update is ``Learner.client_update``, shared
+with Keras. It imports no TensorFlow, directly or through ``edgefl.learner``: a device
+using it carries what a phone app would.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from edgefl.learner import Learner
 from edgefl.logs import native_stderr_silenced
-from edgefl.training import ClientResult, client_result, local_sgd
 from edgefl.wire import TensorSpec
 
 # The on-device training file's contract, which ``export.ondevice`` writes by: its
@@ -29,8 +30,9 @@ def wire_name(signature_key: str) -> str:
     return signature_key.replace("__", "/")
 
 
-class LiteRTLearner:
-    """One interpreter per process, reused for every round; weights are set per call."""
+class LiteRTLearner(Learner):
+    """One interpreter (per process, or per thread of a device host), reused for every
+    round; weights are set per call. It trains only its file's fixed batch size."""
 
     def __init__(self, tflite_model: bytes, *, threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
@@ -81,26 +83,6 @@ class LiteRTLearner:
             padded, _ = self._padded(chunk)
             parts.append(self._infer(x=padded)["logits"][: len(chunk)])
         return np.concatenate(parts)
-
-    def client_update(
-        self,
-        global_weights: list[np.ndarray],
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        batch_size: int,
-        learning_rate: float,
-        seed: int,
-    ) -> ClientResult:
-        """Local SGD from ``global_weights``, as ``KerasLearner.client_update``."""
-        if batch_size != self.batch_size:
-            raise ValueError(f"this model trains batches of {self.batch_size}, not {batch_size}")
-        self.set_weights(global_weights)
-        metrics = local_sgd(
-            lambda xb, yb: self.train_step(xb, yb, learning_rate), x, y, epochs=epochs, batch_size=batch_size, seed=seed
-        )
-        return client_result(global_weights, self.get_weights(), len(y), metrics)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         self.set_weights(weights)

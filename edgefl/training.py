@@ -1,64 +1,26 @@
-"""The client update and evaluation, as functions of (weights, data, hyper-parameters).
+"""The Keras runtime of the ``Learner`` interface (``edgefl.learner``): TensorFlow in
+the process that trains.
 
-After TFF's simple_fedavg: the client update takes the global weights and returns a
-delta, an example count and metrics, and does no I/O, so the device, the coordinator's
-evaluation, the benchmark and the tests share it. A ``KerasLearner`` only caches one
-model and its compiled steps per process; every call starts from the weights it is given.
+A ``KerasLearner`` holds one model and its compiled steps (per process, or per thread
+of a device host); the client update itself is ``Learner.client_update``, shared with
+the LiteRT runtime. Every call starts from the weights it is given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from edgefl.learner import ClientResult, Learner, client_result, local_sgd
 from edgefl.models import build_model, weight_names
+from edgefl.wire import spec_of
+
+__all__ = ["ClientResult", "KerasLearner", "Learner", "client_result", "limit_threads", "local_sgd"]
 
 _EVAL_BATCH = 256
 
 
-@dataclass(frozen=True)
-class ClientResult:
-    delta: list[np.ndarray]  # local weights minus global weights, in model order
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def local_sgd(
-    step: Callable[[np.ndarray, np.ndarray], tuple[float, float]],
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-) -> dict[str, float]:
-    """``step`` (one SGD step on a batch: its loss and correct count) over seeded,
-    per-epoch reshuffled batches: every runtime draws the same batches."""
-    rng = np.random.default_rng(seed)
-    loss_sum = correct_sum = 0.0
-    seen = 0
-    for _ in range(epochs):
-        order = rng.permutation(len(y))
-        for start in range(0, len(y), batch_size):
-            batch = order[start : start + batch_size]
-            loss, correct = step(x[batch], y[batch])
-            loss_sum += float(loss) * len(batch)
-            correct_sum += float(correct)
-            seen += len(batch)
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct_sum / max(seen, 1)}
-
-
-def client_result(
-    global_weights: list[np.ndarray], local_weights: list[np.ndarray], num_examples: int, metrics: dict
-) -> ClientResult:
-    delta = [(w_local - w_global).astype(np.float32) for w_local, w_global in zip(local_weights, global_weights)]
-    return ClientResult(delta, num_examples, metrics)
-
-
-class KerasLearner:
-    """One Keras model per process, reused for every round's client update."""
+class KerasLearner(Learner):
+    """One Keras model, reused for every round's client update."""
 
     def __init__(self, model_name: str):
         import tensorflow as tf
@@ -66,7 +28,10 @@ class KerasLearner:
         self._tf = tf
         self.model = build_model(model_name)
         self.names = weight_names(self.model)
+        self.spec = spec_of(self.names, self.model.get_weights())
         self._loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self._lr_value: float | None = None
+        self._lr = None
         variables = self.model.trainable_variables
 
         @tf.function(reduce_retracing=True)
@@ -90,22 +55,16 @@ class KerasLearner:
         self._sgd_step = sgd_step
         self._eval_step = eval_step
 
-    def client_update(
-        self,
-        global_weights: list[np.ndarray],
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        batch_size: int,
-        learning_rate: float,
-        seed: int,
-    ) -> ClientResult:
-        """Local SGD from ``global_weights``; examples are reshuffled every epoch."""
-        self.model.set_weights(global_weights)
-        lr = self._tf.constant(learning_rate, self._tf.float32)
-        metrics = local_sgd(lambda xb, yb: self._sgd_step(xb, yb, lr), x, y, epochs=epochs, batch_size=batch_size, seed=seed)
-        return client_result(global_weights, self.model.get_weights(), len(y), metrics)
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        self.model.set_weights(weights)
+
+    def get_weights(self) -> list[np.ndarray]:
+        return self.model.get_weights()
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> tuple[float, float]:
+        if learning_rate != self._lr_value:  # one tensor per rate, so the compiled step is not retraced
+            self._lr_value, self._lr = learning_rate, self._tf.constant(learning_rate, self._tf.float32)
+        return self._sgd_step(x, y, self._lr)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         self.model.set_weights(weights)

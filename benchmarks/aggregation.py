@@ -86,11 +86,11 @@ def measure(kind: str, cohort: int) -> dict:
         server.next(state, weights, [(pool[0], 1)])  # first calls build TF's kernels: not the cohort's cost
         deltas = lambda: (pool[i % _POOL] for i in range(cohort))  # noqa: E731
         if aggregator == "compressed":  # quantized uploads, each decoded as it is folded
-            from edgefl.compression import decode_update, encode_update
+            from edgefl.codecs import Codec
 
-            bits = int(bits or 8)
-            bodies = [encode_update([s.name for s in spec], d, {}, bits, rng) for d in pool]
-            deltas = lambda: (decode_update(bodies[i % _POOL], spec, bits)[0] for i in range(cohort))  # noqa: E731
+            codec = Codec(int(bits or 8))
+            bodies = [codec.encode([s.name for s in spec], d, {}, rng) for d in pool]
+            deltas = lambda: (codec.decode(bodies[i % _POOL], spec)[0] for i in range(cohort))  # noqa: E731
         started = time.perf_counter()
         server.next(state, weights, zip(deltas(), counts))
         seconds = time.perf_counter() - started

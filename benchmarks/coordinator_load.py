@@ -187,7 +187,7 @@ def measure(workers: int, args, out_dir: Path) -> dict:
     ) as fed:
         http = Connections(fed.url)
         deadline = time.monotonic() + 60
-        while (fed.client.status().get("round") or {}).get("number") != 1:
+        while getattr(fed.client.status().round, "number", None) != 1:
             assert time.monotonic() < deadline, "round 1 did not open"
             time.sleep(0.1)
         tokens = register(http, args.devices, args.connections)

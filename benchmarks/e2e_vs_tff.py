@@ -52,12 +52,12 @@ def run_edgefl(config: RunConfig, devices: int, partition_spec: str, data_seed: 
             device_flags=["--holdout", "0"],
         ) as fed:
             status = fed.follow(
-                lambda e: print(f"  edgefl round {e['round']}: accuracy {e['accuracy']:.4f}, {e['seconds']:.2f}s", flush=True)
+                lambda e: print(f"  edgefl round {e.round}: accuracy {e.accuracy:.4f}, {e.seconds:.2f}s", flush=True)
             )
         wall = time.monotonic() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    history = status["history"]
+    history = status.model_dump(mode="json")["history"]
     return {
         "accuracy": [e["accuracy"] for e in history],
         "loss": [e["loss"] for e in history],

@@ -80,7 +80,7 @@ def device_costs(model: str, rounds: int) -> list[dict]:
         with federation(
             Path(work), config, count=4, partition="iid", data_seed=0, device_flags=["--runtime", "keras,litert"]
         ) as fed:
-            fed.follow(lambda e: print(f"  round {e['round']}: accuracy {e['accuracy']:.4f}", flush=True), timeout_s=900)
+            fed.follow(lambda e: print(f"  round {e.round}: accuracy {e.accuracy:.4f}", flush=True), timeout_s=900)
             fed.fleet.wait(timeout=120)
         return [json.loads(p.read_text()) for p in sorted((Path(work) / "logs" / "devices").glob("device-*.json"))]
 

@@ -47,6 +47,7 @@ class ServerOutput:
     state: ServerState
     weights: list[np.ndarray]
     mean_delta: list[np.ndarray]
+    measurements: dict[str, float]  # the aggregator's own, by path (e.g. robust's clipping/clipping_norm)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,8 +137,9 @@ def build_round(spec: Sequence[TensorSpec], settings: ServerSettings = ServerSet
     """The federated ``initialize`` and round computations, before compilation.
 
     The round takes ``<model, aggregator, optimizer>@SERVER`` and each client's
-    ``<delta, weight>`` and returns the next state and the aggregate delta (an
-    unweighted aggregator ignores the weights).
+    ``<delta, weight>`` and returns the next state, the aggregate delta (an
+    unweighted aggregator ignores the weights) and the aggregator's measurements
+    (clip and zeroing norms, zeroed counts, DP's clip), which become round metrics.
     """
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -184,7 +186,7 @@ def build_round(spec: Sequence[TensorSpec], settings: ServerSettings = ServerSet
             aggregate = aggregator.next(state.aggregator, clients.delta)
         optimizer_state, model = tff.federated_map(optimizer_next, (state.optimizer, state.model, aggregate.result))
         new_state = tff.federated_zip(collections.OrderedDict(model=model, aggregator=aggregate.state, optimizer=optimizer_state))
-        return new_state, aggregate.result
+        return new_state, tff.federated_zip((aggregate.result, aggregate.measurements))  # MapReduce form: (state, output)
 
     return initialize, next_round
 
@@ -224,9 +226,14 @@ class FedAvgServer:
 
     def finish(self, fold: RoundFold) -> ServerOutput:
         """TFF's report and update: the next weights, server state and mean delta."""
-        new_state, mean_delta = self.round.finish(fold.round_state, fold.accumulator)
+        new_state, output = self.round.finish(fold.round_state, fold.accumulator)
         n = len(self.spec)
-        return ServerOutput(tuple(new_state[n:]), new_state[:n], mean_delta)
+        measurements = {
+            leaf.path.split("/", 2)[-1]: float(value)
+            for leaf, value in zip(self.round.outputs[n:], output[n:])
+            if value.size == 1
+        }
+        return ServerOutput(tuple(new_state[n:]), new_state[:n], output[:n], measurements)
 
     def next(
         self,

@@ -21,9 +21,9 @@ from coordinator.access import takes_body
 from coordinator.database import Connection
 from coordinator.errors import ApiError
 from coordinator.openapi import DEVICE, ENROLMENT, ErrorBody, raw_body, spec
-from coordinator.schemas import CheckinAnswer, DeviceRegistration, UpdateAccepted
 from coordinator.store import Store
-from edgefl import compression, jsonsafe, limits, wire
+from edgefl import codecs, jsonsafe, limits, wire
+from edgefl.protocol import CheckinAnswer, DeviceRegistration, UpdateAccepted
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -102,7 +102,7 @@ def register_device():
             "INSERT INTO devices (id, token_hash, created_at) VALUES (?, ?, ?)",
             (device_id, token_sha256, time.time()),
         )
-    return jsonify(device_id=device_id, token=token), 201
+    return DeviceRegistration(device_id=device_id, token=token), 201
 
 
 @bp.post("/checkin")
@@ -120,7 +120,7 @@ def checkin():
     db = get_db()
     require_run(db)
 
-    def ask() -> dict:
+    def ask() -> CheckinAnswer:
         with get_store().reading(db):
             answer = rounds.checkin(db, device_id, time.time(), _rng, may_assign=False)
         if answer is None:  # to be selected: again under the write lock (the cohort may have filled)
@@ -130,23 +130,23 @@ def checkin():
 
     answer = ask()
     slots = current_app.extensions["edgefl.long_poll_slots"]
-    if rounds.wanted_next(answer) and slots is not None and slots.acquire(blocking=False):
+    if answer.wanted_next and slots is not None and slots.acquire(blocking=False):
         lobby = current_app.extensions["edgefl.lobby"]
         try:
             seen = lobby.enter(device_id)  # None: this device is held already; answered at once
             if seen is not None:
                 try:
                     deadline = time.monotonic() + _LONG_POLL_S
-                    while rounds.wanted_next(answer) and not lobby.closed and time.monotonic() < deadline:
+                    while answer.wanted_next and not lobby.closed and time.monotonic() < deadline:
                         seen = lobby.wait(seen, timeout=min(_RECHECK_S, deadline - time.monotonic()))
                         answer = ask()
                 finally:
                     lobby.leave(device_id)
         finally:
             slots.release()
-    response = jsonify(answer)
-    if answer["status"] == "wait":
-        response.headers["Retry-After"] = str(math.ceil(answer["retry_after"]))
+    response = jsonify(answer.model_dump(exclude_none=True))
+    if answer.status == "wait":
+        response.headers["Retry-After"] = str(math.ceil(answer.retry_after))
     return response
 
 
@@ -259,14 +259,15 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
         raise ApiError(rejection.status, rejection.code, rejection.detail)
 
     spec = _update_spec(get_store(), db)
-    limit = compression.payload_bytes(spec, config.upload_bits) + _HEADER_SLACK_BYTES
+    codec = config.upload_codec
+    limit = codec.payload_bytes(spec) + _HEADER_SLACK_BYTES
     if (request.content_length or 0) > limit:
         raise ApiError(413, "update_too_large", f"An update for model {config.model} is at most {limit} bytes.")
     if access.withheld():  # the server could not check it, so did not read it
         raise ApiError(503, "busy", "The coordinator could not take this upload now; retry.", {"Retry-After": "1"})
     body = request.get_data(cache=False)
     try:
-        _, metadata = compression.decode_update(body, spec, config.upload_bits)
+        _, metadata = codec.decode(body, spec)
     except wire.WireError as exc:
         raise ApiError(400 if exc.code == "malformed" else 422, exc.code, exc.detail) from None
     num_examples, metrics = _update_metadata(metadata)
@@ -288,7 +289,7 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
                 store.blobs.delete(blob_sha256)
         raise
     current_app.extensions["edgefl.update_arrived"].set()
-    return jsonify(round_id=round_id, accepted=True, reports=reports), 202
+    return UpdateAccepted(round_id=round_id, accepted=True, reports=reports), 202
 
 
 _SPECS: dict[str, tuple[wire.TensorSpec, ...]] = {}
@@ -308,7 +309,7 @@ def _largest_upload(store: Store, db: Connection) -> int:
     """The most bytes any acceptable upload of this run can have (float32 tensors)."""
     if rounds.run_config(db) is None:
         return 0
-    return compression.payload_bytes(_update_spec(store, db), None) + _HEADER_SLACK_BYTES
+    return codecs.FLOAT32.payload_bytes(_update_spec(store, db)) + _HEADER_SLACK_BYTES
 
 
 def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:

@@ -31,7 +31,7 @@ from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
 from coordinator.database import Connection, Row
 from coordinator.lobby import Lobby
 from coordinator.store import Store
-from edgefl import compression, metrics, wire
+from edgefl import codecs, metrics, wire
 from edgefl.config import RunConfig
 from edgefl.datasets import load_dataset
 from edgefl.models import weight_names
@@ -272,9 +272,10 @@ class RoundDriver:
             "fold_s": fold.seconds,
             "aggregation_s": aggregated - started,
             "personalization": metrics.personalization(reports),
+            "measurements": output.measurements,  # TFF's: clip and zeroing norms, zeroed counts, DP's clip
             # what the same updates' tensors weigh as float32, beside the bytes that came
-            "bytes_up_float32": len(updates) * compression.payload_bytes(self.spec, None),
-            "upload_bits": self.config.upload_bits,
+            "bytes_up_float32": len(updates) * codecs.FLOAT32.payload_bytes(self.spec),
+            "upload_bits": self.config.upload_codec.bits,
         }
         if excluded:
             figures["excluded_updates"] = {"count": len(excluded), "reason": "applied alone, each made the model diverge"}
@@ -290,7 +291,7 @@ class RoundDriver:
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
 
     def _delta_of(self, update: Row) -> list[np.ndarray]:
-        delta, _ = compression.decode_update(self.store.blobs.get(update["blob_sha256"]), self.spec, self.config.upload_bits)
+        delta, _ = self.config.upload_codec.decode(self.store.blobs.get(update["blob_sha256"]), self.spec)
         return delta
 
     def _sweep_blobs(self, db: Connection) -> None:

@@ -125,6 +125,7 @@ class MapReduceRound:
         if len(self.work.results) != len(self.zero.results):
             raise TypeError("this aggregation uses secure-sum intrinsics, which edgefl cannot run")
         self.state = leaves(round_computation.type_signature.parameter[0])
+        self.outputs = self.update.results[len(self.state) :]  # the round's output leaves, named by path
 
     def client_work(self, broadcast: Sequence[Any], client_data: Sequence[Any]) -> list[Any]:
         return self.work(*client_data, *broadcast)

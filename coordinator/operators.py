@@ -7,18 +7,30 @@ imported by ``create_app``.)
 from __future__ import annotations
 
 import functools
-import json as jsonlib
 import time
 from dataclasses import asdict
 
-from flask import current_app, jsonify, request
+from flask import current_app, request
 from spectree import Response
 
 from coordinator import access, records, rounds
 from coordinator.api import bp, errors, get_db, get_store, require_run
 from coordinator.errors import ApiError
 from coordinator.openapi import ADMIN, spec
-from coordinator.schemas import ConfigChange, ConfigChanged, RunControlled
+from edgefl.protocol import (
+    AbandonedRound,
+    ConfigChange,
+    ConfigChanged,
+    ModelInfo,
+    RoundInProgress,
+    RoundRecord,
+    RoundsAnswer,
+    RoundStatus,
+    RoundSummary,
+    RunControlled,
+    RunInfo,
+    RunStatus,
+)
 
 
 def admin_only(view):
@@ -45,7 +57,7 @@ def control(action: str):
         if rejection:
             raise ApiError(rejection.status, rejection.code, rejection.detail)
     current_app.extensions["edgefl.lobby"].notify()  # held check-ins learn of it now
-    return jsonify(run=rounds.run_status(db))
+    return RunControlled(run=rounds.run_status(db))
 
 
 @bp.post("/admin/config")
@@ -70,84 +82,52 @@ def change_config(json: ConfigChange):
 
 
 @bp.get("/status")
-@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
+@spec.validate(resp=Response(HTTP_200=RunStatus), tags=["operators"])
 def status():
-    """The run, its newest model, the open round and every evaluated round's summary."""
+    """The run, its newest model, the round in progress and every evaluated round's summary."""
     db = get_db()
     with get_store().reading(db):
         config = rounds.run_config(db)
         if config is None:
-            return jsonify(run=None)
+            return RunStatus(run=None)
         run = db.execute("SELECT * FROM run WHERE id = 1").fetchone()
         latest = rounds.latest_checkpoint(db)
-        history = records.history(db)
+        history = [RoundRecord(**r) for r in records.history(db)]
         active = rounds.active_round(db)
         (devices,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
         changes = records.config_changes(db)
     current = None
     if active is not None:
-        current = next(r for r in history if r["id"] == active["id"])
-        current = {
-            **current,
-            "target_reports": config.target_reports,
-            "seconds_left": max(0.0, active["deadline_at"] - time.time()),
-        }
-    return jsonify(
-        run={
-            "status": run["status"],
-            "config": jsonlib.loads(run["config"]),
-            "config_changes": changes,
-            "created_at": run["created_at"],
-            "finished_at": run["finished_at"],
-        },
-        model={
-            "version": latest["version"],
-            "sha256": latest["sha256"],
-            "size": latest["size"],
-            "url": f"/v1/checkpoints/{latest['sha256']}",
-        },
+        record = next(r for r in history if r.id == active["id"])
+        current = RoundInProgress(
+            **record.model_dump(),
+            target_reports=config.target_reports,
+            seconds_left=max(0.0, active["deadline_at"] - time.time()),
+        )
+    return RunStatus(
+        run=RunInfo(
+            status=run["status"],
+            config=asdict(config),
+            config_changes=changes,
+            created_at=run["created_at"],
+            finished_at=run["finished_at"],
+        ),
+        model=ModelInfo(
+            version=latest["version"], sha256=latest["sha256"], size=latest["size"], url=f"/v1/checkpoints/{latest['sha256']}"
+        ),
         round=current,
         devices=devices,
-        history=[_summary(r) for r in history if r["evaluated_at"] is not None],
+        history=[RoundSummary.of(r) for r in history if r.evaluated_at is not None],
         abandoned=[
-            {
-                "round": r["number"],
-                "id": r["id"],
-                "reason": r["abandon_reason"],
-                "detail": r["abandon_detail"],
-                "at": r["closed_at"],
-            }
+            AbandonedRound(round=r.number, id=r.id, reason=r.abandon_reason, detail=r.abandon_detail, at=r.closed_at)
             for r in history
-            if r["status"] == "abandoned"
+            if r.status == RoundStatus.ABANDONED
         ],
     )
 
 
-def _summary(r: dict) -> dict:
-    metrics = r["metrics"] or {}
-    return {
-        "round": r["number"],
-        "accuracy": metrics.get("accuracy"),
-        "loss": metrics.get("loss"),
-        "selected": r["selected"],
-        "reported": r["reported"],
-        "dropped": r["dropped"],
-        "late": r["late"],
-        "rejected": sum(r["rejected"].values()),
-        "bytes_down": r["bytes_down"],
-        "bytes_up": r["bytes_up"],
-        "seconds": r["committed_at"] - r["opened_at"],
-        "aggregation_seconds": metrics.get("aggregation_s"),
-        "phase_seconds": r["phase_seconds"],
-        "personalization": metrics.get("personalization"),
-        "privacy": metrics.get("privacy"),
-        "bytes_up_float32": metrics.get("bytes_up_float32"),
-        "upload_bits": metrics.get("upload_bits"),
-    }
-
-
 @bp.get("/rounds")
-@spec.validate(resp=Response("HTTP_200"), tags=["operators"])
+@spec.validate(resp=Response(HTTP_200=RoundsAnswer), tags=["operators"])
 def list_rounds():
     """Every round's full record."""
-    return jsonify(rounds=records.history(get_db()))
+    return RoundsAnswer(rounds=records.history(get_db()))

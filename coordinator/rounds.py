@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from coordinator import records, selection
 from coordinator.database import Connection, Row
 from edgefl.config import RunConfig
+from edgefl.protocol import CheckinAnswer, Task
 
 # Pace steering: a device the next round will need soon polls again quickly; one that
 # already reported in the open round sleeps half of what is probably left of it (so it
@@ -27,24 +28,6 @@ from edgefl.config import RunConfig
 # devices never arrive in step.
 SOON_RETRY_S = 0.1
 LATER_RETRY_S = 2.0
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a selected device is told to do (sent as JSON)."""
-
-    round_id: int
-    round_number: int
-    model: str
-    checkpoint_sha256: str
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    seconds_left: float
-    quantization_bits: int | None  # None: the update travels as float32
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -104,7 +87,7 @@ def begin_round(db: Connection, config: RunConfig, now: float, candidates: Seque
     return round_id
 
 
-def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, may_assign: bool = True) -> dict | None:
+def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, may_assign: bool = True) -> CheckinAnswer | None:
     """Select the device into the open round's cohort, or tell it when to come back.
 
     With ``may_assign`` False (inside a read, not a write transaction) it returns None
@@ -112,7 +95,7 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
     not queue for the write lock to learn that."""
     status = run_status(db)
     if status in ("finished", "stopped"):
-        return {"status": "finished", "reason": f"run_{status}"}
+        return CheckinAnswer(status="finished", reason=f"run_{status}")
     if status == "paused":
         return _retry(rng, LATER_RETRY_S, "paused")
     config = run_config(db)
@@ -151,9 +134,9 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
         batch_size=config.batch_size,
         learning_rate=config.client_lr,
         seconds_left=max(0.0, current["deadline_at"] - now),
-        quantization_bits=config.upload_bits,
+        codec=config.upload_codec.name,
     )
-    return {"status": "task", "task": task.to_json()}
+    return CheckinAnswer(status="task", task=task)
 
 
 def _recent_round_seconds(db: Connection) -> float:
@@ -168,13 +151,8 @@ def _recent_round_seconds(db: Connection) -> float:
     return row[0] or 0.0
 
 
-def _retry(rng: random.Random, base_s: float, reason: str) -> dict:
-    return {"status": "wait", "retry_after": round(base_s * (0.5 + rng.random() / 2), 3), "reason": reason}
-
-
-def wanted_next(answer: dict) -> bool:
-    """Whether a ``wait`` answer is for a device the next round will want."""
-    return answer["status"] == "wait" and answer["reason"] in ("between_rounds", "reported")
+def _retry(rng: random.Random, base_s: float, reason: str) -> CheckinAnswer:
+    return CheckinAnswer(status="wait", retry_after=round(base_s * (0.5 + rng.random() / 2), 3), reason=reason)
 
 
 def upload_rejection(db: Connection, round_id: int, device_id: str) -> Rejection | None:

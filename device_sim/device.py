@@ -31,11 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefl import compression, wire
+from edgefl import codecs, wire
 from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl.datasets import Split, load_dataset
 from edgefl.models import model_spec
 from edgefl.partition import partition
+from edgefl.protocol import Task
 
 log = logging.getLogger("edgefl.device")
 
@@ -111,14 +112,14 @@ class _LiteRTRuntime:
         self.learner = None
         self.build_s = 0.0  # loading LiteRT and the file, not downloading it
 
-    def learner_for(self, task: dict):
+    def learner_for(self, task: Task):
         """A learner for the task's batch size, or None if the coordinator is still
         building that file (the device then skips the task)."""
         from edgefl.litert import LiteRTLearner
 
-        if self.learner is None or self.learner.batch_size != task["batch_size"]:
+        if self.learner is None or self.learner.batch_size != task.batch_size:
             self.model = self.client.download_training_model(self.model)
-            if self.model.batch_size != task["batch_size"]:
+            if self.model.batch_size != task.batch_size:
                 return None
             started = time.monotonic()
             self.learner = LiteRTLearner(self.model.data, threads=self.threads)
@@ -143,14 +144,14 @@ def run_device(
     cached: tuple[str, list] | None = None
     while True:
         answer = client.checkin()
-        if answer["status"] == "finished":
-            summary.stopped_because = answer.get("reason") or "run_finished"
+        if answer.status == "finished":
+            summary.stopped_because = answer.reason or "run_finished"
             log.info("device %d: the coordinator says the run is over (%s)", spec.index, summary.stopped_because)
             break
-        if answer["status"] == "wait":
-            time.sleep(answer["retry_after"])
+        if answer.status == "wait" or answer.task is None:
+            time.sleep(answer.retry_after or 1.0)
             continue
-        task = answer["task"]
+        task = answer.task
         t_task = time.monotonic()
         if litert is not None:
             learner = litert.learner_for(task)
@@ -158,8 +159,8 @@ def run_device(
                 log.info(
                     "device %d: no training file for batch %d yet; skipping round %d",
                     spec.index,
-                    task["batch_size"],
-                    task["round_number"],
+                    task.batch_size,
+                    task.round_number,
                 )
                 time.sleep(1.0)
                 continue
@@ -168,12 +169,12 @@ def run_device(
         elif learner is None:
             from edgefl.training import KerasLearner
 
-            learner = KerasLearner(task["model"])
-            weight_spec = model_spec(task["model"])
+            learner = KerasLearner(task.model)
+            weight_spec = model_spec(task.model)
             build_s = time.monotonic() - t_task
         if summary.startup_s is None:
             summary.startup_s = imported_s + build_s
-        sha = task["checkpoint_sha256"]
+        sha = task.checkpoint_sha256
         if cached is None or cached[0] != sha:
             weights, _ = wire.decode(client.download_checkpoint(sha), weight_spec)
             cached = (sha, weights)
@@ -182,27 +183,26 @@ def run_device(
             cached[1],
             shard.x,
             shard.y,
-            epochs=task["epochs"],
-            batch_size=task["batch_size"],
-            learning_rate=task["learning_rate"],
-            seed=hash((spec.seed, spec.index, task["round_id"])) & 0xFFFFFFFF,
+            epochs=task.epochs,
+            batch_size=task.batch_size,
+            learning_rate=task.learning_rate,
+            seed=hash((spec.seed, spec.index, task.round_id)) & 0xFFFFFFFF,
         )
         t_trained = time.monotonic()
         metrics = {**result.metrics, **personalization_report(learner, cached[1], result.delta, held)}
-        body = compression.encode_update(
+        body = codecs.named(task.codec).encode(
             learner.names,
             result.delta,
             {"num_examples": str(result.num_examples), "metrics": json.dumps(metrics)},
-            task.get("quantization_bits"),
-            np.random.default_rng([spec.seed, spec.index, task["round_id"]]),  # stochastic rounding's draws
+            np.random.default_rng([spec.seed, spec.index, task.round_id]),  # stochastic rounding's draws
         )
         try:
-            client.upload_update(task["round_id"], body)
+            client.upload_update(task.round_id, body)
             summary.rounds_trained += 1
             log.info(
                 "device %d: round %d done: checkpoint %.3fs, training %.3fs, upload %.3fs",
                 spec.index,
-                task["round_number"],
+                task.round_number,
                 t_downloaded - t_task,
                 t_trained - t_downloaded,
                 time.monotonic() - t_trained,
@@ -213,12 +213,12 @@ def run_device(
                 continue
             if exc.status == 409:
                 summary.late_uploads += 1
-                log.info("device %d: round %d closed before its upload (%s)", spec.index, task["round_id"], exc.code)
+                log.info("device %d: round %d closed before its upload (%s)", spec.index, task.round_id, exc.code)
             elif exc.status in (401, 403):  # the coordinator no longer knows this device, or did not select it: it stops
                 raise
             else:  # the coordinator refused this update (say, a model gone wrong): the next round may go better
                 summary.refused_uploads += 1
-                log.warning("device %d: round %d refused its update: %s", spec.index, task["round_id"], exc)
+                log.warning("device %d: round %d refused its update: %s", spec.index, task.round_id, exc)
     summary.bytes_down = client.traffic.bytes_down
     summary.bytes_up = client.traffic.bytes_up
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,17 +10,16 @@ device has no TensorFlow. Codes are packed ``bits`` to a byte stream, most signi
 bit first, so a 4-bit upload weighs half an 8-bit one. Widths are 1, 2, 4, 8 or 16 bits.
 
 A quantized update is an ordinary safetensors payload whose spec is derived from the
-model's (``quantized_spec``), so the wire's header checks apply to it unchanged.
+model's (``quantized_spec``), so the wire's header checks apply to it unchanged; its
+encoding and decoding are ``edgefl.codecs``'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from edgefl import wire
-from edgefl.limits import MAX_ABS_UPDATE
 from edgefl.wire import TensorSpec, WireError
 
 BITS = (1, 2, 4, 8, 16)  # whole codes to a byte (or two): packing costs a few shifts
@@ -70,46 +69,6 @@ def dequantize(packed: np.ndarray, bounds: np.ndarray, spec: TensorSpec, bits: i
     if not np.isfinite(values).all():  # finite bounds whose span overflows float32
         raise WireError("bad_bounds", f"{spec.name}{BOUNDS_SUFFIX} spans more than float32 holds.")
     return values.reshape(spec.shape)
-
-
-def encode_update(
-    names: Sequence[str],
-    arrays: Sequence[np.ndarray],
-    metadata: Mapping[str, str],
-    bits: int | None,
-    rng: np.random.Generator,
-) -> bytes:
-    """An update's upload body: float32 tensors, or with ``bits`` quantized ones."""
-    if bits is None:
-        return wire.encode(names, arrays, metadata)
-    out_names, out_arrays = [], []
-    for name, array in zip(names, arrays):
-        packed, bounds = quantize(array, bits, rng)
-        out_names += [name, name + BOUNDS_SUFFIX]
-        out_arrays += [packed, bounds]
-    return wire.encode(out_names, out_arrays, {**metadata, "quantization_bits": str(bits)})
-
-
-def decode_update(data: bytes, spec: Sequence[TensorSpec], bits: int | None) -> tuple[list[np.ndarray], dict[str, str]]:
-    """The float32 delta (in ``spec`` order) and metadata of an upload body that must be
-    quantized to ``bits`` (None: float32), or a ``WireError`` saying what is wrong.
-    Values (and quantization bounds) beyond ``limits.MAX_ABS_UPDATE`` are refused."""
-    if bits is None:
-        return wire.decode(data, spec, max_abs=MAX_ABS_UPDATE)
-    try:
-        arrays, metadata = wire.decode(data, quantized_spec(spec, bits), max_abs=MAX_ABS_UPDATE)
-    except WireError as error:
-        if error.code in ("malformed", "non_finite", "out_of_range"):
-            raise
-        raise WireError(error.code, f"This run takes {bits}-bit quantized updates: {error.detail}") from None
-    if metadata.get("quantization_bits") != str(bits):
-        raise WireError("wrong_quantization", f"Metadata quantization_bits must be {bits}, as the task said.")
-    return [dequantize(arrays[2 * i], arrays[2 * i + 1], s, bits) for i, s in enumerate(spec)], metadata
-
-
-def payload_bytes(spec: Sequence[TensorSpec], bits: int | None) -> int:
-    """The tensor bytes of one update (headers aside)."""
-    return sum(s.nbytes for s in (spec if bits is None else quantized_spec(spec, bits)))
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:

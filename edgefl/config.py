@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from edgefl.codecs import FLOAT32, Codec
 from edgefl.compression import BITS
 from edgefl.datasets import DATASET_NAMES
 from edgefl.models import MODEL_NAMES
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")  # FedAvg, FedAvgM, FedAdam
-AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed", "compressed")
+AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed", "compressed")  # their TFF factories: coordinator.aggregation
+# An aggregator with a device half names its codec here; the others take float32 updates.
+DEVICE_CODECS: dict[str, Callable[[RunConfig], Codec]] = {"compressed": lambda config: Codec(config.compression_bits)}
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,10 @@ class RunConfig:
             yield f.name, getattr(self, f.name), f.metadata["setting"]
 
     @property
-    def upload_bits(self) -> int | None:
-        """Bits per value devices quantize their updates to; None: they send float32."""
-        return self.compression_bits if self.aggregator == "compressed" else None
+    def upload_codec(self) -> Codec:
+        """How devices encode their updates for this run's aggregator."""
+        codec = DEVICE_CODECS.get(self.aggregator)
+        return codec(self) if codec else FLOAT32
 
     @property
     def cohort_size(self) -> int:
@@ -132,6 +137,14 @@ class RunConfig:
     def from_json(cls, text: str) -> RunConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+def run_settings() -> Iterator[tuple[str, type, Setting]]:
+    """Each RunConfig field's name, type and declaration, in order: what the CLI's
+    flags, the configuration file and the API's bodies are derived from."""
+    types = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        yield f.name, types[f.name], f.metadata["setting"]
 
 
 def flag_of(name: str) -> str:

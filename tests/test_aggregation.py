@@ -92,7 +92,7 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
     """The same factory and optimizer, run by TFF's worker and compiled, over two rounds
     (so adaptive clip norms and optimizer state carry over): the same numbers."""
     from coordinator.aggregation import FedAvgServer, ServerSettings, build_round
-    from edgefl.compression import decode_update, encode_update
+    from edgefl.codecs import Codec
 
     spec = model_spec("cnn_small")
     settings = ServerSettings(**SETTINGS[name])
@@ -109,13 +109,16 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
         counts = [5, 50, 500, 1]
         tff_deltas = deltas
         if settings.aggregator == "compressed":  # the same uploads, decoded by each side
-            bodies = [encode_update([s.name for s in spec], d, {}, 8, rng) for d in deltas]
-            deltas = [decode_update(body, spec, 8)[0] for body in bodies]
+            bodies = [Codec(8).encode([s.name for s in spec], d, {}, rng) for d in deltas]
+            deltas = [Codec(8).decode(body, spec)[0] for body in bodies]
             tff_deltas = [_tensor_encoding_decode(body, spec) for body in bodies]
         compiled = server.next(state, weights, zip(deltas, counts))
         clients = [collections.OrderedDict(delta=d, weight=np.float32(n)) for d, n in zip(tff_deltas, counts)]
-        tff_state, tff_mean = next_round(tff_state, clients)
+        tff_state, (tff_mean, tff_measurements) = next_round(tff_state, clients)
         _assert_same(compiled.mean_delta, tff_mean)
+        # TFF's measurements (robust's norms and counts, DP's clip) are the round's, as TFF reports them.
+        _assert_same(list(compiled.measurements.values()), [m for m in _flat(tff_measurements) if m.size == 1])
+        assert bool(compiled.measurements) == (settings.aggregator in ("robust", "dp_adaptive"))  # dp_fixed: none
         _assert_same(compiled.weights, tff_state["model"])
         _assert_same(compiled.state, _flat(tff_state)[len(spec) :])
         state = server.state_from_bytes(server.state_to_bytes(compiled.state))  # as the store keeps it

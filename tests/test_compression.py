@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edgefl import compression, wire
+from edgefl.codecs import Codec
 from edgefl.config import RunConfig
 from edgefl.models import model_spec
 from edgefl.wire import TensorSpec, WireError
@@ -22,13 +23,13 @@ def _delta(seed=0, scale=0.01):
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
 def test_each_value_decodes_within_one_step_at_bits_per_value(bits):
     delta = _delta()
-    body = compression.encode_update(NAMES, delta, {"num_examples": "3"}, bits, np.random.default_rng(1))
-    decoded, metadata = compression.decode_update(body, SPEC, bits)
+    body = Codec(bits).encode(NAMES, delta, {"num_examples": "3"}, np.random.default_rng(1))
+    decoded, metadata = Codec(bits).decode(body, SPEC)
 
     assert metadata == {"num_examples": "3", "quantization_bits": str(bits)}
     values = sum(int(np.prod(s.shape)) for s in SPEC)
     tensor_bytes = sum(-(-int(np.prod(s.shape)) * bits // 8) + 8 for s in SPEC)  # codes, and two float32 bounds
-    assert compression.payload_bytes(SPEC, bits) == tensor_bytes
+    assert Codec(bits).payload_bytes(SPEC) == tensor_bytes
     assert tensor_bytes < values * bits / 8 + 9 * len(SPEC)
     assert len(body) - tensor_bytes < 2048  # the header
     for original, got in zip(delta, decoded):
@@ -65,8 +66,8 @@ def test_codes_pack_into_one_most_significant_bit_first_stream(bits):
 
 def test_a_constant_tensor_decodes_exactly():
     delta = [np.full(s.shape, 0.25, np.float32) for s in SPEC]
-    body = compression.encode_update(NAMES, delta, {}, 8, np.random.default_rng(0))
-    for got in compression.decode_update(body, SPEC, 8)[0]:
+    body = Codec(8).encode(NAMES, delta, {}, np.random.default_rng(0))
+    for got in Codec(8).decode(body, SPEC)[0]:
         assert (got == 0.25).all()
 
 
@@ -127,27 +128,27 @@ def _quantized(bits=8, **replace):
             "non_finite",
             "NaN",
         ),
-        (lambda: compression.encode_update(NAMES, _delta(), {}, 8, np.random.default_rng(0))[:-1], "malformed", "body"),
+        (lambda: Codec(8).encode(NAMES, _delta(), {}, np.random.default_rng(0))[:-1], "malformed", "body"),
     ],
     ids=["float32", "other-bits", "no-bits", "4-bit-codes", "min-above-max", "overflowing-span", "nan-bound", "truncated"],
 )
 def test_bad_quantized_uploads_are_refused_with_a_reason(make_body, code, words):
     with pytest.raises(WireError) as raised:
-        compression.decode_update(make_body(), SPEC, 8)
+        Codec(8).decode(make_body(), SPEC)
     assert raised.value.code == code and words in raised.value.detail
 
 
 def test_float32_runs_are_unchanged():
-    body = compression.encode_update(NAMES, _delta(), {"num_examples": "1"}, None, np.random.default_rng(0))
+    body = Codec(None).encode(NAMES, _delta(), {"num_examples": "1"}, np.random.default_rng(0))
     assert body == wire.encode(NAMES, _delta(), {"num_examples": "1"})
-    assert compression.payload_bytes(SPEC, None) == sum(s.nbytes for s in SPEC)
+    assert Codec(None).payload_bytes(SPEC) == sum(s.nbytes for s in SPEC)
 
 
 def test_the_configuration_asks_devices_for_quantized_updates_only_when_compressed():
-    assert RunConfig().upload_bits is None
-    assert RunConfig(aggregator="compressed").upload_bits == 8
-    assert RunConfig(aggregator="compressed", compression_bits=4).upload_bits == 4
-    assert RunConfig(aggregator="mean", compression_bits=4).upload_bits is None
+    assert RunConfig().upload_codec.name == "float32"
+    assert RunConfig(aggregator="compressed").upload_codec.name == "quantized:8"
+    assert RunConfig(aggregator="compressed", compression_bits=4).upload_codec.bits == 4
+    assert RunConfig(aggregator="mean", compression_bits=4).upload_codec.bits is None
     for bits in (0, 3, 12, 17):
         with pytest.raises(ValueError, match="compression_bits must be one of 1, 2, 4, 8, 16"):
             RunConfig(aggregator="compressed", compression_bits=bits)

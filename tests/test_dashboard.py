@@ -60,7 +60,14 @@ FULL = {
     "round": {"number": 5, "status": "open", "reported": 1, "selected": 5, "target_reports": 4, "seconds_left": None},
     "devices": 6,
     "history": [
-        entry(1, 0.4567, 1.9876, late=None, privacy={"epsilon": 1.2345, "delta": 1e-5}),
+        entry(
+            1,
+            0.4567,
+            1.9876,
+            late=None,
+            privacy={"epsilon": 1.2345, "delta": 1e-5},
+            measurements={"zeroing/clipping_norm": 0.8123, "zeroing_norm": 9.5, "zeroed_count": 1.0},
+        ),
         # A round whose model could not be evaluated, and whose devices sent no personalisation.
         entry(2, None, None, personalization=None, privacy={"epsilon": None, "delta": 1e-5}, bytes_up_float32=None),
         entry(
@@ -71,6 +78,7 @@ FULL = {
             privacy={"epsilon": 2.5432, "delta": 1e-5},
             upload_bits=None,
             bytes_down=None,
+            measurements={"zeroing/dp_query_metrics/clip": 0.1234, "zeroing_norm": None, "zeroed_count": 0.0},
         ),
     ],
     "abandoned": [
@@ -110,6 +118,11 @@ def expected_points(status: dict) -> dict[tuple[str, int], str]:
         put("on_device_global", r, personal.get("global_accuracy"), 4)
         put("personalized", r, personal.get("personalized_accuracy"), 4)
         put("epsilon", r, (h["privacy"] or {}).get("epsilon"), 4)
+        measured = h.get("measurements") or {}
+        clip = measured.get("zeroing/clipping_norm", measured.get("zeroing/dp_query_metrics/clip"))
+        put("clip_norm", r, clip, 4)
+        put("zeroing_norm", r, measured.get("zeroing_norm"), 4)
+        put("zeroed", r, measured.get("zeroed_count"), 0)
     return points
 
 
@@ -165,7 +178,7 @@ def test_every_finite_number_is_drawn_and_nulls_are_left_out(serve_status, tmp_p
     dom = render(serve_status(sequence), tmp_path)
     assert drawn_points(dom) == expected_points(FULL)
     assert ("accuracy", 2) not in drawn_points(dom) and ("mb_down", 3) not in drawn_points(dom)
-    assert "hidden" not in tag(dom, "privacy-figure")
+    assert "hidden" not in tag(dom, "privacy-figure") and "hidden" not in tag(dom, "aggregator-figure")
     # The abandoned rounds are listed (their text escaped), and round 4 has a slot on the axis.
     assert "hidden" not in tag(dom, "abandoned")
     rows = re.findall(r'data-abandoned-round="(\d+)" data-reason="(\w+)"', dom)
@@ -181,6 +194,7 @@ def test_an_empty_or_missing_run_draws_nothing_without_errors(serve_status, tmp_
     dom = render(serve_status([status]), tmp_path)
     assert drawn_points(dom) == {}
     assert "hidden" in tag(dom, "abandoned") and "hidden" in tag(dom, "privacy-figure")
+    assert "hidden" in tag(dom, "aggregator-figure")
     assert ("no run yet" in dom) == (status is NO_RUN)
     assert "no round open" in dom
 

@@ -143,7 +143,7 @@ def test_real_processes_learn_export_and_leave_nothing(tmp_path):
         tmp_path, config, count=4, partition="dirichlet:0.5", data_seed=0, device_flags=["--runtime", "keras,litert"]
     ) as fed:
         seen.update(descendant_pids(before))
-        status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
+        status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600).model_dump(mode="json")
         seen.update(descendant_pids(before))
         assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "logs" / "devices.log").read_text()
         exported = subprocess.run(
@@ -278,10 +278,10 @@ def test_worker_processes_share_the_store_and_a_killed_one_is_replaced(tmp_path,
 
         def kill_a_worker_once(entry):
             seen.update(descendant_pids(before))
-            if entry["round"] == 1:
+            if entry.round == 1:
                 os.kill(min(first), signal.SIGKILL)
 
-        status = fed.follow(kill_a_worker_once, timeout_s=600)
+        status = fed.follow(kill_a_worker_once, timeout_s=600).model_dump(mode="json")
         seen.update(descendant_pids(before))
         assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "logs" / "devices.log").read_text()
         replaced = workers()
@@ -311,7 +311,7 @@ def test_litert_devices_run_without_tensorflow_and_a_mixed_fleet_learns_as_keras
     for runtime in ("keras", "keras,litert"):
         out = tmp_path / runtime.replace(",", "-")
         with federation(out, config, count=4, partition="iid", data_seed=0, device_flags=["--runtime", runtime]) as fed:
-            status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
+            status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600).model_dump(mode="json")
             assert fed.fleet.wait(timeout=60) == 0, (out / "logs" / "devices.log").read_text()
             histories[runtime] = [h["accuracy"] for h in status["history"]]
             if runtime == "keras,litert":

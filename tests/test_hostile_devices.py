@@ -152,7 +152,9 @@ def test_a_non_finite_aggregate_abandons_the_round_and_the_run_goes_on(client, d
 
     def broken(fold):
         output = finish(fold)
-        return ServerOutput(output.state, [w * np.float32(np.inf) for w in output.weights], output.mean_delta)
+        return ServerOutput(
+            output.state, [w * np.float32(np.inf) for w in output.weights], output.mean_delta, output.measurements
+        )
 
     monkeypatch.setattr(driver.server, "finish", broken)
     for seed, device in enumerate((headers, other)):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgefl import wire
+from edgefl.codecs import Codec
 from tests.api_helpers import (
     ADMIN,
     SPEC,
@@ -194,16 +195,14 @@ def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_
     devices = [register(client) for _ in range(2)]
     assert driver.step()
     tasks = [take_task(client, headers) for headers in devices]
-    assert [t["quantization_bits"] for t in tasks] == [4, 4]
+    assert [t["codec"] for t in tasks] == ["quantized:4", "quantized:4"]
 
     before = store.snapshot()
     float32 = upload(client, devices[0], tasks[0]["round_id"], update_body())
     assert_error(float32, 422, "wrong_tensors")
     assert "4-bit quantized" in float32.json["detail"]
     names, quantized = [s.name for s in SPEC], compression.quantized_spec(SPEC, 4)
-    codes_and_bounds, _ = wire.decode(
-        compression.encode_update(names, random_delta(), {}, 4, np.random.default_rng(0)), quantized
-    )
+    codes_and_bounds, _ = wire.decode(Codec(4).encode(names, random_delta(), {}, np.random.default_rng(0)), quantized)
     min_above_max = [np.array([1, -1], np.float32) if s.dtype == "F32" else a for s, a in zip(quantized, codes_and_bounds)]
     body = wire.encode([s.name for s in quantized], min_above_max, {"num_examples": "3", "quantization_bits": "4"})
     assert_error(upload(client, devices[0], tasks[0]["round_id"], body), 422, "bad_bounds")
@@ -211,7 +210,7 @@ def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_
 
     deltas = [random_delta(seed) for seed in (1, 2)]
     bodies = [
-        compression.encode_update(names, d, {"num_examples": n}, 4, np.random.default_rng(seed))
+        Codec(4).encode(names, d, {"num_examples": n}, np.random.default_rng(seed))
         for seed, (d, n) in enumerate(zip(deltas, ("30", "10")))
     ]
     for headers, task, body in zip(devices, tasks, bodies):
@@ -222,7 +221,7 @@ def test_a_compressed_run_takes_quantized_updates_and_averages_them_decoded(tmp_
 
     status = client.get("/v1/status").json
     new, _ = wire.decode(client.get(status["model"]["url"]).data, SPEC)
-    decoded = [compression.decode_update(body, SPEC, 4)[0] for body in bodies]
+    decoded = [Codec(4).decode(body, SPEC)[0] for body in bodies]
     for i, (b, n) in enumerate(zip(base, new)):
         np.testing.assert_allclose(n, b + (30 * decoded[0][i] + 10 * decoded[1][i]) / 40, rtol=1e-5, atol=1e-6)
         step = max((d[i].max() - d[i].min()) / 15 for d in deltas)

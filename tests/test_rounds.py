@@ -205,7 +205,7 @@ def test_a_device_that_reported_is_told_to_return_when_the_round_should_close(cl
         ).fetchone()
 
         def waits(elapsed):
-            return [rounds.checkin(db, device_id, first_task + elapsed, random.Random(i))["retry_after"] for i in range(50)]
+            return [rounds.checkin(db, device_id, first_task + elapsed, random.Random(i)).retry_after for i in range(50)]
 
         early, later = waits(0.5), waits(took - 1.0)
         overdue = max(waits(5.0))

@@ -14,15 +14,18 @@ const COLORS = {
   selected: "#a3acb9", reported: "#009e73", late: "#e69f00", dropped: "#d55e00",
   mb_down: "#0072b2", mb_up: "#cc79a7", mb_up_float32: "#ead1e1",
   on_device_global: "#0072b2", personalized: "#009e73", epsilon: "#cc79a7",
+  clip_norm: "#0072b2", zeroing_norm: "#d55e00", zeroed: "#e69f00",
 };
 const LABELS = {
   accuracy: "accuracy", loss: "loss", selected: "selected", reported: "reported", late: "late",
   dropped: "dropped", mb_down: "down", mb_up: "up", mb_up_float32: "up as float32",
   on_device_global: "global model", personalized: "personalised", epsilon: "ε",
+  clip_norm: "clip norm", zeroing_norm: "zeroing norm", zeroed: "updates zeroed",
 };
 const DECIMALS = {
   accuracy: 4, loss: 4, on_device_global: 4, personalized: 4, epsilon: 4,
   selected: 0, reported: 0, late: 0, dropped: 0, mb_down: 3, mb_up: 3, mb_up_float32: 3,
+  clip_norm: 4, zeroing_norm: 4, zeroed: 0,
 };
 const percent = (v) => `${(100 * v).toFixed(1)}%`;
 const SHOW = {  // how a value reads in tooltips and captions
@@ -144,7 +147,12 @@ const charts = {
   bytes: makeChart("bytes", "bar", ["mb_down", "mb_up", "mb_up_float32"], "MB", { grace: "8%" }),
   personalization: makeChart("personalization", "line", ["on_device_global", "personalized"], "accuracy", accuracyAxis),
   privacy: makeChart("privacy", "line", ["epsilon"], "ε"),
+  aggregator: makeChart("aggregator", "line", ["clip_norm", "zeroing_norm", "zeroed"], "L2 norm / updates"),
 };
+
+// TFF's measurements of the robust and DP aggregators, by their paths in TFF's structure.
+const CLIP_NORM = ["zeroing/clipping_norm", "clipping_norm", "zeroing/dp_query_metrics/clip", "dp_query_metrics/clip"];
+const measured = (h, paths) => num(paths.map((p) => h.measurements?.[p]).find((v) => v !== undefined));
 
 /** One number per history entry (null where there is none) for each series. */
 function seriesValues(history) {
@@ -162,6 +170,9 @@ function seriesValues(history) {
     on_device_global: history.map((h) => num(h.personalization?.global_accuracy)),
     personalized: history.map((h) => num(h.personalization?.personalized_accuracy)),
     epsilon: history.map((h) => num(h.privacy?.epsilon)),
+    clip_norm: history.map((h) => measured(h, CLIP_NORM)),
+    zeroing_norm: history.map((h) => measured(h, ["zeroing_norm"])),
+    zeroed: history.map((h) => measured(h, ["zeroed_count"])),
   };
 }
 
@@ -171,16 +182,22 @@ function roundAxis(history) {
   return [...rounds].sort((a, b) => a - b);
 }
 
+/** A chart that only some runs have (DP's privacy, robust's norms) shows once it has a point. */
+function showWhenDrawn(name, values) {
+  const figure = document.getElementById(`${name}-figure`);
+  const show = values.some((v) => v !== null);
+  if (figure.hidden === show) {
+    figure.hidden = !show;
+    if (show) charts[name].resize();
+  }
+}
+
 function drawCharts(history) {
   const labels = roundAxis(history);
   const values = seriesValues(history);
   const position = new Map(history.map((h, i) => [h.round, i]));
-  const figure = document.getElementById("privacy-figure");
-  const showPrivacy = values.epsilon.some((v) => v !== null);
-  if (figure.hidden === showPrivacy) {
-    figure.hidden = !showPrivacy;
-    if (showPrivacy) charts.privacy.resize();
-  }
+  showWhenDrawn("privacy", values.epsilon);
+  showWhenDrawn("aggregator", [...values.clip_norm, ...values.zeroing_norm]);
   for (const chart of Object.values(charts)) {
     chart.data.labels = labels;
     for (const dataset of chart.data.datasets) {

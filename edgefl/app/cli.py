@@ -10,7 +10,6 @@ unwritable paths, missing files) are caught here and named by the flag the user 
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -150,10 +149,10 @@ def device_runtimes(flag: str) -> list[str]:
     return runtimes
 
 
-def _check_reachable(url: str) -> dict:
+def _check_reachable(url: str) -> None:
     from edgefl.client import CoordinatorClient
 
-    return CoordinatorClient(url, give_up_after_s=5).status()
+    CoordinatorClient(url, give_up_after_s=5).status()
 
 
 def writable_directory(path: Path, flag: str) -> Path:
@@ -199,11 +198,11 @@ def _export(args) -> int:
         writable_directory(args.out, "--out")
         client = CoordinatorClient(args.coordinator, give_up_after_s=5)
         status = client.status()
-        if not status.get("run"):
+        if not status.run or not status.model:
             raise CliError(f"the coordinator at {args.coordinator} has no checkpoint yet")
-        model, round_number = status["run"]["config"]["model"], status["model"]["version"]
-        train_batch = status["run"]["config"]["batch_size"] if train_batch is None else train_batch
-        data = client.download_checkpoint(status["model"]["sha256"])
+        model, round_number = status.run.config.model, status.model.version
+        train_batch = status.run.config.batch_size if train_batch is None else train_batch
+        data = client.download_checkpoint(status.model.sha256)
     try:
         weights, metadata = wire.decode(data, model_spec(model))
     except wire.WireError as exc:
@@ -238,7 +237,7 @@ def _status(args) -> int:
     from edgefl.client import CoordinatorClient
 
     status = CoordinatorClient(args.coordinator, give_up_after_s=5).status()
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    print(status.model_dump_json(indent=2) if args.json else format_status(status))
     return 0
 
 

@@ -65,15 +65,15 @@ def run_demo(args, config: RunConfig) -> int:
     except RuntimeError as exc:
         raise CliError(f"{exc} (logs in {out / 'logs'})") from None
 
-    history = status["history"]
-    (out / "status.json").write_text(json.dumps(status, indent=2))
+    history = status.history
+    (out / "status.json").write_text(status.model_dump_json(indent=2))
     plot = plot_history(history, out / "rounds.png", title=f"edgefl demo: {config.model}, {args.count} devices, {args.partition}")
     card = json.loads((export_dir / "model_card.json").read_text())
     print()
     print(rounds_table(history))
     print()
     print(
-        f"final test accuracy {figure(history[-1]['accuracy'])} after {len(history)} rounds"
+        f"final test accuracy {figure(history[-1].accuracy)} after {len(history)} rounds"
         f" ({time.monotonic() - started:.0f}s in all; every process started has been stopped)"
     )
     print(f"plot: {plot}")

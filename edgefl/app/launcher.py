@@ -20,6 +20,7 @@ from pathlib import Path
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig, command_line
 from edgefl.processes import start_logged, stop_process
+from edgefl.protocol import RoundSummary, RunStatus
 
 _SERVER_START_TIMEOUT_S = 180
 
@@ -38,7 +39,7 @@ class Federation:
     def client(self) -> CoordinatorClient:
         return CoordinatorClient(self.url, give_up_after_s=30)
 
-    def follow(self, on_round: Callable[[dict], None] | None = None, *, timeout_s: float = 3600) -> dict:
+    def follow(self, on_round: Callable[[RoundSummary], None] | None = None, *, timeout_s: float = 3600) -> RunStatus:
         """Wait for the run to finish, calling ``on_round`` once per committed round."""
         client = self.client
         shown = 0
@@ -47,11 +48,11 @@ class Federation:
             if self.server.poll() is not None:
                 raise RuntimeError(f"the coordinator exited with code {self.server.returncode} mid-run")
             status = client.status()
-            for entry in status["history"][shown:]:
+            for entry in status.history[shown:]:
                 if on_round:
                     on_round(entry)
-            shown = len(status["history"])
-            if status["run"]["status"] in ("finished", "stopped"):
+            shown = len(status.history)
+            if status.run is not None and status.run.over:
                 return status
             if self.fleet is not None and self.fleet.poll() not in (None, 0):
                 raise RuntimeError(f"the device fleet exited with code {self.fleet.returncode} mid-run")

@@ -1,8 +1,12 @@
-"""Human-facing views of a run's status JSON: a round table, a progress line, a plot."""
+"""Human-facing views of a run's status (``edgefl.protocol.RunStatus``): a round
+table, a progress line, a plot."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+from edgefl.protocol import RoundSummary, RunStatus
 
 _COLUMNS = ("round", "accuracy", "loss", "devices", "MB down", "MB up", "seconds")
 
@@ -12,15 +16,15 @@ def figure(value: float | None, places: int = 4) -> str:
     return "-" if value is None else f"{value:.{places}f}"
 
 
-def round_row(entry: dict) -> tuple[str, ...]:
+def round_row(entry: RoundSummary) -> tuple[str, ...]:
     return (
-        str(entry["round"]),
-        figure(entry["accuracy"]),
-        figure(entry["loss"]),
-        f"{entry['reported']}/{entry['selected']}",
-        f"{entry['bytes_down'] / 1e6:.1f}",
-        f"{entry['bytes_up'] / 1e6:.1f}",
-        f"{entry['seconds']:.2f}",
+        str(entry.round),
+        figure(entry.accuracy),
+        figure(entry.loss),
+        f"{entry.reported}/{entry.selected}",
+        f"{entry.bytes_down / 1e6:.1f}",
+        f"{entry.bytes_up / 1e6:.1f}",
+        f"{entry.seconds:.2f}",
     )
 
 
@@ -32,18 +36,18 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def rounds_table(history: list[dict]) -> str:
+def rounds_table(history: Sequence[RoundSummary]) -> str:
     """One row per round, with more columns when a run has them: for quantized uploads,
     what they would have weighed as float32; with the devices' personalisation reports,
     accuracy on their held-out examples of the global model and of their own."""
     columns = {}
-    if any(e.get("upload_bits") for e in history):
-        columns["MB up as float32"] = lambda e: f"{e['bytes_up_float32'] / 1e6:.1f}"
-    if any(e.get("personalization") for e in history):
-        columns["on-device global"] = lambda e: f"{e['personalization']['global_accuracy']:.4f}"
-        columns["personalised"] = lambda e: f"{e['personalization']['personalized_accuracy']:.4f}"
+    if any(e.upload_bits for e in history):
+        columns["MB up as float32"] = lambda e: f"{e.bytes_up_float32 / 1e6:.1f}"
+    if any(e.personalization for e in history):
+        columns["on-device global"] = lambda e: f"{e.personalization['global_accuracy']:.4f}"
+        columns["personalised"] = lambda e: f"{e.personalization['personalized_accuracy']:.4f}"
 
-    def cell(column, entry: dict) -> str:
+    def cell(column, entry: RoundSummary) -> str:
         try:
             return column(entry)
         except (KeyError, TypeError):  # a round without the figure
@@ -79,39 +83,38 @@ def export_table(card: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def progress_line(entry: dict, total_rounds: int) -> str:
+def progress_line(entry: RoundSummary, total_rounds: int) -> str:
     return (
-        f"round {entry['round']:>3}/{total_rounds}  accuracy {figure(entry['accuracy'])}  loss {figure(entry['loss'])}"
-        f"  devices {entry['reported']}/{entry['selected']}  {entry['seconds']:.2f}s"
+        f"round {entry.round:>3}/{total_rounds}  accuracy {figure(entry.accuracy)}  loss {figure(entry.loss)}"
+        f"  devices {entry.reported}/{entry.selected}  {entry.seconds:.2f}s"
     )
 
 
-def format_status(status: dict) -> str:
-    run = status.get("run")
-    if not run:
+def format_status(status: RunStatus) -> str:
+    run = status.run
+    if not run or not status.model:
         return "no run yet"
-    config = run["config"]
+    config = run.config
     lines = [
-        f"run: {run['status']}, model {config['model']} on {config['dataset']},"
-        f" {len(status['history'])}/{config['rounds']} rounds, {status['devices']} devices registered",
-        f"model: version {status['model']['version']}, sha256 {status['model']['sha256'][:16]}…",
+        f"run: {run.status}, model {config.model} on {config.dataset},"
+        f" {len(status.history)}/{config.rounds} rounds, {status.devices} devices registered",
+        f"model: version {status.model.version}, sha256 {status.model.sha256[:16]}…",
     ]
-    current = status.get("round")
+    current = status.round
     if current:
         lines.append(
-            f"round {current['number']}: {current['status']}, {current['reported']}/{current['target_reports']}"
-            f" reports, {current['selected']} selected, {current['seconds_left']:.0f}s to deadline"
+            f"round {current.number}: {current.status}, {current.reported}/{current.target_reports}"
+            f" reports, {current.selected} selected, {current.seconds_left:.0f}s to deadline"
         )
-    if status["history"]:
-        lines += ["", rounds_table(status["history"])]
-    abandoned = status.get("abandoned") or []
-    if abandoned:
-        lines += ["", f"abandoned rounds ({len(abandoned)}; each was retried from the last good model):"]
-        lines += [f"  round {a['round']}: {a['reason']}: {a['detail']}" for a in abandoned[-5:]]
+    if status.history:
+        lines += ["", rounds_table(status.history)]
+    if status.abandoned:
+        lines += ["", f"abandoned rounds ({len(status.abandoned)}; each was retried from the last good model):"]
+        lines += [f"  round {a.round}: {a.reason}: {a.detail}" for a in status.abandoned[-5:]]
     return "\n".join(lines)
 
 
-def plot_history(history: list[dict], path: Path, *, title: str = "edgefl run") -> Path:
+def plot_history(history: Sequence[RoundSummary], path: Path, *, title: str = "edgefl run") -> Path:
     """Accuracy, loss and participation per round, as one PNG. Rounds are whole numbers,
     so every round axis ticks at integers; a missing figure (None: a round whose model
     could not be evaluated) is a gap in its line, not an error."""
@@ -122,9 +125,9 @@ def plot_history(history: list[dict], path: Path, *, title: str = "edgefl run") 
     from matplotlib.ticker import MaxNLocator
 
     def values(key: str) -> list[float]:
-        return [float("nan") if e.get(key) is None else e[key] for e in history]
+        return [float("nan") if getattr(e, key) is None else getattr(e, key) for e in history]
 
-    rounds = [e["round"] for e in history]
+    rounds = [e.round for e in history]
     fig, (ax_acc, ax_loss, ax_dev) = plt.subplots(1, 3, figsize=(13, 3.6))
     ax_acc.plot(rounds, values("accuracy"), marker="o")
     ax_acc.set(title="test accuracy", xlabel="round", ylim=(0, 1))

@@ -1,1 +1,2 @@
-"""Simulated edge devices: separate OS processes that speak the /v1 protocol."""
+"""Simulated edge devices that speak the /v1 protocol: agents (a state machine per
+device), hosts (many agents per OS process) and the fleet of host processes."""

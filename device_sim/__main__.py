@@ -1,5 +1,5 @@
 import sys
 
-from device_sim.fleet import device_main
+from device_sim.host import host_main
 
-sys.exit(device_main())
+sys.exit(host_main())

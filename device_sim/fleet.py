@@ -1,73 +1,93 @@
-"""``edgefl devices``: a fleet of device processes, and the entry point of each one.
+"""``edgefl devices``: a fleet of device hosts, each an OS process of one or more devices.
 
-Every device is its own OS process (``python -m device_sim ...``), so devices crash,
-stall and get killed independently, the way phones do. Children are told by the kernel
-to die with the fleet (PR_SET_PDEATHSIG), and SIGINT/SIGTERM to the fleet is passed on,
+By default every device is its own OS process (a host of one), so devices crash, stall
+and get killed independently, the way phones do, and a process's memory and start-up
+are one device's. ``per_process`` packs devices into hosts (``device_sim.host``) when
+the fleet is larger than the machine's process budget. Hosts are told by the kernel to
+die with the fleet (PR_SET_PDEATHSIG), and SIGINT/SIGTERM to the fleet is passed on,
 so stopping the fleet never leaves a device behind.
+
+The fleet prints one line per device as it finishes (read from the summary its host
+writes), and a line for each device whose host ended without its summary.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from device_sim.device import DeviceSpec, run_device
-from edgefl import logs
-from edgefl.client import CoordinatorUnreachable, ProtocolError
+from device_sim.host import SECRET_ENV, summary_path
+from device_sim.settings import DeviceSettings, command_line
 from edgefl.processes import start_logged, stop_process
 
+_WHY = {"run_finished": "the run is finished", "run_stopped": "an operator stopped the run"}
+_POLL_S = 0.2
 
-def spawn_device(spec: DeviceSpec, log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+
+def host_log(log_dir: Path, indices: range) -> Path:
+    """A host's log: named by its device when it has one (as when every device was a process)."""
+    if len(indices) == 1:
+        return log_dir / f"device-{indices[0]:04d}.log"
+    return log_dir / f"devices-{indices[0]:04d}-{indices[-1]:04d}.log"
+
+
+def spawn_host(settings: DeviceSettings, indices: range, log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
         "device_sim",
-        "--coordinator",
-        spec.coordinator,
-        "--index",
-        str(spec.index),
-        "--num-devices",
-        str(spec.num_devices),
-        "--dataset",
-        spec.dataset,
-        "--partition",
-        spec.partition,
-        "--seed",
-        str(spec.seed),
-        "--threads",
-        str(spec.threads),
-        "--runtime",
-        spec.runtime,
-        "--holdout",
-        str(spec.holdout),
-        "--summary",
-        str(log_dir / f"device-{spec.index:04d}.json"),
+        "--first-index",
+        str(indices[0]),
+        "--count",
+        str(len(indices)),
+        "--summary-dir",
+        str(log_dir),
+        *command_line(settings),
     ]
-    return start_logged(command, log_dir / f"device-{spec.index:04d}.log", env=env)
+    return start_logged(command, host_log(log_dir, indices), env=env)
 
 
-_SECRET_ENV = "EDGEFL_ENROLMENT_SECRET"  # to the device processes, not on their command lines
-_WHY = {"run_finished": "the run is finished", "run_stopped": "an operator stopped the run"}
+def host_ranges(first_index: int, count: int, per_process: int) -> list[range]:
+    """Consecutive devices, ``per_process`` to a host (the last may hold fewer)."""
+    end = first_index + count
+    return [range(start, min(start + per_process, end)) for start in range(first_index, end, per_process)]
 
 
-def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout, enrolment_secret: str | None = None) -> int:
-    """Start every device, wait for all, print one line per device (and why they
-    stopped); 0 if all succeeded. Ctrl-C or SIGTERM stops every device and raises
-    KeyboardInterrupt once they are gone."""
+def _finished_line(index: int, s: dict) -> str:
+    return (
+        f"device {index}: {s['rounds_trained']} rounds, {s['num_examples']} examples,"
+        f" {s['bytes_down'] / 1e6:.1f} MB down, {s['bytes_up'] / 1e6:.1f} MB up"
+        f" (stopped: {_WHY.get(s['stopped_because'], s['stopped_because'])})"
+    )
+
+
+def run_fleet(
+    settings: DeviceSettings,
+    log_dir: Path,
+    *,
+    first_index: int = 0,
+    count: int = 1,
+    per_process: int = 1,
+    out=sys.stdout,
+    enrolment_secret: str | None = None,
+) -> int:
+    """Start every host, wait for all, print one line per device (and why they
+    stopped); 0 if every device succeeded. Ctrl-C or SIGTERM stops every host and
+    raises KeyboardInterrupt once they are gone."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    processes: dict[int, subprocess.Popen] = {}
-    env = {**os.environ, _SECRET_ENV: enrolment_secret} if enrolment_secret else None
+    ranges = host_ranges(first_index, count, per_process)
+    for index in range(first_index, first_index + count):  # a summary left by an earlier fleet is not this one's
+        summary_path(log_dir, index).unlink(missing_ok=True)
+    hosts: dict[range, subprocess.Popen] = {}
+    env = {**os.environ, SECRET_ENV: enrolment_secret} if enrolment_secret else None
 
     def _forward(signum, _frame):
-        for process in processes.values():
+        for process in hosts.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         raise KeyboardInterrupt
@@ -77,42 +97,33 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout, enrolme
     reasons: set[str] = set()
     interrupted = False
     try:
-        for spec in specs:
-            processes[spec.index] = spawn_device(spec, log_dir, env)
-        print(f"started {len(specs)} device processes (logs in {log_dir})", file=out, flush=True)
-        pending = dict(processes)
+        for indices in ranges:
+            hosts[indices] = spawn_host(settings, indices, log_dir, env)
+        started = f"{count} devices in {len(ranges)} processes" if per_process > 1 else f"{count} device processes"
+        print(f"started {started} (logs in {log_dir})", file=out, flush=True)
+        pending = {index: indices for indices in ranges for index in indices}
         while pending:
-            for index, process in list(pending.items()):
-                code = process.poll()
-                if code is None:
+            for index, indices in list(pending.items()):
+                code = hosts[indices].poll()  # before reading: a summary written as the host exits is seen
+                path = summary_path(log_dir, index)
+                if path.exists():
+                    s = json.loads(path.read_text())
+                    reasons.add(s["stopped_because"])
+                    print(_finished_line(index, s), file=out, flush=True)
+                elif code is not None:
+                    failures += 1
+                    print(f"device {index}: exited with code {code}; see {host_log(log_dir, indices)}", file=out, flush=True)
+                else:
                     continue
                 del pending[index]
-                summary_path = log_dir / f"device-{index:04d}.json"
-                if code == 0 and summary_path.exists():
-                    s = json.loads(summary_path.read_text())
-                    reasons.add(s["stopped_because"])
-                    print(
-                        f"device {index}: {s['rounds_trained']} rounds, {s['num_examples']} examples,"
-                        f" {s['bytes_down'] / 1e6:.1f} MB down, {s['bytes_up'] / 1e6:.1f} MB up"
-                        f" (stopped: {_WHY.get(s['stopped_because'], s['stopped_because'])})",
-                        file=out,
-                        flush=True,
-                    )
-                else:
-                    failures += 1
-                    print(
-                        f"device {index}: exited with code {code}; see {log_dir / f'device-{index:04d}.log'}",
-                        file=out,
-                        flush=True,
-                    )
-            time.sleep(0.2)
+            time.sleep(_POLL_S)
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        for process in processes.values():
+        for process in hosts.values():
             if process.poll() is None:
                 process.terminate()
-        for process in processes.values():
+        for process in hosts.values():
             stop_process(process, timeout_s=10)
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -120,50 +131,9 @@ def run_fleet(specs: list[DeviceSpec], log_dir: Path, *, out=sys.stdout, enrolme
         raise KeyboardInterrupt
     if reasons and not failures:
         print(
-            f"all {len(specs)} devices stopped because {' and '.join(sorted(_WHY.get(r, r) for r in reasons))};"
+            f"all {count} devices stopped because {' and '.join(sorted(_WHY.get(r, r) for r in reasons))};"
             " the coordinator can start another run with edgefl serve --new-run",
             file=out,
             flush=True,
         )
     return 1 if failures else 0
-
-
-def device_main(argv: list[str] | None = None) -> int:
-    """Entry point of one device process."""
-    parser = argparse.ArgumentParser(prog="python -m device_sim")
-    parser.add_argument("--coordinator", required=True)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--num-devices", type=int, required=True)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--partition", default="dirichlet:0.5")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--runtime", default="keras")
-    parser.add_argument("--holdout", type=float, default=0.2)
-    parser.add_argument("--summary", type=Path)
-    args = parser.parse_args(argv)
-    logs.configure()  # at the level the fleet was given, inherited
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.runtime == "keras":
-        from edgefl.training import limit_threads
-
-        limit_threads(args.threads)
-    spec = DeviceSpec(
-        coordinator=args.coordinator,
-        index=args.index,
-        num_devices=args.num_devices,
-        dataset=args.dataset,
-        partition=args.partition,
-        seed=args.seed,
-        threads=args.threads,
-        runtime=args.runtime,
-        holdout=args.holdout,
-    )
-    try:
-        summary = run_device(spec, enrolment_secret=os.environ.get(_SECRET_ENV))
-    except (CoordinatorUnreachable, ProtocolError) as exc:
-        logging.getLogger("edgefl.device").error("device %d stopped: %s", args.index, exc)
-        return 1
-    if args.summary:
-        args.summary.write_text(json.dumps(asdict(summary)))
-    return 0

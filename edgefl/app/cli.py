@@ -105,43 +105,37 @@ def _serve(args) -> int:
 
 
 def _devices(args) -> int:
-    from device_sim.device import DeviceSpec
     from device_sim.fleet import run_fleet
+    from device_sim.settings import from_arguments
     from edgefl.datasets import load_dataset
     from edgefl.partition import partition
 
     num_devices = args.num_devices or args.count
-    runtimes = device_runtimes(args.runtime)
+    device_runtimes(args.runtime)
     if args.first_index + args.count > num_devices:
         raise CliError(
             f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices} (--num-devices)"
         )
     try:
-        # What every device will compute, computed once here so a bad spec fails in one line.
-        partition(load_dataset(args.dataset).train.y, args.partition, num_devices, args.data_seed)
+        settings = from_arguments(args, num_devices=num_devices)
+        # What every device host will compute, computed once here so a bad spec fails in one line.
+        partition(load_dataset(settings.dataset).train.y, settings.partition, num_devices, settings.seed)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     secret = _read_secret(args.enrolment_secret_file, "--enrolment-secret-file")
     _check_reachable(args.coordinator)
-    specs = [
-        DeviceSpec(
-            coordinator=args.coordinator,
-            index=i,
-            num_devices=num_devices,
-            dataset=args.dataset,
-            partition=args.partition,
-            seed=args.data_seed,
-            threads=args.threads,
-            runtime=runtimes[i % len(runtimes)],
-            holdout=args.holdout,
-        )
-        for i in range(args.first_index, args.first_index + args.count)
-    ]
-    return run_fleet(specs, args.log_dir, enrolment_secret=secret)
+    return run_fleet(
+        settings,
+        args.log_dir,
+        first_index=args.first_index,
+        count=args.count,
+        per_process=args.per_process,
+        enrolment_secret=secret,
+    )
 
 
 def device_runtimes(flag: str) -> list[str]:
-    from device_sim.device import RUNTIMES
+    from device_sim.settings import RUNTIMES
 
     runtimes = flag.split(",")
     if not all(r in RUNTIMES for r in runtimes):

@@ -81,28 +81,35 @@ def _add_run_config(parser: argparse.ArgumentParser, defaults: dict | None = Non
         )
 
 
-def _add_fleet_args(parser: argparse.ArgumentParser, *, count_default: int) -> None:
+# What the demo lets a user choose of its devices; ``edgefl devices`` takes every device setting.
+DEMO_DEVICE_SETTINGS = ("partition", "seed", "runtime", "holdout")
+
+
+def _add_fleet_args(parser: argparse.ArgumentParser, *, count_default: int, settings: tuple[str, ...] | None = None) -> None:
+    """``--count`` and the flags of the device settings named (all by default), derived
+    from their declarations in ``device_sim.settings``."""
+    from device_sim.settings import device_settings, flag_of
+
     parser.add_argument(
-        "--count",
-        type=bounded(int, 1, 10_000),
-        default=count_default,
-        help=f"device processes to start (default {count_default})",
+        "--count", type=bounded(int, 1, 10_000), default=count_default, help=f"devices to start (default {count_default})"
     )
-    parser.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA or classes:K (default dirichlet:0.5)")
-    parser.add_argument("--data-seed", type=bounded(int, 0, 2**32 - 1), default=0, help="seed of the partition (default 0)")
-    parser.add_argument(
-        "--runtime",
-        default="keras",
-        help="what devices train with: keras, litert (the on-device .tflite through LiteRT, no TensorFlow), or a"
-        " comma-separated list cycled over the devices, e.g. keras,litert (default keras)",
-    )
-    parser.add_argument(
-        "--holdout",
-        type=bounded(float, 0, 1, below_high=True),
-        default=0.2,
-        help="fraction of each device's examples kept out of training to report global vs personalised accuracy"
-        " (default 0.2; 0: no reports)",
-    )
+    special = {"coordinator": (coordinator_url, DEFAULT_URL), "num_devices": (None, None)}  # num_devices: --count's
+    for name, kind, rule, default in device_settings():
+        if settings is not None and name not in settings:
+            continue
+        value_type, default = special.get(name, (None, default))
+        if value_type is None:
+            numeric = kind in (int, float) and not rule.choices
+            value_type = (
+                bounded(kind, rule.low, rule.high, above_low=rule.above_low, below_high=rule.below_high) if numeric else kind
+            )
+        parser.add_argument(
+            flag_of(name),
+            type=value_type,
+            choices=rule.choices or None,
+            default=default,
+            help=f"{rule.help} (default {'--count' if default is None else default})",
+        )
 
 
 def _version() -> str:
@@ -183,25 +190,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     _add_run_config(serve)
 
-    devices = command("devices", "start simulated devices, one OS process each")
-    devices.add_argument(
-        "--coordinator", type=coordinator_url, default=DEFAULT_URL, help=f"coordinator URL (default {DEFAULT_URL})"
-    )
+    devices = command("devices", "start simulated devices, one OS process each unless --per-process says otherwise")
     _add_fleet_args(devices, count_default=10)
     devices.add_argument(
-        "--num-devices", type=bounded(int, 1, 10_000_000), help="size of the population the data is split over (default: --count)"
+        "--per-process",
+        type=bounded(int, 1, 10_000),
+        default=1,
+        help="devices per OS process (a device host sharing one dataset load, its learners and a scheduler; default 1)",
     )
     devices.add_argument(
         "--first-index",
         type=bounded(int, 0, 10_000_000),
         default=0,
-        help="index of the first device in that population (default 0)",
+        help="index of the first device in the population (default 0)",
     )
-    devices.add_argument("--dataset", default="digits", help="dataset the devices' shards come from (default digits)")
     devices.add_argument("--log-dir", type=Path, default=Path("runs/devices"), help="per-device logs (default runs/devices)")
-    devices.add_argument(
-        "--threads", type=bounded(int, 1, 256), default=1, help="TensorFlow threads per device process (default 1)"
-    )
     devices.add_argument(
         "--enrolment-secret-file", type=Path, help="file holding the coordinator's enrolment secret, if it has one"
     )
@@ -240,7 +243,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo.add_argument(
         "--out", type=Path, default=Path("runs/demo"), help="directory for everything the demo writes (default runs/demo)"
     )
-    _add_fleet_args(demo, count_default=10)
+    _add_fleet_args(demo, count_default=10, settings=DEMO_DEVICE_SETTINGS)
     _add_run_config(demo, DEMO_DEFAULTS)
     return parser, commands
 

@@ -101,22 +101,21 @@ def federation(
         )
         url = wait_for_server(instance, server, server_log)
         if start_devices:
+            from device_sim.settings import DeviceSettings
+            from device_sim.settings import command_line as device_command_line
+
+            devices = DeviceSettings(
+                coordinator=url, num_devices=count, dataset=config.dataset, partition=partition, seed=data_seed
+            )
             fleet = start_logged(
                 edgefl_command(
                     "devices",
-                    "--coordinator",
-                    url,
                     "--count",
                     str(count),
-                    "--partition",
-                    partition,
-                    "--data-seed",
-                    str(data_seed),
-                    "--dataset",
-                    config.dataset,
+                    *device_command_line(devices),
                     "--log-dir",
                     str(logs / "devices"),
-                    *device_flags,
+                    *device_flags,  # after the settings: a flag given twice takes its last value
                 ),
                 logs / "devices.log",
             )

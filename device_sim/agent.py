@@ -1,0 +1,256 @@
+"""One simulated device as an agent: a state machine driven by the coordinator's answers.
+
+A device registers, then checks in; a task sends it to fetch what it lacks (the
+checkpoint, cached by sha256 so a device re-selected for the same model version does
+not download it twice; a LiteRT device's on-device training file, kept until the run's
+batch size changes), train, upload, and check in again; a ``wait`` answer sends it back
+to checking in after ``retry_after``; ``finished`` ends it. Each call of ``step`` does
+one phase's work and returns when it wants to be called again: the agent never sleeps,
+starts no thread and knows nothing of processes, so a host (``device_sim.host``) can run
+one agent per process or a thousand in one, and a test can drive one by hand.
+
+The agent owns what is the device's own: its shard (built by its host from (dataset,
+partition, seed, number of devices, index): the coordinator never holds or sends device
+data, and only deltas and counts leave the device), its credentials, its caches and its
+counters. Learners are the host's (one per training thread), lent per step.
+
+Personalisation, evaluated the federated way: a device keeps ``holdout`` of its
+examples out of training, and with each update reports the accuracy on them of the
+global model it was sent and of its locally trained model (the global model fine-tuned
+on its own data, by the same runtime). The coordinator aggregates the reports per round.
+The task names the codec the update is encoded with (``edgefl.codecs``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+import numpy as np
+
+from edgefl import codecs, wire
+from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
+from edgefl.datasets import Split
+from edgefl.learner import Learner
+from edgefl.protocol import Task
+
+log = logging.getLogger("edgefl.device")
+
+_NO_TRAINING_FILE_RETRY_S = 1.0  # the coordinator is still building the file for the run's batch size
+
+
+class Phase(StrEnum):
+    REGISTER = "register"
+    CHECK_IN = "check_in"
+    FETCH_TRAINING_FILE = "fetch_training_file"  # LiteRT only
+    FETCH_CHECKPOINT = "fetch_checkpoint"
+    TRAIN = "train"
+    UPLOAD = "upload"
+    DONE = "done"
+
+    @property
+    def computes(self) -> bool:
+        """Whether the phase keeps a CPU busy (and needs a learner) rather than waiting on the network."""
+        return self is Phase.TRAIN
+
+
+class Learners(Protocol):
+    """Where an agent borrows a learner for one training step (its host's, per thread)."""
+
+    def keras(self, model: str) -> Learner: ...
+
+    def litert(self, training_file: TrainingModel) -> Learner: ...
+
+
+@dataclass
+class DeviceSummary:
+    """What a device did, as the coordinator's answers made it (its host adds the process's facts)."""
+
+    index: int
+    device_id: str | None = None
+    num_examples: int = 0
+    rounds_trained: int = 0
+    late_uploads: int = 0
+    refused_uploads: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    runtime: str = "keras"
+    stopped_because: str = ""  # the coordinator's reason: run_finished or run_stopped
+
+
+def holdout_split(shard: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(examples to train on, examples only to evaluate on), fixed for the device."""
+    held = int(round(len(shard) * fraction)) if len(shard) >= 5 else 0
+    order = np.random.default_rng(seed).permutation(len(shard))
+    return shard.subset(np.sort(order[held:])), shard.subset(np.sort(order[:held]))
+
+
+def personalization_report(learner: Learner, global_weights: list, delta: list, held: Split) -> dict[str, float]:
+    if not len(held):
+        return {}
+    personalized = [w + d for w, d in zip(global_weights, delta)]
+    return {
+        "holdout_examples": len(held),
+        "holdout_accuracy_global": learner.evaluate(global_weights, held.x, held.y)["accuracy"],
+        "holdout_accuracy_personalized": learner.evaluate(personalized, held.x, held.y)["accuracy"],
+    }
+
+
+class DeviceAgent:
+    """One device's state machine. ``step`` raises ``ProtocolError`` or
+    ``CoordinatorUnreachable`` when the device cannot go on (say, 401/403 on an upload:
+    the coordinator no longer knows it, or did not select it); it is then done, and failed."""
+
+    def __init__(
+        self,
+        index: int,
+        runtime: str,
+        train: Split,
+        held: Split,
+        client: CoordinatorClient,
+        *,
+        seed: int = 0,
+        enrolment_secret: str | None = None,
+    ):
+        self.index, self.runtime, self.seed = index, runtime, seed
+        self.train, self.held = train, held
+        self.client = client
+        self.enrolment_secret = enrolment_secret
+        self.phase = Phase.REGISTER
+        self.summary = DeviceSummary(index, num_examples=len(train), runtime=runtime)
+        self.learner_s: float | None = None  # getting the learner for its first task: part of its start-up
+        self._task: Task | None = None
+        self._training_file: TrainingModel | None = None
+        self._checkpoint: tuple[str, bytes | None, list | None] | None = None  # sha256, bytes until decoded, weights
+        self._upload_body: bytes | None = None
+        self._times: dict[str, float] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    def step(self, now: float, learners: Learners) -> float | None:
+        """Do the current phase's work; the time (on ``now``'s clock) to be called at
+        next, or None once the device is done."""
+        try:
+            wake = getattr(self, f"_{self.phase.value}")(now, learners)
+        except BaseException:
+            self.phase = Phase.DONE
+            raise
+        finally:
+            self.summary.bytes_down = self.client.traffic.bytes_down
+            self.summary.bytes_up = self.client.traffic.bytes_up
+        return None if self.done else wake
+
+    def _register(self, now: float, _learners: Learners) -> float:
+        self.summary.device_id = self.client.register(self.enrolment_secret)
+        log.info(
+            "device %d (%s) registered as %s with %d examples", self.index, self.runtime, self.summary.device_id, len(self.train)
+        )
+        self.phase = Phase.CHECK_IN
+        return now
+
+    def _check_in(self, now: float, _learners: Learners) -> float | None:
+        answer = self.client.checkin()
+        if answer.status == "finished":
+            self.summary.stopped_because = answer.reason or "run_finished"
+            log.info("device %d: the coordinator says the run is over (%s)", self.index, self.summary.stopped_because)
+            self.phase = Phase.DONE
+            return None
+        if answer.status == "wait" or answer.task is None:
+            return now + (answer.retry_after or 1.0)
+        self._task = answer.task
+        self._times = {"task": time.monotonic()}
+        training_file = self._training_file
+        if self.runtime == "litert" and (training_file is None or training_file.batch_size != self._task.batch_size):
+            self.phase = Phase.FETCH_TRAINING_FILE
+        else:
+            self.phase = self._after_training_file()
+        return now
+
+    def _fetch_training_file(self, now: float, _learners: Learners) -> float:
+        task = self._task
+        self._training_file = self.client.download_training_model(self._training_file)  # 304 if it is the one held
+        if self._training_file.batch_size != task.batch_size:
+            log.info(
+                "device %d: no training file for batch %d yet; skipping round %d", self.index, task.batch_size, task.round_number
+            )
+            self.phase = Phase.CHECK_IN
+            return now + _NO_TRAINING_FILE_RETRY_S
+        self.phase = self._after_training_file()
+        return now
+
+    def _after_training_file(self) -> Phase:
+        held = self._checkpoint
+        return Phase.TRAIN if held is not None and held[0] == self._task.checkpoint_sha256 else Phase.FETCH_CHECKPOINT
+
+    def _fetch_checkpoint(self, now: float, _learners: Learners) -> float:
+        sha = self._task.checkpoint_sha256
+        self._checkpoint = (sha, self.client.download_checkpoint(sha), None)
+        self.phase = Phase.TRAIN
+        return now
+
+    def _train(self, now: float, learners: Learners) -> float:
+        task = self._task
+        started = time.monotonic()
+        learner = learners.litert(self._training_file) if self.runtime == "litert" else learners.keras(task.model)
+        if self.learner_s is None:
+            self.learner_s = time.monotonic() - started
+        sha, data, weights = self._checkpoint
+        if weights is None:  # decoded in the learner's order, once per checkpoint
+            weights, _ = wire.decode(data, learner.spec)
+            self._checkpoint = (sha, None, weights)
+        self._times["downloaded"] = time.monotonic()
+        result = learner.client_update(
+            weights,
+            self.train.x,
+            self.train.y,
+            epochs=task.epochs,
+            batch_size=task.batch_size,
+            learning_rate=task.learning_rate,
+            seed=hash((self.seed, self.index, task.round_id)) & 0xFFFFFFFF,
+        )
+        self._times["trained"] = time.monotonic()
+        metrics = {**result.metrics, **personalization_report(learner, weights, result.delta, self.held)}
+        self._upload_body = codecs.named(task.codec).encode(
+            learner.names,
+            result.delta,
+            {"num_examples": str(result.num_examples), "metrics": json.dumps(metrics)},
+            np.random.default_rng([self.seed, self.index, task.round_id]),  # stochastic rounding's draws
+        )
+        self.phase = Phase.UPLOAD
+        return now
+
+    def _upload(self, now: float, _learners: Learners) -> float:
+        task, body = self._task, self._upload_body
+        self._upload_body = None
+        self.phase = Phase.CHECK_IN
+        try:
+            self.client.upload_update(task.round_id, body)
+        except ProtocolError as exc:
+            if exc.code == "duplicate_update":  # our earlier attempt was stored; its 202 was lost
+                self.summary.rounds_trained += 1
+            elif exc.status == 409:
+                self.summary.late_uploads += 1
+                log.info("device %d: round %d closed before its upload (%s)", self.index, task.round_id, exc.code)
+            elif exc.status in (401, 403):  # the coordinator no longer knows this device, or did not select it: it stops
+                raise
+            else:  # the coordinator refused this update (say, a model gone wrong): the next round may go better
+                self.summary.refused_uploads += 1
+                log.warning("device %d: round %d refused its update: %s", self.index, task.round_id, exc)
+            return now
+        self.summary.rounds_trained += 1
+        times = self._times
+        log.info(
+            "device %d: round %d done: checkpoint %.3fs, training %.3fs, upload %.3fs",
+            self.index,
+            task.round_number,
+            times["downloaded"] - times["task"],
+            times["trained"] - times["downloaded"],
+            time.monotonic() - times["trained"],
+        )
+        return now

@@ -99,7 +99,8 @@ def run_fleet(
     try:
         for indices in ranges:
             hosts[indices] = spawn_host(settings, indices, log_dir, env)
-        started = f"{count} devices in {len(ranges)} processes" if per_process > 1 else f"{count} device processes"
+        hosted = f"{len(ranges)} process{'es' if len(ranges) > 1 else ''}"
+        started = f"{count} devices in {hosted}" if per_process > 1 else f"{count} device processes"
         print(f"started {started} (logs in {log_dir})", file=out, flush=True)
         pending = {index: indices for indices in ranges for index in indices}
         while pending:

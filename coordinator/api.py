@@ -254,7 +254,7 @@ def upload_update(round_id: int):
 
 def _accept_update(db: Connection, round_id: int, device_id: str):
     config = require_run(db)
-    rejection = rounds.upload_rejection(db, round_id, device_id)
+    rejection = rounds.message_rejection(db, round_id, device_id)
     if rejection:
         raise ApiError(rejection.status, rejection.code, rejection.detail)
 
@@ -277,12 +277,12 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
     failpoints.hold("update_stored")  # durable bytes, no row yet: the device has no answer
     try:
         with store.transaction(db):
-            rejection = rounds.upload_rejection(db, round_id, device_id)
+            rejection = rounds.message_rejection(db, round_id, device_id)
             if rejection:
                 raise ApiError(rejection.status, rejection.code, rejection.detail)
             if not store.blobs.exists(blob_sha256):  # identical bytes of a finished round, discarded meanwhile
                 store.blobs.put(body)
-            reports = rounds.record_update(db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time())
+            reports = rounds.record_message(db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time())
     except BaseException:
         with store.transaction(db):  # under the write lock, so no upload of the same bytes commits meanwhile
             if not db.execute("SELECT 1 FROM updates WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():

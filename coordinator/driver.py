@@ -26,15 +26,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator import failpoints, guard, leases, records, rounds, selection
+from coordinator import failpoints, guard, leases, lifecycle, records, rounds, selection
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
 from coordinator.database import Connection, Row
+from coordinator.lifecycle import Event, Verdict
 from coordinator.lobby import Lobby
 from coordinator.store import Store
 from edgefl import codecs, metrics, wire
 from edgefl.config import RunConfig
 from edgefl.datasets import load_dataset
 from edgefl.models import weight_names
+from edgefl.protocol import RoundStatus
 from edgefl.training import KerasLearner
 
 log = logging.getLogger("edgefl.coordinator")
@@ -164,7 +166,11 @@ class RoundDriver:
             leases.release(db, leases.ROUND_DRIVER, self.holder)
 
     def _step(self, db: Connection) -> bool:
+        """One move of the run: evaluate a committed round, open the next, or look up the
+        open round's phase, ask its close rule and apply the transition the verdict names
+        (``coordinator.lifecycle``). False when there is nothing to do yet."""
         self.config = rounds.run_config(db)  # an operator may have changed it
+        self.plan = lifecycle.plan_for(self.config)
         now = self.clock()
         pending = rounds.unevaluated_round(db)
         if pending is not None:
@@ -176,28 +182,31 @@ class RoundDriver:
                 self._begin_round(db, now)
             self.lobby.notify()
             return True
-        if current["status"] == "open":
+        if current["status"] == RoundStatus.OPEN:
             self._fold_arrivals(db, current)  # not a transition: the fold is rebuilt after a restart
-            if rounds.decide(self.config, rounds.report_count(db, current["id"]), current["deadline_at"], now) is None:
+            if rounds.verdict(db, self.config, current, now)[1] == Verdict.WAIT:
                 return False  # the common case, decided without taking the write lock
-            with self._transition(db):  # decide again: no upload can commit in between now
-                reports = rounds.report_count(db, current["id"])
-                decision = rounds.decide(self.config, reports, current["deadline_at"], now)
-                if decision is None:
+            with self._transition(db):  # look again: no message can commit in between now
+                current = rounds.round_by_id(db, current["id"])
+                phase, verdict = rounds.verdict(db, self.config, current, now)
+                event = self.plan.outcome(phase, verdict)
+                if event is None:
                     return False
-                if decision == "abandon":
+                messages = rounds.message_count(db, current["id"], phase.phase)
+                if event == Event.TOO_FEW:
                     self._abandon(
                         db,
                         current,
                         "too_few_reports",
-                        f"{reports} of the {self.config.min_reports} reports it needed arrived by its deadline",
+                        f"{messages} of the {self.config.min_reports} reports it needed arrived by its deadline",
                     )
+                elif event == Event.NEXT_PHASE:
+                    rounds.next_phase(db, self.config, current["id"], phase, now)
                 else:
-                    rounds.close_collection(
-                        db, current["id"], "aggregating", now, on_target=reports >= self.config.target_reports
-                    )
-            if decision == "abandon":
+                    rounds.close_collection(db, current["id"], now, on_target=messages >= self.config.target_reports)
+            if event == Event.TOO_FEW:
                 self._after_abandoning(db, current)
+            if event != Event.COLLECTED:
                 return True
         self._aggregate(db, rounds.active_round(db))
         return True

@@ -42,6 +42,7 @@ def history(db: Connection) -> list[dict]:
             "id": r["id"],
             "number": r["number"],
             "status": r["status"],
+            "phase": r["phase"],
             "selected": r["selected"],
             "reported": r["reported"],
             "dropped": r["selected"] - r["reported"] - r["late"] if r["status"] != "open" else None,

@@ -1,12 +1,13 @@
 """The round state machine, as statements over the store.
 
 A run holds numbered rounds; round N trains model version N-1 into version N. A round
-is ``open`` (selecting and collecting), then ``aggregating`` and ``committed``, or
-``abandoned``, with a recorded reason: its deadline passed with too few reports, its
-aggregate was not finite, or closing it failed again and again (a new round then
-retries the same model). Every function takes a connection (and, where time matters, the current
-time), so the state machine is driven the same way by the API, the round driver and the
-tests.
+is ``open`` (selecting, then collecting its plan's phases), then ``aggregating`` and
+``committed``, or ``abandoned``, with a recorded reason: a phase's deadline passed with
+too few messages, its aggregate was not finite, or closing it failed again and again (a
+new round then retries the same model). What follows what is ``coordinator.lifecycle``'s
+table; the functions here write it. Every function takes a connection (and, where time
+matters, the current time), so the state machine is driven the same way by the API, the
+round driver and the tests.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from coordinator import records, selection
+from coordinator import lifecycle, records, selection
 from coordinator.database import Connection, Row
 from edgefl.config import RunConfig
-from edgefl.protocol import CheckinAnswer, Task
+from edgefl.protocol import CheckinAnswer, RoundStatus, Task
 
 # Pace steering: a device the next round will need soon polls again quickly; one that
 # already reported in the open round sleeps half of what is probably left of it (so it
@@ -52,7 +53,7 @@ def latest_checkpoint(db: Connection) -> Row | None:
 
 
 def active_round(db: Connection) -> Row | None:
-    return db.execute("SELECT * FROM rounds WHERE status IN ('open', 'aggregating') ORDER BY id DESC LIMIT 1").fetchone()
+    return db.execute("SELECT * FROM rounds WHERE status IN (?, ?) ORDER BY id DESC LIMIT 1", tuple(lifecycle.LIVE)).fetchone()
 
 
 def start_run(db: Connection, config: RunConfig, checkpoint_sha256: str, size: int, state_sha256: str, now: float) -> None:
@@ -76,9 +77,10 @@ def begin_round(db: Connection, config: RunConfig, now: float, candidates: Seque
     """Open the next round, its cohort taken first from ``candidates`` (devices waiting
     now, in arrival order), as ``selectable`` orders and limits them."""
     base = latest_checkpoint(db)
+    first = lifecycle.plan_for(config).first
     (round_id,) = db.execute(
-        "INSERT INTO rounds (number, status, base_version, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?) RETURNING id",
-        (base["version"] + 1, base["version"], now, now + config.round_timeout_s),
+        "INSERT INTO rounds (number, status, phase, base_version, opened_at, deadline_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        (base["version"] + 1, RoundStatus.OPEN, first.phase, base["version"], now, now + first.deadline_s(config)),
     ).fetchone()
     db.executemany(
         "INSERT INTO assignments (round_id, device_id, assigned_at) VALUES (?, ?, ?)",
@@ -100,7 +102,7 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
         return _retry(rng, LATER_RETRY_S, "paused")
     config = run_config(db)
     current = active_round(db)
-    if current is None or current["status"] != "open":
+    if current is None or current["status"] != RoundStatus.OPEN:
         return _retry(rng, SOON_RETRY_S, "between_rounds")
     round_id = current["id"]
     if db.execute("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
@@ -155,21 +157,40 @@ def _retry(rng: random.Random, base_s: float, reason: str) -> CheckinAnswer:
     return CheckinAnswer(status="wait", retry_after=round(base_s * (0.5 + rng.random() / 2), 3), reason=reason)
 
 
-def upload_rejection(db: Connection, round_id: int, device_id: str) -> Rejection | None:
-    """Why this device may not upload to this round now, or None if it may."""
-    row = db.execute("SELECT status FROM rounds WHERE id = ?", (round_id,)).fetchone()
+def message_rejection(
+    db: Connection, round_id: int, device_id: str, kind: lifecycle.MessageKind = lifecycle.MessageKind.UPDATE
+) -> Rejection | None:
+    """Why this device may not send a message of ``kind`` to this round now, or None if
+    it may: the round must be open, in a phase that accepts the kind, and the device one
+    of the phase's participants that has not sent it yet."""
+    row = db.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone()
     if row is None:
         return Rejection(404, "unknown_round", f"There is no round {round_id}.")
-    if row["status"] != "open":
-        return Rejection(409, "round_closed", f"Round {round_id} is {row['status']} and takes no more updates.")
+    if row["status"] != RoundStatus.OPEN:
+        return Rejection(409, "round_closed", f"Round {round_id} is {row['status']} and takes no more {kind}s.")
+    plan = lifecycle.plan_for(run_config(db))
+    phase = plan.phase(row["phase"])
+    if kind not in phase.accepts:
+        return Rejection(409, "wrong_phase", f"Round {round_id} is in its {phase.phase} phase, which takes no {kind}s.")
     if not db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
         return Rejection(403, "not_selected", f"This device was not selected for round {round_id}.")
-    if db.execute("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
-        return Rejection(409, "duplicate_update", f"This device already uploaded an update for round {round_id}.")
+    previous = plan.before(phase)
+    if phase.participants == lifecycle.Participants.SURVIVORS and previous and not _sent(db, round_id, previous.phase, device_id):
+        return Rejection(403, "not_a_survivor", f"This device sent nothing in round {round_id}'s {previous.phase} phase.")
+    if _sent(db, round_id, phase.phase, device_id, kind):
+        return Rejection(409, f"duplicate_{kind}", f"This device already sent its {kind} for round {round_id}.")
     return None
 
 
-def record_update(
+def _sent(db: Connection, round_id: int, phase: str, device_id: str, kind: str | None = None) -> bool:
+    query = "SELECT 1 FROM messages WHERE round_id = ? AND phase = ? AND device_id = ?"
+    return (
+        db.execute(query + " AND kind = ?" if kind else query, (round_id, phase, device_id, *([kind] if kind else []))).fetchone()
+        is not None
+    )
+
+
+def record_message(
     db: Connection,
     round_id: int,
     device_id: str,
@@ -178,13 +199,16 @@ def record_update(
     size: int,
     metrics: dict,
     now: float,
+    kind: lifecycle.MessageKind = lifecycle.MessageKind.UPDATE,
 ) -> int:
+    """Keep a device's message in the round's current phase; how many the phase holds now."""
+    (phase,) = db.execute("SELECT phase FROM rounds WHERE id = ?", (round_id,)).fetchone()
     db.execute(
-        "INSERT INTO updates (round_id, device_id, blob_sha256, num_examples, size, metrics, received_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (round_id, device_id, blob_sha256, num_examples, size, json.dumps(metrics), now),
+        "INSERT INTO messages (round_id, phase, device_id, kind, blob_sha256, num_examples, size, metrics, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (round_id, phase, device_id, kind, blob_sha256, num_examples, size, json.dumps(metrics), now),
     )
-    return report_count(db, round_id)
+    return message_count(db, round_id, phase)
 
 
 def record_rejection(db: Connection, round_id: int, device_id: str, code: str, size: int, now: float) -> None:
@@ -217,41 +241,57 @@ def rejection_is_new(db: Connection, round_id: int, device_id: str, code: str) -
     )
 
 
+def message_count(db: Connection, round_id: int, phase: str) -> int:
+    """The messages a round's phase holds."""
+    return db.execute("SELECT COUNT(*) FROM messages WHERE round_id = ? AND phase = ?", (round_id, phase)).fetchone()[0]
+
+
 def report_count(db: Connection, round_id: int) -> int:
+    """The updates a round holds."""
     return db.execute("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,)).fetchone()[0]
 
 
-def decide(config: RunConfig, reports: int, deadline_at: float, now: float) -> str | None:
-    """'aggregate', 'abandon', or None to keep collecting."""
-    if reports >= config.target_reports:
-        return "aggregate"
-    if now >= deadline_at:
-        return "aggregate" if reports >= config.min_reports else "abandon"
-    return None
+def verdict(db: Connection, config: RunConfig, round_row: Row, now: float) -> tuple[lifecycle.PhasePlan, lifecycle.Verdict]:
+    """The round's phase, and what its close rule says of it now."""
+    phase = lifecycle.plan_for(config).phase(round_row["phase"])
+    messages = message_count(db, round_row["id"], phase.phase)
+    return phase, phase.close(config, messages, now >= round_row["deadline_at"])
 
 
-def set_status(db: Connection, round_id: int, status: str, now: float) -> None:
-    column = "committed_at" if status == "committed" else "closed_at"
+def _apply(db: Connection, round_id: int, event: lifecycle.Event, now: float) -> None:
+    """Move a round by ``event`` as ``lifecycle.TRANSITIONS`` says (IllegalTransition otherwise)."""
+    status = lifecycle.next_status(round_by_id(db, round_id)["status"], event)
+    column = "committed_at" if status == RoundStatus.COMMITTED else "closed_at"
     db.execute(f"UPDATE rounds SET status = ?, {column} = ? WHERE id = ?", (status, now, round_id))
 
 
-def close_collection(db: Connection, round_id: int, status: str, now: float, *, on_target: bool) -> None:
-    """An open round stops collecting (``aggregating``); its devices' records are
-    updated (``on_target``: it closed as soon as enough devices reported, so the others
-    were not too late)."""
-    set_status(db, round_id, status, now)
+def next_phase(db: Connection, config: RunConfig, round_id: int, phase: lifecycle.PhasePlan, now: float) -> None:
+    """An open round moves on to the phase after ``phase``, with that phase's deadline."""
+    lifecycle.next_status(round_by_id(db, round_id)["status"], lifecycle.Event.NEXT_PHASE)
+    following = lifecycle.plan_for(config).after(phase)
+    db.execute(
+        "UPDATE rounds SET phase = ?, deadline_at = ? WHERE id = ?",
+        (following.phase, now + following.deadline_s(config), round_id),
+    )
+
+
+def close_collection(db: Connection, round_id: int, now: float, *, on_target: bool) -> None:
+    """An open round's last phase closed with enough: it is aggregated next. Its devices'
+    records are updated (``on_target``: it closed as soon as enough devices reported, so
+    the others were not too late)."""
+    _apply(db, round_id, lifecycle.Event.COLLECTED, now)
     selection.record_outcomes(db, round_id, count_misses=not on_target)
 
 
 def abandon(db: Connection, round_id: int, reason: str, detail: str, now: float) -> None:
     """Give a round up for good, saying why (a new round then retries its model)."""
     row = round_by_id(db, round_id)
-    if row["status"] == "open":
+    if row["status"] == RoundStatus.OPEN:
         selection.record_outcomes(db, round_id)
+    event = lifecycle.Event.TOO_FEW if reason == "too_few_reports" else lifecycle.Event.FAILED
     db.execute(
-        "UPDATE rounds SET status = 'abandoned', closed_at = COALESCE(closed_at, ?), abandon_reason = ?, abandon_detail = ?"
-        " WHERE id = ?",
-        (now, reason, detail[:500], round_id),
+        "UPDATE rounds SET status = ?, closed_at = COALESCE(closed_at, ?), abandon_reason = ?, abandon_detail = ? WHERE id = ?",
+        (lifecycle.next_status(row["status"], event), now, reason, detail[:500], round_id),
     )
 
 
@@ -266,7 +306,9 @@ def round_by_id(db: Connection, round_id: int) -> Row:
 
 
 def unevaluated_round(db: Connection) -> Row | None:
-    return db.execute("SELECT * FROM rounds WHERE status = 'committed' AND evaluated_at IS NULL ORDER BY id LIMIT 1").fetchone()
+    return db.execute(
+        "SELECT * FROM rounds WHERE status = ? AND evaluated_at IS NULL ORDER BY id LIMIT 1", (RoundStatus.COMMITTED,)
+    ).fetchone()
 
 
 def record_evaluation(db: Connection, round_id: int, evaluation: dict, now: float) -> None:
@@ -295,7 +337,7 @@ def commit_round(
     """Record the round's new checkpoint and metrics; a DP run's metrics also get the
     privacy spent up to and including this round (counted once, here, not per read)."""
     add_checkpoint(db, round_row["number"], checkpoint_sha256, size, state_sha256, round_row["id"], now)
-    set_status(db, round_row["id"], "committed", now)
+    _apply(db, round_row["id"], lifecycle.Event.COMMITTED, now)
     privacy = records.privacy_spent(db, run_config(db)).get(round_row["id"])
     metrics = {**metrics, "privacy": privacy} if privacy else metrics
     db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (json.dumps(metrics), round_row["id"]))

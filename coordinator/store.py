@@ -111,12 +111,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS devices_by_reports ON devices (reports)",
         "UPDATE rounds SET abandon_reason = 'too_few_reports' WHERE status = 'abandoned'",  # the one reason there was
     ),
+    (  # 2: devices' messages kept generally, per (round, phase, device, kind); a round's phase (coordinator.lifecycle)
+        "CREATE TABLE messages (id {identity}, round_id INTEGER NOT NULL, phase TEXT NOT NULL, device_id TEXT NOT NULL,"
+        " kind TEXT NOT NULL, blob_sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, size BIGINT NOT NULL,"
+        " metrics TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL, UNIQUE (round_id, phase, device_id, kind))",
+        "INSERT INTO messages (round_id, phase, device_id, kind, blob_sha256, num_examples, size, metrics, received_at)"
+        " SELECT round_id, 'collect', device_id, 'update', blob_sha256, num_examples, size, metrics, received_at"
+        " FROM updates ORDER BY id",
+        "DROP TABLE updates",
+        # FedAvg's updates, as the rest of the code reads them
+        "CREATE VIEW updates AS SELECT id, round_id, device_id, blob_sha256, num_examples, size, metrics, received_at"
+        " FROM messages WHERE phase = 'collect' AND kind = 'update'",
+        "CREATE INDEX IF NOT EXISTS messages_by_blob ON messages (blob_sha256)",
+        "ALTER TABLE rounds ADD COLUMN phase TEXT",
+        "UPDATE rounds SET phase = 'collect'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The run's state. Beside it: ``rejections``, the log of refused uploads (a refused
 # upload adds to it, nothing else reads it back), and ``leases`` (who drives the rounds).
-TABLES = ("run", "config_changes", "devices", "checkpoints", "rounds", "assignments", "updates", "artefacts")
+TABLES = ("run", "config_changes", "devices", "checkpoints", "rounds", "assignments", "messages", "artefacts")
 
 
 class Store:
@@ -144,7 +159,7 @@ class Store:
                 )
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    db.execute(statement)
+                    db.execute(statement.replace("{identity}", self.database.identity))
             if row is None:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif version < SCHEMA_VERSION:

@@ -155,6 +155,7 @@ class RoundRecord(Answer):
     id: int
     number: int
     status: RoundStatus
+    phase: str | None = Field(None, description="The phase of its plan it is in, or closed in (coordinator.lifecycle)")
     selected: int = Field(description="Devices given the round's task")
     reported: int = Field(description="Updates it holds")
     dropped: int | None = Field(description="Selected and never heard from by its close (null while open)")

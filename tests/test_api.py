@@ -121,9 +121,9 @@ def test_accepted_update_is_durable_before_202(client, store, open_round):
     response = upload(client, headers, task["round_id"], body)
     assert response.status_code == 202
     assert response.json == {"round_id": task["round_id"], "accepted": True, "reports": 1}
-    rows = store.snapshot()["rows"]["updates"]
+    rows = store.snapshot()["rows"]["messages"]  # (id, round, phase, device, kind, blob, examples, ...)
     sha = hashlib.sha256(body).hexdigest()
-    assert len(rows) == 1 and rows[0][3] == sha and rows[0][4] == 37
+    assert len(rows) == 1 and rows[0][2:3] == ("collect",) and rows[0][4:7] == ("update", sha, 37)
     assert store.blobs.get(sha) == body
 
 

@@ -1,18 +1,30 @@
 """An instance written before the store had a schema version resumes after an upgrade:
-its tables gain the new columns, its abandoned rounds their reason, and the run goes on."""
+its tables gain the new columns, its abandoned rounds their reason, its updates become
+messages of the round's collect phase, and the run goes on."""
 
 from __future__ import annotations
 
 from contextlib import closing
 
-from coordinator.store import MIGRATIONS, SCHEMA_VERSION, Store
+from coordinator.store import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Store
 from tests.api_helpers import build_coordinator, register, take_task, update_body, upload
 
 
 def as_first_release_made_it(store: Store) -> None:
-    """Undo every migration, leaving the tables the first release created."""
+    """Undo every migration, leaving the tables (and rows) the first release had."""
     with closing(store.connect()) as db, store.transaction(db):
-        for statements in reversed(MIGRATIONS):
+        # 2: the devices' messages back into the first release's updates table
+        db.execute("DROP VIEW updates")
+        db.execute(
+            next(s for s in SCHEMA.split(";") if "TABLE IF NOT EXISTS updates" in s).format(identity=store.database.identity)
+        )
+        db.execute(
+            "INSERT INTO updates (round_id, device_id, blob_sha256, num_examples, size, metrics, received_at)"
+            " SELECT round_id, device_id, blob_sha256, num_examples, size, metrics, received_at FROM messages ORDER BY id"
+        )
+        db.execute("DROP TABLE messages")
+        db.execute("ALTER TABLE rounds DROP COLUMN phase")
+        for statements in reversed(MIGRATIONS[:1]):  # 1: columns and an index
             for statement in reversed(statements):
                 words = statement.split()
                 if words[:2] == ["ALTER", "TABLE"]:
@@ -20,6 +32,7 @@ def as_first_release_made_it(store: Store) -> None:
                 elif words[:2] == ["CREATE", "INDEX"]:
                     db.execute(f"DROP INDEX {words[5]}")
         db.execute("DROP TABLE schema_version")
+    assert len(MIGRATIONS) == 2, "undo the new migration here too"
 
 
 def test_an_instance_of_the_first_release_is_migrated_and_resumed(tmp_path, small_parts, db_url):
@@ -57,6 +70,7 @@ def test_an_instance_of_the_first_release_is_migrated_and_resumed(tmp_path, smal
         ("committed", None),
         ("open", None),
     ]
+    assert rounds[1]["reported"] == 1 and rounds[1]["phase"] == "collect"  # its update, now a message of its phase
     assert upload(client, headers, take_task(client, headers)["round_id"], update_body(seed=2)).status_code == 202
     while restarted.step():
         pass

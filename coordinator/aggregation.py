@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -64,15 +64,10 @@ class ServerSettings:
 
     @classmethod
     def of(cls, config) -> ServerSettings:
-        return cls(
-            aggregator=config.aggregator,
-            server_optimizer=config.server_optimizer,
-            server_lr=config.server_lr,
-            server_momentum=config.server_momentum,
-            dp_noise_multiplier=config.dp_noise_multiplier,
-            dp_clip=config.dp_clip,
-            clients_per_round=config.target_reports,
-        )
+        """The run configuration's fields of the same names (declared once, in
+        ``edgefl.config``), and the clients per round DP calibrates for: the target."""
+        shared = {f.name for f in fields(cls)} & {f.name for f in fields(config)}
+        return cls(**{name: getattr(config, name) for name in shared}, clients_per_round=config.target_reports)
 
 
 def aggregator_factory(settings: ServerSettings):

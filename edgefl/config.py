@@ -3,19 +3,27 @@
 One frozen dataclass, stored as JSON with the run so that a restarted coordinator
 resumes with exactly the configuration it started with. Each setting is declared
 once, with its help text, its command-line flag, the values it accepts and whether
-an operator may change it mid-run: the CLI's flags, the launcher's command lines and
-the validation of every value are derived from these declarations, and a problem is
-reported by the name its reader knows (``--round-timeout`` on the command line,
-``round_timeout_s`` in the API).
+an operator may change it mid-run: the CLI's flags, the API's bodies
+(``edgefl.protocol``), the configuration file, ``EDGEFL_*`` environment variables, the
+launcher's command lines and the validation of every value are derived from these
+declarations, and a problem is reported by the name its reader knows
+(``--round-timeout`` on the command line, ``round_timeout_s`` in the API and the file,
+``EDGEFL_ROUND_TIMEOUT_S`` in the environment).
+
+Sources, weakest first: the defaults, a TOML file (``[run]`` table, as Flower's
+``[tool.flwr.app.config]``; read by the standard library's ``tomllib``), the
+environment, the command line.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tomllib
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from edgefl.codecs import FLOAT32, Codec
@@ -156,3 +164,58 @@ def flag_of(name: str) -> str:
 def command_line(config: RunConfig) -> list[str]:
     """The flags that give ``config`` to ``edgefl serve`` (or ``demo``)."""
     return [arg for name, value, _ in config.settings() for arg in (flag_of(name), str(value))]
+
+
+ENV_PREFIX = "EDGEFL_"
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a RunConfig field."""
+    return ENV_PREFIX + name.upper()
+
+
+def _checked(name: str, value: Any, where: str) -> Any:
+    """``value`` for field ``name`` if it has the field's type (ints for floats too), or
+    a ValueError naming ``where`` it came from."""
+    types = {n: t for n, t, _ in run_settings()}
+    if name not in types:
+        raise ValueError(f"{where}: there is no setting {name!r} (settings: {', '.join(types)})")
+    kind = types[name]
+    fits = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, fits = float(value), True
+    if not fits:
+        wanted = {int: "a whole number", float: "a number", str: "a string"}[kind]
+        raise ValueError(f"{where} must be {wanted}, not {value!r}")
+    return value
+
+
+def settings_from_file(path: Path) -> dict[str, Any]:
+    """The run settings a TOML file gives: in a ``[run]`` table, or at its top level."""
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not TOML: {error}") from None
+    table = document.get("run", document)
+    if table is not document and set(document) != {"run"}:
+        raise ValueError(f"{path}: only a [run] table is read, not {', '.join(sorted(set(document) - {'run'}))}")
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [run] must be a table of settings")
+    return {name: _checked(name, value, f"{name} in {path}") for name, value in table.items()}
+
+
+def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The run settings ``EDGEFL_<FIELD>`` variables give (others are left alone)."""
+    given = {}
+    for name, kind, _ in run_settings():
+        text = environ.get(env_name(name))
+        if text is None:
+            continue
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            value = text
+        given[name] = _checked(name, value, env_name(name))
+    return given

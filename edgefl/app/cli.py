@@ -10,6 +10,7 @@ unwritable paths, missing files) are caught here and named by the flag the user 
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -21,20 +22,33 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
-def given_settings(args: argparse.Namespace) -> dict:
-    """The run-configuration fields the user set on the command line."""
-    from edgefl.config import RunConfig
+def given_settings(args: argparse.Namespace) -> dict[str, tuple[object, str]]:
+    """The run settings the user gave, each with the name it was given by: from the
+    ``--config`` file, then ``EDGEFL_*`` variables, then flags (the later wins)."""
+    from edgefl.config import RunConfig, env_name, flag_of, settings_from_env, settings_from_file
 
-    return {name: getattr(args, name) for name, _, _ in RunConfig().settings() if getattr(args, name, None) is not None}
+    given: dict[str, tuple[object, str]] = {}
+    try:
+        if getattr(args, "config", None) is not None:
+            given |= {name: (value, f"{name} in {args.config}") for name, value in settings_from_file(args.config).items()}
+        given |= {name: (value, env_name(name)) for name, value in settings_from_env(os.environ).items()}
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    names = [name for name, _, _ in RunConfig().settings()]
+    return given | {name: (getattr(args, name), flag_of(name)) for name in names if getattr(args, name, None) is not None}
 
 
 def run_config_from(args: argparse.Namespace, defaults: dict | None = None):
+    """The run configuration the user gave (over ``defaults``), and the names of the
+    settings given; a problem names each setting as the user gave it."""
     from edgefl.config import ConfigError, RunConfig, flag_of
 
+    given = given_settings(args)
     try:
-        return RunConfig(**{**(defaults or {}), **given_settings(args)})
+        config = RunConfig(**{**(defaults or {}), **{name: value for name, (value, _) in given.items()}})
     except ConfigError as error:
-        raise CliError(error.describe(flag_of)) from None
+        raise CliError(error.describe(lambda name: given[name][1] if name in given else flag_of(name))) from None
+    return config, set(given)
 
 
 def _read_secret(path: Path | None, flag: str) -> str | None:
@@ -75,7 +89,7 @@ def _serve(args) -> int:
     from coordinator.server import serve
     from edgefl.app.launcher import edgefl_command
 
-    config = run_config_from(args)
+    config, given = run_config_from(args)
     if args.from_final and not args.new_run:
         raise CliError("--from-final starts a new run from the last one's model: give --new-run too")
     admin_token = _read_secret(args.admin_token_file, "--admin-token-file")
@@ -84,7 +98,7 @@ def _serve(args) -> int:
         serve(
             instance=args.instance,
             config=config,
-            given=set(given_settings(args)),
+            given=given,
             host=args.host,
             port=args.port,
             threads=args.threads,
@@ -238,7 +252,7 @@ def _status(args) -> int:
 def _demo(args) -> int:
     from edgefl.app.demo import run_demo
 
-    config = run_config_from(args, DEMO_DEFAULTS)
+    config, _ = run_config_from(args, DEMO_DEFAULTS)
     device_runtimes(args.runtime)
     return run_demo(args, config)
 

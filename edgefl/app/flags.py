@@ -64,7 +64,12 @@ def _add_run_config(parser: argparse.ArgumentParser, defaults: dict | None = Non
     its stored configuration, and only given flags must agree with it."""
     from edgefl.config import RunConfig, flag_of
 
-    group = parser.add_argument_group("run configuration (for a new run; a resumed run keeps its own)")
+    group = parser.add_argument_group(
+        "run configuration (for a new run; a resumed run keeps its own). Also from --config FILE.toml ([run] table,"
+        " the fields named as in the API, e.g. round_timeout_s = 60) and EDGEFL_<FIELD> variables (EDGEFL_ROUNDS=20);"
+        " flags win over variables, variables over the file"
+    )
+    group.add_argument("--config", type=Path, metavar="FILE.toml", help="run settings from a TOML file")
     for name, default, rule in RunConfig(**(defaults or {})).settings():
         kind = type(default)
         if rule.choices:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import threading
 
+from edgefl.protocol import RoundStatus
+
 
 class Lobby:
     def __init__(self) -> None:
@@ -61,7 +63,7 @@ class Lobby:
 # What held check-ins wait for: the run's status or configuration, or a round opening.
 _ROUND_STATE = (
     "SELECT (SELECT status FROM run WHERE id = 1), (SELECT config FROM run WHERE id = 1),"
-    " (SELECT MAX(id) FROM rounds WHERE status = 'open')"
+    f" (SELECT MAX(id) FROM rounds WHERE status = '{RoundStatus.OPEN}')"
 )
 
 

@@ -10,6 +10,7 @@ import json
 
 from coordinator.database import Connection
 from edgefl.config import RunConfig
+from edgefl.protocol import RoundStatus
 
 
 def config_changes(db: Connection) -> list[dict]:
@@ -45,7 +46,7 @@ def history(db: Connection) -> list[dict]:
             "phase": r["phase"],
             "selected": r["selected"],
             "reported": r["reported"],
-            "dropped": r["selected"] - r["reported"] - r["late"] if r["status"] != "open" else None,
+            "dropped": r["selected"] - r["reported"] - r["late"] if r["status"] != RoundStatus.OPEN else None,
             "late": r["late"],
             "rejected": rejected.get(r["id"], {}),
             "bytes_down": r["bytes_down"],
@@ -82,8 +83,8 @@ def privacy_spent(db: Connection, config: RunConfig) -> dict[int, dict]:
     committed = db.execute(
         "SELECT r.id, (SELECT COUNT(*) FROM updates u WHERE u.round_id = r.id),"
         " (SELECT COUNT(DISTINCT u.device_id) FROM updates u JOIN rounds p ON p.id = u.round_id"
-        "  WHERE p.status = 'committed' AND p.id <= r.id)"
-        " FROM rounds r WHERE r.status = 'committed' ORDER BY r.id"
+        f"  WHERE p.status = '{RoundStatus.COMMITTED}' AND p.id <= r.id)"
+        f" FROM rounds r WHERE r.status = '{RoundStatus.COMMITTED}' ORDER BY r.id"
     ).fetchall()
     spent = privacy.epsilons(config.dp_noise_multiplier, [(row[1], row[2]) for row in committed])
     return {row[0]: {"epsilon": epsilon, "delta": privacy.DELTA} for row, epsilon in zip(committed, spent)}
@@ -99,9 +100,9 @@ def discardable_update_blobs(db: Connection, round_id: int) -> list[str]:
     needs it."""
     rows = db.execute(
         "SELECT DISTINCT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
-        " WHERE r.id = ? AND r.status IN ('committed', 'abandoned') AND u.blob_sha256 NOT IN"
+        f" WHERE r.id = ? AND r.status IN ('{RoundStatus.COMMITTED}', '{RoundStatus.ABANDONED}') AND u.blob_sha256 NOT IN"
         " (SELECT v.blob_sha256 FROM updates v JOIN rounds o ON o.id = v.round_id"
-        "  WHERE o.status IN ('open', 'aggregating'))",
+        f"  WHERE o.status IN ('{RoundStatus.OPEN}', '{RoundStatus.AGGREGATING}'))",
         (round_id,),
     ).fetchall()
     return [r[0] for r in rows]
@@ -115,6 +116,6 @@ def live_blobs(db: Connection) -> set[str]:
         "SELECT sha256 FROM checkpoints UNION SELECT server_state_sha256 FROM checkpoints"
         " UNION SELECT sha256 FROM artefacts"
         " UNION SELECT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
-        " WHERE r.status IN ('open', 'aggregating')"
+        f" WHERE r.status IN ('{RoundStatus.OPEN}', '{RoundStatus.AGGREGATING}')"
     ).fetchall()
     return {r[0] for r in rows}

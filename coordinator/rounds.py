@@ -147,7 +147,7 @@ def _recent_round_seconds(db: Connection) -> float:
     a round that stood open before any device came (the first, at start-up)."""
     row = db.execute(
         "SELECT MIN(seconds) FROM (SELECT r.committed_at - MIN(a.assigned_at) AS seconds"
-        " FROM rounds r JOIN assignments a ON a.round_id = r.id WHERE r.status = 'committed'"
+        f" FROM rounds r JOIN assignments a ON a.round_id = r.id WHERE r.status = '{RoundStatus.COMMITTED}'"
         " GROUP BY r.id ORDER BY r.id DESC LIMIT 3) AS recent"
     ).fetchone()
     return row[0] or 0.0
@@ -402,7 +402,7 @@ def count_bytes_down(db: Connection, device_id: str, sha256: str, size: int) -> 
     """Charge a device's checkpoint download to the open round it was selected into,
     if that round trains from this checkpoint."""
     db.execute(
-        "UPDATE rounds SET bytes_down = bytes_down + ? WHERE status = 'open' AND base_version IN"
+        f"UPDATE rounds SET bytes_down = bytes_down + ? WHERE status = '{RoundStatus.OPEN}' AND base_version IN"
         " (SELECT version FROM checkpoints WHERE sha256 = ?)"
         " AND id IN (SELECT round_id FROM assignments WHERE device_id = ?)",
         (size, sha256, device_id),

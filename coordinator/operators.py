@@ -13,7 +13,7 @@ from dataclasses import asdict
 from flask import current_app, request
 from spectree import Response
 
-from coordinator import access, records, rounds
+from coordinator import access, records, rounds, run_control
 from coordinator.api import bp, errors, get_db, get_store, require_run
 from coordinator.errors import ApiError
 from coordinator.openapi import ADMIN, spec
@@ -53,7 +53,7 @@ def control(action: str):
     db = get_db()
     require_run(db)
     with get_store().transaction(db):
-        rejection = rounds.control_run(db, action, time.time())
+        rejection = run_control.control_run(db, action, time.time())
         if rejection:
             raise ApiError(rejection.status, rejection.code, rejection.detail)
     current_app.extensions["edgefl.lobby"].notify()  # held check-ins learn of it now
@@ -74,7 +74,7 @@ def change_config(json: ConfigChange):
     db = get_db()
     require_run(db)
     with get_store().transaction(db):
-        changed = rounds.change_config(db, json.model_dump(exclude_unset=True), time.time())
+        changed = run_control.change_config(db, json.model_dump(exclude_unset=True), time.time())
         if isinstance(changed, rounds.Rejection):
             raise ApiError(changed.status, changed.code, changed.detail)
     current_app.extensions["edgefl.lobby"].notify()  # a bigger cohort may take held devices now

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from coordinator import lifecycle, records, selection
 from coordinator.database import Connection, Row
@@ -345,53 +345,6 @@ def commit_round(
 
 def finish_run(db: Connection, now: float, status: str = "finished") -> None:
     db.execute("UPDATE run SET status = ?, finished_at = ? WHERE id = 1", (status, now))
-
-
-# What an operator may do to a run, from which states.
-CONTROLS = {"pause": ({"running"}, "paused"), "resume": ({"paused"}, "running"), "stop": ({"running", "paused"}, "stopped")}
-
-
-def control_run(db: Connection, action: str, now: float) -> Rejection | None:
-    """Pause (no new tasks; the driver stands still), resume, or stop the run for good."""
-    allowed, target = CONTROLS[action]
-    current = run_status(db)
-    if current not in allowed:
-        return Rejection(409, "bad_transition", f"A {current} run cannot {action}.")
-    if target == "stopped":
-        finish_run(db, now, "stopped")
-    else:
-        db.execute("UPDATE run SET status = ? WHERE id = 1", (target,))
-    return None
-
-
-def change_config(db: Connection, changes: dict, now: float) -> RunConfig | Rejection:
-    """Apply an operator's changes (already of the right types: see the API's
-    ``ConfigChange``) to the run's configuration, recorded with the time.
-
-    They take effect at once: the open round closes by the new target and minimum and
-    takes a bigger or smaller cohort; a new deadline, epochs, batch size or learning rate
-    apply from the next round (its devices' tasks). A DP run keeps its target: the
-    server's noise was calibrated for it when the server was built."""
-    status = run_status(db)
-    if status not in ("running", "paused"):
-        return Rejection(409, "bad_transition", f"A {status} run's configuration cannot change.")
-    config = run_config(db)
-    try:
-        changed = replace(config, **changes)
-    except (TypeError, ValueError) as error:
-        return Rejection(409, "config_conflict", f"{str(error).rstrip('.')}.")
-    if config.aggregator.startswith("dp") and changed.target_reports != config.target_reports:
-        return Rejection(
-            409,
-            "config_conflict",
-            f"A DP run's noise is calibrated for its target_reports ({config.target_reports}), which cannot change mid-run.",
-        )
-    current = active_round(db) or latest_round(db)
-    if current is not None and changed.rounds < current["number"]:
-        return Rejection(409, "config_conflict", f"rounds must be at least {current['number']}, the round the run has reached.")
-    db.execute("UPDATE run SET config = ? WHERE id = 1", (changed.to_json(),))
-    db.execute("INSERT INTO config_changes (changes, changed_at) VALUES (?, ?)", (json.dumps(changes, sort_keys=True), now))
-    return changed
 
 
 def latest_round(db: Connection) -> Row | None:

@@ -21,7 +21,7 @@ from edgefl import jsonsafe
 from edgefl.config import RunConfig
 
 ARCHIVE_DIR = "previous-runs"
-RUN_TABLES = ("config_changes", "checkpoints", "rounds", "assignments", "updates", "artefacts", "rejections", "run")
+RUN_TABLES = ("config_changes", "checkpoints", "rounds", "assignments", "messages", "artefacts", "rejections", "run")
 
 
 def start_over(store: Store, check: Callable[[RunConfig, bytes], None] = lambda config, final: None) -> tuple[Path, bytes]:

@@ -20,7 +20,7 @@ from werkzeug.serving import make_server
 
 import coordinator
 from coordinator import dashboard
-from tests.test_e2e import assert_all_gone, chromium
+from tests.processes import assert_all_gone, chromium
 
 RUN = {
     "status": "running",

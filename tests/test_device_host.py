@@ -23,6 +23,7 @@ from edgefl.datasets import Split
 from edgefl.learner import Learner
 from edgefl.protocol import CheckinAnswer, DeviceRegistration, Task, UpdateAccepted
 from edgefl.wire import TensorSpec
+from tests.processes import assert_all_gone, descendant_pids
 
 TINY = (TensorSpec("w", (3,)),)
 
@@ -354,26 +355,6 @@ def test_agents_against_the_coordinator_count_their_rounds_late_uploads_and_lost
 # --- a host of 50 devices against a live coordinator ------------------------------------
 
 
-def descendants() -> dict[int, str]:
-    found = {}
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if (name := process.name()) != "postgres":
-                found[process.pid] = name
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def assert_all_gone(pids: dict[int, str], timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = {p: n for p, n in alive.items() if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
-        time.sleep(0.2)
-    assert not alive, f"still running: {alive}"
-
-
 def device_processes(fleet_pid: int) -> set[int]:
     try:
         children = psutil.Process(fleet_pid).children()
@@ -388,12 +369,12 @@ def test_a_device_host_runs_50_devices_in_one_process_against_a_live_coordinator
     from edgefl.config import RunConfig
 
     config = RunConfig(model="cnn_small", rounds=2, target_reports=20, min_reports=20, round_timeout_s=300, client_lr=0.1)
-    before = descendants()
+    before = descendant_pids()
     seen: dict[int, str] = {}
     hosts: set[int] = set()
 
     def watch(_entry=None):
-        seen.update({p: n for p, n in descendants().items() if p not in before})
+        seen.update({p: n for p, n in descendant_pids().items() if p not in before})
         hosts.update(device_processes(fed.fleet.pid))
 
     with federation(tmp_path, config, count=50, partition="iid", data_seed=0, device_flags=["--per-process", "50"]) as fed:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,76 +24,9 @@ import requests
 
 from edgefl.app.launcher import edgefl_command, federation, start_logged, stop_process, wait_for_server
 from edgefl.config import RunConfig
+from tests.processes import assert_all_gone, chromium, descendant_pids
 
 pytestmark = pytest.mark.e2e
-
-
-def descendant_pids(exclude: dict[int, str] | None = None) -> dict[int, str]:
-    """This test process's descendants, less ``exclude`` (what other fixtures started)
-    and the test PostgreSQL server's processes (it forks one per connection; its fixture
-    checks that they end with it)."""
-    found = {}
-    for process in psutil.Process().children(recursive=True):
-        if exclude and process.pid in exclude:
-            continue
-        try:
-            if (name := process.name()) != "postgres":
-                found[process.pid] = name
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def assert_all_gone(pids: dict[int, str], timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = {p: n for p, n in alive.items() if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
-        time.sleep(0.2)
-    assert not alive, f"still running: {alive}"
-
-
-def chromium(url: str, out: Path, *flags: str, timeout_s: float = 180) -> tuple[str, dict[int, str]]:
-    """Headless Chromium (Debian's, installed by ``make test``) on ``url``: its stdout
-    and every process it started (recorded while it runs, since its helpers come and go;
-    on a timeout the whole process group is killed, so nothing is left behind)."""
-    binary = shutil.which("chromium")
-    assert binary, "Debian's chromium is missing; `make test` installs it"
-    before = descendant_pids()
-    browser = subprocess.Popen(
-        [
-            binary,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={out / 'chromium-profile'}",
-            "--virtual-time-budget=15000",
-            *flags,
-            url,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    started = {browser.pid: "chromium"}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        started.update(descendant_pids(before))
-        try:
-            stdout, _ = browser.communicate(timeout=0.2)
-            return stdout, started
-        except subprocess.TimeoutExpired:
-            if time.monotonic() > deadline:
-                os.killpg(browser.pid, signal.SIGKILL)
-                browser.communicate()
-                raise
 
 
 def assert_dashboard_draws(url: str, history: list[dict], out: Path) -> dict[int, str]:

@@ -1,6 +1,7 @@
 """The ``edgefl`` command's flags, declared in one place: each is checked as it is parsed
 (numbers against their ranges, URLs for their scheme), so a mistake is one line and exit
-status 2 before anything starts. The run settings' flags come from ``edgefl.config``.
+status 2 before anything starts. The run settings' flags come from ``edgefl.config``'s
+declarations, the devices' from ``device_sim.settings``'.
 """
 
 from __future__ import annotations

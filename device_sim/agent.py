@@ -5,7 +5,7 @@ checkpoint, cached by sha256 so a device re-selected for the same model version 
 not download it twice; a LiteRT device's on-device training file, kept until the run's
 batch size changes), train, upload, and check in again; a ``wait`` answer sends it back
 to checking in after ``retry_after``; ``finished`` ends it. Each call of ``step`` does
-one phase's work and returns when it wants to be called again: the agent never sleeps,
+one state.s work and returns when it wants to be called again: the agent never sleeps,
 starts no thread and knows nothing of processes, so a host (``device_sim.host``) can run
 one agent per process or a thousand in one, and a test can drive one by hand.
 
@@ -43,7 +43,7 @@ log = logging.getLogger("edgefl.device")
 _NO_TRAINING_FILE_RETRY_S = 1.0  # the coordinator is still building the file for the run's batch size
 
 
-class Phase(StrEnum):
+class State(StrEnum):
     REGISTER = "register"
     CHECK_IN = "check_in"
     FETCH_TRAINING_FILE = "fetch_training_file"  # LiteRT only
@@ -54,8 +54,8 @@ class Phase(StrEnum):
 
     @property
     def computes(self) -> bool:
-        """Whether the phase keeps a CPU busy (and needs a learner) rather than waiting on the network."""
-        return self is Phase.TRAIN
+        """Whether the state keeps a CPU busy (and needs a learner) rather than waiting on the network."""
+        return self is State.TRAIN
 
 
 class Learners(Protocol):
@@ -120,7 +120,7 @@ class DeviceAgent:
         self.train, self.held = train, held
         self.client = client
         self.enrolment_secret = enrolment_secret
-        self.phase = Phase.REGISTER
+        self.state = State.REGISTER
         self.summary = DeviceSummary(index, num_examples=len(train), runtime=runtime)
         self.learner_s: float | None = None  # getting the learner for its first task: part of its start-up
         self._task: Task | None = None
@@ -131,15 +131,15 @@ class DeviceAgent:
 
     @property
     def done(self) -> bool:
-        return self.phase is Phase.DONE
+        return self.state is State.DONE
 
     def step(self, now: float, learners: Learners) -> float | None:
-        """Do the current phase's work; the time (on ``now``'s clock) to be called at
+        """Do the current state.s work; the time (on ``now``'s clock) to be called at
         next, or None once the device is done."""
         try:
-            wake = getattr(self, f"_{self.phase.value}")(now, learners)
+            wake = getattr(self, f"_{self.state.value}")(now, learners)
         except BaseException:
-            self.phase = Phase.DONE
+            self.state = State.DONE
             raise
         finally:
             self.summary.bytes_down = self.client.traffic.bytes_down
@@ -151,7 +151,7 @@ class DeviceAgent:
         log.info(
             "device %d (%s) registered as %s with %d examples", self.index, self.runtime, self.summary.device_id, len(self.train)
         )
-        self.phase = Phase.CHECK_IN
+        self.state = State.CHECK_IN
         return now
 
     def _check_in(self, now: float, _learners: Learners) -> float | None:
@@ -159,7 +159,7 @@ class DeviceAgent:
         if answer.status == "finished":
             self.summary.stopped_because = answer.reason or "run_finished"
             log.info("device %d: the coordinator says the run is over (%s)", self.index, self.summary.stopped_because)
-            self.phase = Phase.DONE
+            self.state = State.DONE
             return None
         if answer.status == "wait" or answer.task is None:
             return now + (answer.retry_after or 1.0)
@@ -167,9 +167,9 @@ class DeviceAgent:
         self._times = {"task": time.monotonic()}
         training_file = self._training_file
         if self.runtime == "litert" and (training_file is None or training_file.batch_size != self._task.batch_size):
-            self.phase = Phase.FETCH_TRAINING_FILE
+            self.state = State.FETCH_TRAINING_FILE
         else:
-            self.phase = self._after_training_file()
+            self.state = self._after_training_file()
         return now
 
     def _fetch_training_file(self, now: float, _learners: Learners) -> float:
@@ -179,19 +179,19 @@ class DeviceAgent:
             log.info(
                 "device %d: no training file for batch %d yet; skipping round %d", self.index, task.batch_size, task.round_number
             )
-            self.phase = Phase.CHECK_IN
+            self.state = State.CHECK_IN
             return now + _NO_TRAINING_FILE_RETRY_S
-        self.phase = self._after_training_file()
+        self.state = self._after_training_file()
         return now
 
-    def _after_training_file(self) -> Phase:
+    def _after_training_file(self) -> State:
         held = self._checkpoint
-        return Phase.TRAIN if held is not None and held[0] == self._task.checkpoint_sha256 else Phase.FETCH_CHECKPOINT
+        return State.TRAIN if held is not None and held[0] == self._task.checkpoint_sha256 else State.FETCH_CHECKPOINT
 
     def _fetch_checkpoint(self, now: float, _learners: Learners) -> float:
         sha = self._task.checkpoint_sha256
         self._checkpoint = (sha, self.client.download_checkpoint(sha), None)
-        self.phase = Phase.TRAIN
+        self.state = State.TRAIN
         return now
 
     def _train(self, now: float, learners: Learners) -> float:
@@ -222,13 +222,13 @@ class DeviceAgent:
             {"num_examples": str(result.num_examples), "metrics": json.dumps(metrics)},
             np.random.default_rng([self.seed, self.index, task.round_id]),  # stochastic rounding's draws
         )
-        self.phase = Phase.UPLOAD
+        self.state = State.UPLOAD
         return now
 
     def _upload(self, now: float, _learners: Learners) -> float:
         task, body = self._task, self._upload_body
         self._upload_body = None
-        self.phase = Phase.CHECK_IN
+        self.state = State.CHECK_IN
         try:
             self.client.upload_update(task.round_id, body)
         except ProtocolError as exc:

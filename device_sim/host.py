@@ -131,7 +131,7 @@ class DeviceHost:
                 now = self.clock()
                 while wakes and wakes[0][0] <= now:
                     _, _, agent = heapq.heappop(wakes)
-                    (training if agent.phase.computes else network).put(agent)
+                    (training if agent.state.computes else network).put(agent)
                     busy += 1
                 try:
                     agent, result = finished.get(timeout=max(0.0, wakes[0][0] - now) if wakes else None)

@@ -15,12 +15,11 @@ list that is cycled over the population by index.
 from __future__ import annotations
 
 import argparse
-import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from edgefl.config import Setting, setting
+from edgefl.config import Setting, declared, flag_for, setting, values_of
 from edgefl.datasets import DATASET_NAMES
 from edgefl.partition import PartitionSpec
 
@@ -62,8 +61,7 @@ class DeviceSettings:
             raise ValueError("; ".join(problems))
 
     def settings(self) -> Iterator[tuple[str, Any, Setting]]:
-        for f in fields(self):
-            yield f.name, getattr(self, f.name), f.metadata["setting"]
+        return values_of(self)
 
     @property
     def runtimes(self) -> list[str]:
@@ -76,15 +74,12 @@ class DeviceSettings:
 
 def device_settings() -> Iterator[tuple[str, type, Setting, Any]]:
     """Each setting's name, type, declaration and default, in declaration order."""
-    types = typing.get_type_hints(DeviceSettings)
-    for f in fields(DeviceSettings):
-        yield f.name, types[f.name], f.metadata["setting"], f.default
+    return declared(DeviceSettings)
 
 
 def flag_of(name: str) -> str:
     """The command-line flag of a setting, with its dashes."""
-    flag = next(s.flag for n, _, s, _ in device_settings() if n == name)
-    return "--" + (flag or name.replace("_", "-"))
+    return flag_for(DeviceSettings, name)
 
 
 def dest_of(name: str) -> str:

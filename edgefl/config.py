@@ -66,7 +66,27 @@ class Setting:
 
 
 def setting(default: Any, help: str, **accepts: Any) -> Any:
+    """A dataclass field declared as a setting (``RunConfig``'s, ``device_sim.settings``')."""
     return field(default=default, metadata={"setting": Setting(help=help, **accepts)})
+
+
+def declared(cls: type) -> Iterator[tuple[str, type, Setting, Any]]:
+    """Each setting a dataclass declares: its name, type, declaration and default, in order."""
+    types = typing.get_type_hints(cls)
+    for f in fields(cls):
+        yield f.name, types[f.name], f.metadata["setting"], f.default
+
+
+def values_of(settings: Any) -> Iterator[tuple[str, Any, Setting]]:
+    """Each setting of a dataclass instance: its name, value and declaration."""
+    for f in fields(settings):
+        yield f.name, getattr(settings, f.name), f.metadata["setting"]
+
+
+def flag_for(cls: type, name: str) -> str:
+    """The command-line flag of a declared setting, with its dashes."""
+    flag = next(s.flag for n, _, s, _ in declared(cls) if n == name)
+    return "--" + (flag or name.replace("_", "-"))
 
 
 class ConfigError(ValueError):
@@ -125,8 +145,7 @@ class RunConfig:
             raise ConfigError(problems)
 
     def settings(self) -> Iterator[tuple[str, Any, Setting]]:
-        for f in fields(self):
-            yield f.name, getattr(self, f.name), f.metadata["setting"]
+        return values_of(self)
 
     @property
     def upload_codec(self) -> Codec:
@@ -150,15 +169,13 @@ class RunConfig:
 def run_settings() -> Iterator[tuple[str, type, Setting]]:
     """Each RunConfig field's name, type and declaration, in order: what the CLI's
     flags, the configuration file and the API's bodies are derived from."""
-    types = typing.get_type_hints(RunConfig)
-    for f in fields(RunConfig):
-        yield f.name, types[f.name], f.metadata["setting"]
+    for name, kind, declaration, _ in declared(RunConfig):
+        yield name, kind, declaration
 
 
 def flag_of(name: str) -> str:
     """The command-line flag of a RunConfig field, with its dashes."""
-    flag = next(f.metadata["setting"].flag for f in fields(RunConfig) if f.name == name)
-    return "--" + (flag or name.replace("_", "-"))
+    return flag_for(RunConfig, name)
 
 
 def command_line(config: RunConfig) -> list[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 
-from device_sim.agent import DeviceAgent, Phase
+from device_sim.agent import DeviceAgent, State
 from device_sim.host import DeviceHost
 from device_sim.settings import DeviceSettings, add_arguments, command_line, flag_of, from_arguments
 from edgefl import wire
@@ -133,13 +133,13 @@ def agent_with(client, runtime="keras") -> DeviceAgent:
     return DeviceAgent(3, runtime, shard(16), shard(4), client, seed=0)
 
 
-def drive(agent: DeviceAgent, learners, limit: int = 100) -> list[tuple[Phase, float]]:
-    """Step the agent to its end on a clock that jumps to each wake-up; (phase, wait) per step."""
+def drive(agent: DeviceAgent, learners, limit: int = 100) -> list[tuple[State, float]]:
+    """Step the agent to its end on a clock that jumps to each wake-up; (state, wait) per step."""
     now, steps = 1000.0, []
     while not agent.done and len(steps) < limit:
-        phase = agent.phase
+        state = agent.state
         wake = agent.step(now, learners)
-        steps.append((phase, (wake - now) if wake is not None else None))
+        steps.append((state, (wake - now) if wake is not None else None))
         now = wake if wake is not None else now
     assert agent.done
     return steps
@@ -150,16 +150,16 @@ def test_a_device_registers_trains_uploads_and_stops_when_told():
     agent = agent_with(client)
     steps = drive(agent, TinyLearners())
     assert [p for p, _ in steps] == [
-        Phase.REGISTER,
-        Phase.CHECK_IN,  # wait: called again after retry_after
-        Phase.CHECK_IN,
-        Phase.FETCH_CHECKPOINT,
-        Phase.TRAIN,
-        Phase.UPLOAD,
-        Phase.CHECK_IN,  # the same checkpoint: cached by sha256, straight to training
-        Phase.TRAIN,
-        Phase.UPLOAD,
-        Phase.CHECK_IN,
+        State.REGISTER,
+        State.CHECK_IN,  # wait: called again after retry_after
+        State.CHECK_IN,
+        State.FETCH_CHECKPOINT,
+        State.TRAIN,
+        State.UPLOAD,
+        State.CHECK_IN,  # the same checkpoint: cached by sha256, straight to training
+        State.TRAIN,
+        State.UPLOAD,
+        State.CHECK_IN,
     ]
     assert steps[1][1] == 2.5 and all(wait == 0 for _, wait in steps[2:-1])
     assert client.downloads == ["checkpoint"]
@@ -212,7 +212,7 @@ def test_a_litert_device_keeps_its_training_file_until_the_batch_size_changes():
     steps = drive(agent_with(client, "litert"), learners)
     assert client.downloads == ["training file", "checkpoint", "training file", "training file"]
     # The coordinator still offered the batch-10 file for round 3: the device skipped that round.
-    skipped = [wait for phase, wait in steps if phase is Phase.FETCH_TRAINING_FILE]
+    skipped = [wait for state, wait in steps if state is State.FETCH_TRAINING_FILE]
     assert skipped == [0, 1.0, 0]
     assert learners.built == [10, 10, 20]  # per step from the host's cache; the agent keeps the file
 
@@ -312,8 +312,8 @@ class FlaskDeviceClient:
         return answer
 
 
-def step_until(agent, phase, learners):
-    while agent.phase is not phase:
+def step_until(agent, state, learners):
+    while agent.state is not state:
         agent.step(time.monotonic(), learners)
 
 
@@ -334,16 +334,16 @@ def test_agents_against_the_coordinator_count_their_rounds_late_uploads_and_lost
     )
     assert driver.step()  # opens round 1
     for agent in (lost, normal, late):
-        step_until(agent, Phase.FETCH_CHECKPOINT, learners)  # registered and selected
+        step_until(agent, State.FETCH_CHECKPOINT, learners)  # registered and selected
     for agent in (lost, normal, late):
-        step_until(agent, Phase.UPLOAD, learners)
+        step_until(agent, State.UPLOAD, learners)
     for agent in (lost, normal):
         agent.step(time.monotonic(), learners)
     assert (lost.summary.rounds_trained, normal.summary.rounds_trained) == (1, 1)
     while driver.step():  # closes, aggregates, commits and evaluates round 1, opens round 2
         pass
     late.step(time.monotonic(), learners)
-    assert (late.summary.rounds_trained, late.summary.late_uploads) == (0, 1) and late.phase is Phase.CHECK_IN
+    assert (late.summary.rounds_trained, late.summary.late_uploads) == (0, 1) and late.state is State.CHECK_IN
     assert all(a.summary.bytes_down > 0 for a in (lost, normal, late))
 
     late.client.token = "not-a-token-the-coordinator-issued"
@@ -387,7 +387,9 @@ def test_a_device_host_runs_50_devices_in_one_process_against_a_live_coordinator
         assert fed.fleet.wait(timeout=120) == 0, (tmp_path / "logs" / "devices.log").read_text()
     assert_all_gone(seen)
     assert len(hosts) == 1  # one device process for the 50 devices
-    assert status.devices == 50 and [h.reported for h in status.history] == [20, 20]
+    # A round closes at its target; an upload that lands before the driver closes it still counts.
+    assert status.devices == 50 and all(20 <= h.reported <= config.cohort_size for h in status.history)
+    assert len(status.history) == 2
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "logs" / "devices").glob("device-*.json"))]
     assert [s["index"] for s in summaries] == list(range(50))
     assert all(s["devices_in_process"] == 50 and s["stopped_because"] == "run_finished" for s in summaries)

@@ -25,15 +25,16 @@ from typing import NamedTuple
 from coordinator import records, rounds
 from coordinator.database import Connection
 from coordinator.store import Store
+from edgefl.artefacts import MODEL_CARD, PHONE_VARIANT, inference_file, training_file
 from edgefl.processes import start_logged, stop_process
 
 log = logging.getLogger("edgefl.artefacts")
 
-# kind -> the export's file name for it, and its media type
+# kind -> the export's file name for it (edgefl.artefacts), and its media type
 KINDS = {
-    "inference": ("{model}_int8.tflite", "application/octet-stream"),
-    "training": ("{model}_train.tflite", "application/octet-stream"),
-    "card": ("model_card.json", "application/json"),
+    "inference": (lambda model: inference_file(model, PHONE_VARIANT), "application/octet-stream"),
+    "training": (training_file, "application/octet-stream"),
+    "card": (lambda model: MODEL_CARD, "application/json"),
 }
 _RETRY_FAILED_S = 60.0
 _TEMP_PREFIX = "publish-"
@@ -148,8 +149,8 @@ class Publisher:
                 self._failed = (target, self.clock())
                 return False
             blobs = {}
-            for kind, (pattern, _) in KINDS.items():
-                data = (out / pattern.format(model=target.model)).read_bytes()
+            for kind, (file_of, _) in KINDS.items():
+                data = (out / file_of(target.model)).read_bytes()
                 blobs[kind] = (self.store.blobs.put(data), len(data))
         with closing(self.store.connect()) as db:
             with self.store.transaction(db):

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefl.artefacts import MODEL_CARD, inference_file, training_file
 from edgefl.datasets import load_dataset
 from edgefl.models import INPUT_SHAPE, NUM_CLASSES, build_model
 from export.tflite import VARIANTS, check_variant, convert
 from export.trainable import export_training_model
-
-MODEL_CARD = "model_card.json"
 
 
 def export_checkpoint(
@@ -40,13 +39,13 @@ def export_checkpoint(
     reports = []
     for kind in variants:
         tflite_model = convert(model, kind, test.x)
-        file_name = f"{model_name}_{kind}.tflite"
+        file_name = inference_file(model_name, kind)
         (out_dir / file_name).write_bytes(tflite_model)
         reports.append(check_variant(kind, file_name, tflite_model, test.x, test.y, keras_logits))
     training = None
     if train_batch is not None:
         train_model, training = export_training_model(model_name, weights, train_batch, test.x, test.y)
-        training["file"] = f"{model_name}_train.tflite"
+        training["file"] = training_file(model_name)
         (out_dir / training["file"]).write_bytes(train_model)
     card = {
         "model": model_name,

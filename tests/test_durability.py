@@ -63,6 +63,19 @@ class Coordinator:
             assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
             time.sleep(0.05)
 
+    def wait_for_connections(self, count: int, timeout_s: float = 10) -> None:
+        """Until the server holds ``count`` established connections on its port."""
+        port = urlparse(self.url).port
+        deadline = time.monotonic() + timeout_s
+
+        def established() -> int:
+            connections = psutil.Process(self.process.pid).net_connections(kind="tcp")
+            return sum(1 for c in connections if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+        while established() < count:
+            assert time.monotonic() < deadline, f"the server never held {count} connections"
+            time.sleep(0.02)
+
     def kill(self) -> None:
         self.process.kill()  # SIGKILL: no handler, no cleanup
         self.process.wait(timeout=30)
@@ -204,7 +217,7 @@ def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path, uninterrupt
         held = Unanswered(d0.checkin, url)
         held.start()
         cut = send_half(url, round_id, d2, body)
-        time.sleep(0.5)
+        coordinator.wait_for_connections(2)  # both are in the server's hands
         coordinator.kill()
         held.assert_cut_off()
         cut.close()

@@ -12,8 +12,9 @@ from edgefl.datasets import load_dataset
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, small_parts):
+    from edgefl.artefacts import MODEL_CARD
     from edgefl.models import build_model
-    from export import MODEL_CARD, export_checkpoint
+    from export import export_checkpoint
 
     learner = small_parts[0]
     train = load_dataset("digits").train

@@ -218,8 +218,9 @@ def _export(args) -> int:
     if round_number is None and metadata.get("version", "").isdigit():
         round_number = int(metadata["version"])
     from edgefl.app.report import export_table
+    from edgefl.artefacts import MODEL_CARD
     from edgefl.logs import native_stderr_silenced
-    from export import MODEL_CARD, export_checkpoint
+    from export import export_checkpoint
 
     try:
         with native_stderr_silenced():  # the TFLite converter's and LiteRT's native chatter

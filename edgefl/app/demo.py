@@ -14,6 +14,7 @@ import time
 
 from edgefl.app.launcher import edgefl_command, federation
 from edgefl.app.report import export_table, figure, plot_history, progress_line, rounds_table
+from edgefl.artefacts import MODEL_CARD
 from edgefl.config import RunConfig
 from edgefl.processes import raise_on_sigterm
 
@@ -68,7 +69,7 @@ def run_demo(args, config: RunConfig) -> int:
     history = status.history
     (out / "status.json").write_text(status.model_dump_json(indent=2))
     plot = plot_history(history, out / "rounds.png", title=f"edgefl demo: {config.model}, {args.count} devices, {args.partition}")
-    card = json.loads((export_dir / "model_card.json").read_text())
+    card = json.loads((export_dir / MODEL_CARD).read_text())
     print()
     print(rounds_table(history))
     print()

@@ -285,7 +285,7 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
             reports = rounds.record_message(db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time())
     except BaseException:
         with store.transaction(db):  # under the write lock, so no upload of the same bytes commits meanwhile
-            if not db.execute("SELECT 1 FROM updates WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
+            if not db.execute("SELECT 1 FROM messages WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
                 store.blobs.delete(blob_sha256)
         raise
     current_app.extensions["edgefl.update_arrived"].set()

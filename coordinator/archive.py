@@ -19,6 +19,7 @@ from coordinator import leases, records, rounds
 from coordinator.store import Store
 from edgefl import jsonsafe
 from edgefl.config import RunConfig
+from edgefl.protocol import RunStatusName
 
 ARCHIVE_DIR = "previous-runs"
 RUN_TABLES = ("config_changes", "checkpoints", "rounds", "assignments", "messages", "artefacts", "rejections", "run")
@@ -32,7 +33,7 @@ def start_over(store: Store, check: Callable[[RunConfig, bytes], None] = lambda 
         status = rounds.run_status(db)
         if status is None:
             raise ValueError(f"--new-run: {store.instance_dir} holds no run yet; serve it without --new-run")
-        if status in ("running", "paused"):
+        if status in (RunStatusName.RUNNING, RunStatusName.PAUSED):
             raise ValueError(
                 f"--new-run: {store.instance_dir} holds a {status} run; let it finish, or stop it (POST /v1/admin/stop) first"
             )

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
@@ -40,7 +40,7 @@ from edgefl import codecs, metrics, wire
 from edgefl.config import RunConfig
 from edgefl.datasets import load_dataset
 from edgefl.models import weight_names
-from edgefl.protocol import RoundStatus
+from edgefl.protocol import RoundStatus, RunStatusName
 from edgefl.training import KerasLearner
 
 log = logging.getLogger("edgefl.coordinator")
@@ -49,13 +49,16 @@ log = logging.getLogger("edgefl.coordinator")
 def resumed_config(store: Store, requested: RunConfig, given: Collection[str]) -> RunConfig:
     """What to run with: ``requested`` for a new run; an existing run keeps its stored
     configuration (operators may have changed it since it started), and the settings a
-    user gave explicitly (``given``, field names) must agree with it."""
+    user gave explicitly (``given``: field names, or a mapping of each to where it was
+    given, which the refusal then names) must agree with it."""
+    where = given if isinstance(given, Mapping) else {}
     with closing(store.connect()) as db:
         stored = rounds.run_config(db)
     if stored is None:
         return requested
     differing = [
-        f"{name}={getattr(stored, name)!r} (asked {getattr(requested, name)!r})"
+        f"{name}={getattr(stored, name)!r} (asked {getattr(requested, name)!r}"
+        + (f" by {where[name]})" if name in where else ")")
         for name in sorted(given)
         if getattr(stored, name) != getattr(requested, name)
     ]
@@ -135,7 +138,7 @@ class RoundDriver:
         lease is held while the run is paused or over too, so that no other process
         takes the instance over meanwhile (``serve --new-run`` checks it)."""
         with closing(self.store.connect()) as db:
-            if not self._hold_lease(db) or rounds.run_status(db) != "running":
+            if not self._hold_lease(db) or rounds.run_status(db) != RunStatusName.RUNNING:
                 return False
             try:
                 return self._step(db)
@@ -219,7 +222,7 @@ class RoundDriver:
         """Inside a transition: give the round up and open the next one on the same model."""
         log.warning("round %d abandoned (%s): %s", current["number"], reason, detail)
         rounds.abandon(db, current["id"], reason, detail, self.clock())
-        if rounds.run_status(db) == "running":
+        if rounds.run_status(db) == RunStatusName.RUNNING:
             self._begin_round(db, self.clock())
 
     def _after_abandoning(self, db: Connection, current: Row) -> None:

@@ -112,7 +112,12 @@ class RoundPlan:
 
     def phase(self, name: str | None) -> PhasePlan:
         """The plan's phase called ``name`` (a round stored without one is in the first)."""
-        return next((p for p in self.phases if p.phase == name), self.first) if name else self.first
+        if not name:
+            return self.first
+        for phase in self.phases:
+            if phase.phase == name:
+                return phase
+        raise ValueError(f"the {self.name} plan has no phase {name!r}")
 
     def after(self, phase: PhasePlan) -> PhasePlan | None:
         i = self.phases.index(phase)

@@ -95,13 +95,13 @@ def _between(start: float | None, end: float | None) -> float | None:
 
 
 def discardable_update_blobs(db: Connection, round_id: int) -> list[str]:
-    """Update blobs of a finished round (committed or abandoned) that no open round's
-    update also names: the coordinator keeps no device's update longer than its round
+    """The message blobs (updates, and any other kind) of a finished round (committed or
+    abandoned) that no live round's message also names: the coordinator keeps no device's update longer than its round
     needs it."""
     rows = db.execute(
-        "SELECT DISTINCT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
+        "SELECT DISTINCT u.blob_sha256 FROM messages u JOIN rounds r ON r.id = u.round_id"
         f" WHERE r.id = ? AND r.status IN ('{RoundStatus.COMMITTED}', '{RoundStatus.ABANDONED}') AND u.blob_sha256 NOT IN"
-        " (SELECT v.blob_sha256 FROM updates v JOIN rounds o ON o.id = v.round_id"
+        " (SELECT v.blob_sha256 FROM messages v JOIN rounds o ON o.id = v.round_id"
         f"  WHERE o.status IN ('{RoundStatus.OPEN}', '{RoundStatus.AGGREGATING}'))",
         (round_id,),
     ).fetchall()
@@ -110,12 +110,12 @@ def discardable_update_blobs(db: Connection, round_id: int) -> list[str]:
 
 def live_blobs(db: Connection) -> set[str]:
     """Every blob the store still needs: checkpoints, server states, the served phone
-    artefacts, and the updates of the round in progress. Anything else is left over
+    artefacts, and the messages (updates among them) of the round in progress. Anything else is left over
     from a crash, a finished round or a replaced artefact."""
     rows = db.execute(
         "SELECT sha256 FROM checkpoints UNION SELECT server_state_sha256 FROM checkpoints"
         " UNION SELECT sha256 FROM artefacts"
-        " UNION SELECT u.blob_sha256 FROM updates u JOIN rounds r ON r.id = u.round_id"
+        " UNION SELECT u.blob_sha256 FROM messages u JOIN rounds r ON r.id = u.round_id"
         f" WHERE r.status IN ('{RoundStatus.OPEN}', '{RoundStatus.AGGREGATING}')"
     ).fetchall()
     return {r[0] for r in rows}

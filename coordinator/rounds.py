@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from coordinator import lifecycle, records, selection
 from coordinator.database import Connection, Row
 from edgefl.config import RunConfig
-from edgefl.protocol import CheckinAnswer, RoundStatus, Task
+from edgefl.protocol import CheckinAnswer, RoundStatus, RunStatusName, Task
 
 # Pace steering: a device the next round will need soon polls again quickly; one that
 # already reported in the open round sleeps half of what is probably left of it (so it
@@ -58,8 +58,8 @@ def active_round(db: Connection) -> Row | None:
 
 def start_run(db: Connection, config: RunConfig, checkpoint_sha256: str, size: int, state_sha256: str, now: float) -> None:
     db.execute(
-        "INSERT INTO run (id, config, status, created_at) VALUES (1, ?, 'running', ?)",
-        (config.to_json(), now),
+        "INSERT INTO run (id, config, status, created_at) VALUES (1, ?, ?, ?)",
+        (config.to_json(), RunStatusName.RUNNING, now),
     )
     add_checkpoint(db, 0, checkpoint_sha256, size, state_sha256, None, now)
 
@@ -96,9 +96,9 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
     where it would select the device: most check-ins change nothing, and they need
     not queue for the write lock to learn that."""
     status = run_status(db)
-    if status in ("finished", "stopped"):
+    if status in (RunStatusName.FINISHED, RunStatusName.STOPPED):
         return CheckinAnswer(status="finished", reason=f"run_{status}")
-    if status == "paused":
+    if status == RunStatusName.PAUSED:
         return _retry(rng, LATER_RETRY_S, "paused")
     config = run_config(db)
     current = active_round(db)
@@ -137,6 +137,7 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
         learning_rate=config.client_lr,
         seconds_left=max(0.0, current["deadline_at"] - now),
         codec=config.upload_codec.name,
+        quantization_bits=config.upload_codec.bits,
     )
     return CheckinAnswer(status="task", task=task)
 
@@ -168,15 +169,15 @@ def message_rejection(
         return Rejection(404, "unknown_round", f"There is no round {round_id}.")
     if row["status"] != RoundStatus.OPEN:
         return Rejection(409, "round_closed", f"Round {round_id} is {row['status']} and takes no more {kind}s.")
+    if not db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
+        return Rejection(403, "not_selected", f"This device was not selected for round {round_id}.")
     plan = lifecycle.plan_for(run_config(db))
     phase = plan.phase(row["phase"])
     if kind not in phase.accepts:
         return Rejection(409, "wrong_phase", f"Round {round_id} is in its {phase.phase} phase, which takes no {kind}s.")
-    if not db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
-        return Rejection(403, "not_selected", f"This device was not selected for round {round_id}.")
     previous = plan.before(phase)
     if phase.participants == lifecycle.Participants.SURVIVORS and previous and not _sent(db, round_id, previous.phase, device_id):
-        return Rejection(403, "not_a_survivor", f"This device sent nothing in round {round_id}'s {previous.phase} phase.")
+        return Rejection(409, "not_a_survivor", f"This device sent nothing in round {round_id}'s {previous.phase} phase.")
     if _sent(db, round_id, phase.phase, device_id, kind):
         return Rejection(409, f"duplicate_{kind}", f"This device already sent its {kind} for round {round_id}.")
     return None
@@ -244,11 +245,6 @@ def rejection_is_new(db: Connection, round_id: int, device_id: str, code: str) -
 def message_count(db: Connection, round_id: int, phase: str) -> int:
     """The messages a round's phase holds."""
     return db.execute("SELECT COUNT(*) FROM messages WHERE round_id = ? AND phase = ?", (round_id, phase)).fetchone()[0]
-
-
-def report_count(db: Connection, round_id: int) -> int:
-    """The updates a round holds."""
-    return db.execute("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,)).fetchone()[0]
 
 
 def verdict(db: Connection, config: RunConfig, round_row: Row, now: float) -> tuple[lifecycle.PhasePlan, lifecycle.Verdict]:
@@ -343,7 +339,7 @@ def commit_round(
     db.execute("UPDATE rounds SET metrics = ? WHERE id = ?", (json.dumps(metrics), round_row["id"]))
 
 
-def finish_run(db: Connection, now: float, status: str = "finished") -> None:
+def finish_run(db: Connection, now: float, status: RunStatusName = RunStatusName.FINISHED) -> None:
     db.execute("UPDATE run SET status = ?, finished_at = ? WHERE id = 1", (status, now))
 
 

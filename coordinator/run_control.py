@@ -11,9 +11,11 @@ from dataclasses import replace
 from coordinator.database import Connection
 from coordinator.rounds import Rejection, active_round, finish_run, latest_round, run_config, run_status
 from edgefl.config import RunConfig
+from edgefl.protocol import RunStatusName
 
 # What an operator may do to a run, from which states.
-CONTROLS = {"pause": ({"running"}, "paused"), "resume": ({"paused"}, "running"), "stop": ({"running", "paused"}, "stopped")}
+RUNNING, PAUSED, STOPPED = RunStatusName.RUNNING, RunStatusName.PAUSED, RunStatusName.STOPPED
+CONTROLS = {"pause": ({RUNNING}, PAUSED), "resume": ({PAUSED}, RUNNING), "stop": ({RUNNING, PAUSED}, STOPPED)}
 
 
 def control_run(db: Connection, action: str, now: float) -> Rejection | None:
@@ -22,8 +24,8 @@ def control_run(db: Connection, action: str, now: float) -> Rejection | None:
     current = run_status(db)
     if current not in allowed:
         return Rejection(409, "bad_transition", f"A {current} run cannot {action}.")
-    if target == "stopped":
-        finish_run(db, now, "stopped")
+    if target == STOPPED:
+        finish_run(db, now, STOPPED)
     else:
         db.execute("UPDATE run SET status = ? WHERE id = 1", (target,))
     return None
@@ -38,7 +40,7 @@ def change_config(db: Connection, changes: dict, now: float) -> RunConfig | Reje
     apply from the next round (its devices' tasks). A DP run keeps its target: the
     server's noise was calibrated for it when the server was built."""
     status = run_status(db)
-    if status not in ("running", "paused"):
+    if status not in (RUNNING, PAUSED):
         return Rejection(409, "bad_transition", f"A {status} run's configuration cannot change.")
     config = run_config(db)
     try:

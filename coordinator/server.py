@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgefl.config import RunConfig
+from edgefl.protocol import RunStatusName
 
 log = logging.getLogger("edgefl.coordinator")
 
@@ -188,7 +189,7 @@ def _say_if_over(store) -> None:
 
     with closing(store.connect()) as db:
         status = rounds.run_status(db)
-    if status in ("finished", "stopped"):
+    if status in (RunStatusName.FINISHED, RunStatusName.STOPPED):
         print(
             f"edgefl serve: the run on {store.instance_dir} is {status}; serving its model and record (devices are told it is"
             f" over). To start another here: edgefl serve --instance {store.instance_dir} --new-run [--from-final]",

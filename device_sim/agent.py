@@ -5,7 +5,7 @@ checkpoint, cached by sha256 so a device re-selected for the same model version 
 not download it twice; a LiteRT device's on-device training file, kept until the run's
 batch size changes), train, upload, and check in again; a ``wait`` answer sends it back
 to checking in after ``retry_after``; ``finished`` ends it. Each call of ``step`` does
-one state.s work and returns when it wants to be called again: the agent never sleeps,
+one state's work and returns when it wants to be called again: the agent never sleeps,
 starts no thread and knows nothing of processes, so a host (``device_sim.host``) can run
 one agent per process or a thousand in one, and a test can drive one by hand.
 
@@ -41,6 +41,7 @@ from edgefl.protocol import Task
 log = logging.getLogger("edgefl.device")
 
 _NO_TRAINING_FILE_RETRY_S = 1.0  # the coordinator is still building the file for the run's batch size
+_BAD_ANSWER_RETRY_S = 5.0  # an answer this device cannot read
 
 
 class State(StrEnum):
@@ -53,9 +54,14 @@ class State(StrEnum):
     DONE = "done"
 
     @property
-    def computes(self) -> bool:
-        """Whether the state keeps a CPU busy (and needs a learner) rather than waiting on the network."""
-        return self is State.TRAIN
+    def pool(self) -> str:
+        """Which of its host's thread pools runs this state: ``train`` keeps a CPU busy
+        and needs a learner; ``poll`` (a check-in) may be held by the coordinator's
+        lobby for seconds; ``transfer`` (register, downloads, the upload) must never
+        queue behind held check-ins, or a round would wait for its own uploads."""
+        if self is State.TRAIN:
+            return "train"
+        return "poll" if self is State.CHECK_IN else "transfer"
 
 
 class Learners(Protocol):
@@ -134,7 +140,7 @@ class DeviceAgent:
         return self.state is State.DONE
 
     def step(self, now: float, learners: Learners) -> float | None:
-        """Do the current state.s work; the time (on ``now``'s clock) to be called at
+        """Do the current state's work; the time (on ``now``'s clock) to be called at
         next, or None once the device is done."""
         try:
             wake = getattr(self, f"_{self.state.value}")(now, learners)
@@ -155,7 +161,15 @@ class DeviceAgent:
         return now
 
     def _check_in(self, now: float, _learners: Learners) -> float | None:
-        answer = self.client.checkin()
+        asked = time.monotonic()
+        try:
+            answer = self.client.checkin()
+        except ProtocolError as exc:
+            if exc.code != "bad_answer":
+                raise
+            log.warning("device %d: %s; asking again later", self.index, exc)  # a newer coordinator, say
+            return now + (time.monotonic() - asked) + _BAD_ANSWER_RETRY_S
+        now += time.monotonic() - asked  # the coordinator may have held the check-in: retry_after counts from its answer
         if answer.status == "finished":
             self.summary.stopped_because = answer.reason or "run_finished"
             log.info("device %d: the coordinator says the run is over (%s)", self.index, self.summary.stopped_because)
@@ -232,7 +246,7 @@ class DeviceAgent:
         try:
             self.client.upload_update(task.round_id, body)
         except ProtocolError as exc:
-            if exc.code == "duplicate_update":  # our earlier attempt was stored; its 202 was lost
+            if exc.code == "duplicate_update" or 200 <= exc.status < 300:  # stored: its 202 was lost, or unreadable
                 self.summary.rounds_trained += 1
             elif exc.status == 409:
                 self.summary.late_uploads += 1

@@ -4,9 +4,11 @@ The host loads the dataset and partitions it once for all its agents (each gets 
 shard), and runs them with a scheduler instead of a thread per device: a heap of
 wake-up times on the main thread, ``threads`` training threads (each with its own
 learners: a Keras model per model name, a LiteRT interpreter per training file) and a
-few network threads. An agent waiting out a ``retry_after`` holds no thread at all, so
-a thousand waiting devices cost a heap entry each; a check-in the coordinator holds
-(its lobby) holds a network thread, never a training one.
+network threads in two pools: check-ins, which the coordinator's lobby may hold for
+seconds, and transfers (registration, downloads, uploads), which never queue behind
+them. An agent waiting out a ``retry_after`` holds no thread at all, so a thousand
+waiting devices cost a heap entry each; a held check-in holds a polling thread, never
+a training or a transfer one.
 
 What belongs to the process, not to a device, is recorded here into each device's
 summary (``device-XXXX.json``): its start-up (process start to imports done, plus
@@ -45,7 +47,8 @@ from edgefl.partition import partition
 log = logging.getLogger("edgefl.device")
 
 SECRET_ENV = "EDGEFL_ENROLMENT_SECRET"  # to the hosts, not on their command lines
-_MAX_NETWORK_THREADS = 16  # as many held check-ins as a coordinator's WSGI threads hold
+_MAX_POLL_THREADS = 16  # as many held check-ins as a coordinator's WSGI threads hold
+_MAX_TRANSFER_THREADS = 8  # registrations, downloads and uploads
 
 
 def summary_path(directory: Path, index: int) -> Path:
@@ -106,17 +109,23 @@ class DeviceHost:
     ):
         self.agents = list(agents)
         self.training_threads = max(1, min(threads, len(self.agents)))
-        self.network_threads = max(1, min(_MAX_NETWORK_THREADS, len(self.agents)))
+        self.poll_threads = max(1, min(_MAX_POLL_THREADS, len(self.agents)))
+        self.transfer_threads = max(1, min(_MAX_TRANSFER_THREADS, len(self.agents)))
         self.learners = learners or ThreadLearners(litert_threads=max(1, threads // self.training_threads))
         self.on_done = on_done or (lambda agent, outcome: None)
         self.clock = clock
 
     def run(self) -> dict[int, Outcome]:
         """Each agent's outcome, by device index."""
-        training, network, finished = queue.Queue(), queue.Queue(), queue.Queue()
+        finished: queue.Queue = queue.Queue()
+        pools = {
+            "train": (queue.Queue(), self.training_threads),
+            "poll": (queue.Queue(), self.poll_threads),
+            "transfer": (queue.Queue(), self.transfer_threads),
+        }
         workers = [
             threading.Thread(target=self._work, args=(jobs, finished), name=f"{kind}-{i}", daemon=True)
-            for kind, jobs, count in (("train", training, self.training_threads), ("net", network, self.network_threads))
+            for kind, (jobs, count) in pools.items()
             for i in range(count)
         ]
         for worker in workers:
@@ -131,7 +140,7 @@ class DeviceHost:
                 now = self.clock()
                 while wakes and wakes[0][0] <= now:
                     _, _, agent = heapq.heappop(wakes)
-                    (training if agent.state.computes else network).put(agent)
+                    pools[agent.state.pool][0].put(agent)
                     busy += 1
                 try:
                     agent, result = finished.get(timeout=max(0.0, wakes[0][0] - now) if wakes else None)
@@ -144,7 +153,7 @@ class DeviceHost:
                 else:
                     heapq.heappush(wakes, (result, next(order), agent))
         finally:
-            for jobs, count in ((training, self.training_threads), (network, self.network_threads)):
+            for jobs, count in pools.values():
                 for _ in range(count):
                     jobs.put(None)
         for worker in workers:

@@ -24,7 +24,7 @@ from edgefl.datasets import DATASET_NAMES
 from edgefl.partition import PartitionSpec
 
 RUNTIMES = ("keras", "litert")
-DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
+DEFAULT_COORDINATOR = "http://127.0.0.1:8080"  # every command's default (edgefl.app.flags)
 
 
 @dataclass(frozen=True, kw_only=True)

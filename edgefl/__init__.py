@@ -1,1 +1,3 @@
-"""edgefl's shared kernel: models, data, partitions, wire format, training, the CLI."""
+"""edgefl's ground, which every room imports: the protocol's messages, configuration,
+models, data, partitions, the wire format and the algorithm's device half (learners,
+codecs); the application layer (CLI, demo, launcher) is ``edgefl.app``, above the rooms."""

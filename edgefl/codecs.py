@@ -1,7 +1,7 @@
 """The device half of an aggregator: how a device encodes its update for the wire, and
 how the coordinator decodes it before folding it in.
 
-A run's aggregator names its codec (``edgefl.config.AGGREGATORS``), the task carries
+A run's aggregator names its codec (``edgefl.config.DEVICE_CODECS``), the task carries
 the codec's name to the device, and both sides build the same ``Codec`` from it, so
 the codec is declared once, here, and nowhere repeats its parameters. ``float32``
 sends the delta as it is; ``quantized:<bits>`` sends stochastically rounded codes

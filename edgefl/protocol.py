@@ -66,20 +66,31 @@ class Task(Answer):
     codec: str = Field(
         "float32", description="How the device encodes its update (edgefl.codecs): float32, or quantized:<bits> per value"
     )
+    quantization_bits: int | None = Field(
+        None, description="The codec's bits, for devices of the release before codecs (null: float32)", deprecated=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _codec_of_an_older_coordinator(cls, data: Any) -> Any:
+        """A coordinator of the release before codecs named only the bits."""
+        if isinstance(data, dict) and "codec" not in data and data.get("quantization_bits"):
+            return {**data, "codec": f"quantized:{data['quantization_bits']}"}
+        return data
 
 
-WaitReason = Literal["between_rounds", "reported", "cohort_full", "paused", "deferred", "run_finished", "run_stopped"]
+WAIT_REASONS = ("between_rounds", "reported", "cohort_full", "paused", "deferred", "run_finished", "run_stopped")
 
 
 class CheckinAnswer(Answer):
     status: Literal["task", "wait", "finished"]
     task: Task | None = None
     retry_after: float | None = Field(None, description="Seconds to wait before the next check-in (also the Retry-After header)")
-    reason: WaitReason | None = Field(
+    reason: str | None = Field(  # a str, not the known reasons: a newer coordinator may give others
         None,
-        description="deferred: this device's record keeps it out of the round for now (it missed recent rounds,"
-        " or the round's seats are kept for devices that have reported before); run_finished, run_stopped: why there"
-        " is no more work",
+        description=f"One of {', '.join(WAIT_REASONS)}. deferred: this device's record keeps it out of the round for"
+        " now (it missed recent rounds, or the round's seats are kept for devices that have reported before);"
+        " run_finished, run_stopped: why there is no more work",
     )
 
     @property
@@ -97,7 +108,11 @@ class UpdateAccepted(Answer):
 # --- operators ---------------------------------------------------------------------
 
 
-def _field_of(name: str, annotation: type, setting, *, optional: bool) -> tuple:
+def _field_of(name: str, annotation: type, setting, *, optional: bool, checked: bool = True) -> tuple:
+    """A pydantic field for a declared setting: with its bounds and choices in a request
+    (``checked``), without them in an answer (a newer coordinator may allow more)."""
+    if not checked:
+        return (annotation, Field(description=setting.help))
     bounds: dict[str, Any] = {}
     if setting.low is not None:
         bounds["gt" if setting.above_low else "ge"] = setting.low
@@ -114,7 +129,7 @@ RunConfigBody = create_model(
     "RunConfigBody",
     __base__=Answer,
     __doc__="A run's whole configuration (edgefl.config.RunConfig).",
-    **{name: _field_of(name, annotation, setting, optional=False) for name, annotation, setting in run_settings()},
+    **{name: _field_of(name, annotation, setting, optional=False, checked=False) for name, annotation, setting in run_settings()},
 )
 
 

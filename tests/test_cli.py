@@ -143,5 +143,5 @@ def test_serve_refuses_flags_that_contradict_the_run_it_would_resume(tmp_path):
         rounds.start_run(db, RunConfig(model="cnn_small", rounds=3), "0" * 64, 1, "1" * 64, time.time())
     before = store.snapshot()
     result = edgefl("serve", "--instance", str(tmp_path / "instance"), "--port", "0", "--rounds", "5", "--model", "cnn_small")
-    assert_one_line_error(result, contains="holds a run with rounds=3 (asked 5); leave those settings out")
+    assert_one_line_error(result, contains="holds a run with rounds=3 (asked 5 by --rounds); leave those settings out")
     assert store.snapshot() == before

@@ -27,7 +27,13 @@ def test_flags_win_over_variables_which_win_over_the_file(tmp_path, monkeypatch)
     monkeypatch.setenv(env_name("batch_size"), "32")
     config, given = run_config_from(parse(["serve", "--config", str(path), "--batch-size", "16"]))
     assert (config.rounds, config.epochs, config.batch_size, config.model, config.client_lr) == (7, 4, 16, "cnn_small", 1.0)
-    assert given == {"rounds", "epochs", "batch_size", "model", "client_lr"}  # what a resumed run must agree with
+    assert given == {  # what a resumed run must agree with, and where each was given
+        "rounds": f"rounds in {path}",
+        "epochs": "EDGEFL_EPOCHS",
+        "batch_size": "--batch-size",
+        "model": f"model in {path}",
+        "client_lr": f"client_lr in {path}",
+    }
     assert config.target_reports == RunConfig().target_reports  # the rest: defaults
 
 
@@ -93,13 +99,14 @@ def test_a_resumed_run_refuses_a_file_that_contradicts_it(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("[run]\nrounds = 5\nmodel = 'cnn_small'\n")
     result = edgefl("serve", "--instance", str(tmp_path / "instance"), "--port", "0", "--config", str(path))
-    assert result.returncode == 1 and "holds a run with rounds=3 (asked 5)" in result.stderr, result.stderr
+    assert result.returncode == 1 and f"holds a run with rounds=3 (asked 5 by rounds in {path})" in result.stderr, result.stderr
     assert store.snapshot() == before
 
 
 def test_the_api_bodies_are_the_declared_settings():
-    """ConfigChange takes exactly the settings declared mutable, RunConfigBody all of
-    them, each with its declared bounds or choices."""
+    """ConfigChange (a request) takes exactly the settings declared mutable, each with
+    its declared bounds; RunConfigBody (an answer) all of them, unchecked, so a client
+    reads a newer coordinator's settings too."""
     from edgefl.protocol import ConfigChange, RunConfigBody
 
     settings = {name: setting for name, _, setting in run_settings()}
@@ -111,5 +118,5 @@ def test_the_api_bodies_are_the_declared_settings():
         low = field.get("exclusiveMinimum" if s.above_low else "minimum")
         high = field.get("exclusiveMaximum" if s.below_high else "maximum")
         assert (low, high) == (s.low, s.high), name
-    choices = RunConfigBody.model_json_schema()["properties"]["aggregator"]["enum"]
-    assert tuple(choices) == settings["aggregator"].choices
+    newer = {**RunConfig().__dict__, "aggregator": "secure", "rounds": 10**9}
+    assert RunConfigBody.model_validate(newer).aggregator == "secure"

@@ -1,4 +1,5 @@
-"""An instance written before the store had a schema version resumes after an upgrade:
+"""An instance written by an earlier release (the first, before the store had a schema
+version, or the previous one) resumes after an upgrade:
 its tables gain the new columns, its abandoned rounds their reason, its updates become
 messages of the round's collect phase, and the run goes on."""
 
@@ -6,14 +7,18 @@ from __future__ import annotations
 
 from contextlib import closing
 
+import pytest
+
 from coordinator.store import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Store
 from tests.api_helpers import build_coordinator, register, take_task, update_body, upload
 
 
-def as_first_release_made_it(store: Store) -> None:
-    """Undo every migration, leaving the tables (and rows) the first release had."""
+def as_release_made_it(store: Store, version: int) -> None:
+    """Undo the migrations after ``version``, leaving the tables (and rows) the release
+    of that schema version had (0: the first release, before schema versions)."""
+    assert len(MIGRATIONS) == 2, "undo the new migration here too"
     with closing(store.connect()) as db, store.transaction(db):
-        # 2: the devices' messages back into the first release's updates table
+        # 2: the devices' messages back into the updates table of the releases before
         db.execute("DROP VIEW updates")
         db.execute(
             next(s for s in SCHEMA.split(";") if "TABLE IF NOT EXISTS updates" in s).format(identity=store.database.identity)
@@ -24,18 +29,20 @@ def as_first_release_made_it(store: Store) -> None:
         )
         db.execute("DROP TABLE messages")
         db.execute("ALTER TABLE rounds DROP COLUMN phase")
-        for statements in reversed(MIGRATIONS[:1]):  # 1: columns and an index
-            for statement in reversed(statements):
-                words = statement.split()
-                if words[:2] == ["ALTER", "TABLE"]:
-                    db.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
-                elif words[:2] == ["CREATE", "INDEX"]:
-                    db.execute(f"DROP INDEX {words[5]}")
+        if version == 1:
+            db.execute("UPDATE schema_version SET version = 1")
+            return
+        for statement in reversed(MIGRATIONS[0]):  # 1: columns and an index
+            words = statement.split()
+            if words[:2] == ["ALTER", "TABLE"]:
+                db.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+            elif words[:2] == ["CREATE", "INDEX"]:
+                db.execute(f"DROP INDEX {words[5]}")
         db.execute("DROP TABLE schema_version")
-    assert len(MIGRATIONS) == 2, "undo the new migration here too"
 
 
-def test_an_instance_of_the_first_release_is_migrated_and_resumed(tmp_path, small_parts, db_url):
+@pytest.mark.parametrize("release", [0, 1], ids=["first-release", "previous-release"])
+def test_an_instance_of_an_earlier_release_is_migrated_and_resumed(tmp_path, small_parts, db_url, release):
     from coordinator import create_app
     from coordinator.driver import RoundDriver
     from edgefl.config import RunConfig
@@ -50,10 +57,10 @@ def test_an_instance_of_the_first_release_is_migrated_and_resumed(tmp_path, smal
     assert driver.step()
     assert upload(client, headers, take_task(client, headers)["round_id"], update_body()).status_code == 202
     driver.release_lease()
-    as_first_release_made_it(store)
+    as_release_made_it(store, release)
     with closing(store.connect()) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(rounds)")] if db_url is None else None
-    assert columns is None or "abandon_reason" not in columns
+    assert columns is None or ("abandon_reason" in columns) == (release == 1) and "phase" not in columns
 
     upgraded = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
     store = upgraded.extensions["edgefl.store"]

@@ -39,8 +39,8 @@ def given_settings(args: argparse.Namespace) -> dict[str, tuple[object, str]]:
 
 
 def run_config_from(args: argparse.Namespace, defaults: dict | None = None):
-    """The run configuration the user gave (over ``defaults``), and the names of the
-    settings given; a problem names each setting as the user gave it."""
+    """The run configuration the user gave (over ``defaults``), and where each setting
+    given was given (its flag, file or variable); a problem names it that way."""
     from edgefl.config import ConfigError, RunConfig, flag_of
 
     given = given_settings(args)
@@ -48,7 +48,7 @@ def run_config_from(args: argparse.Namespace, defaults: dict | None = None):
         config = RunConfig(**{**(defaults or {}), **{name: value for name, (value, _) in given.items()}})
     except ConfigError as error:
         raise CliError(error.describe(lambda name: given[name][1] if name in given else flag_of(name))) from None
-    return config, set(given)
+    return config, {name: source for name, (_, source) in given.items()}
 
 
 def _read_secret(path: Path | None, flag: str) -> str | None:

@@ -11,7 +11,9 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+from device_sim.settings import DEFAULT_COORDINATOR
+
+DEFAULT_URL = DEFAULT_COORDINATOR
 
 
 class _Parser(argparse.ArgumentParser):

@@ -125,7 +125,6 @@ def _devices(args) -> int:
     from edgefl.partition import partition
 
     num_devices = args.num_devices or args.count
-    device_runtimes(args.runtime)
     if args.first_index + args.count > num_devices:
         raise CliError(
             f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices} (--num-devices)"
@@ -148,13 +147,14 @@ def _devices(args) -> int:
     )
 
 
-def device_runtimes(flag: str) -> list[str]:
-    from device_sim.settings import RUNTIMES
+def check_runtime(flag: str) -> None:
+    """The demo's --runtime, checked as the devices' settings check it."""
+    from device_sim.settings import DeviceSettings
 
-    runtimes = flag.split(",")
-    if not all(r in RUNTIMES for r in runtimes):
-        raise CliError(f"bad --runtime {flag!r}: {' or '.join(RUNTIMES)}, or a comma-separated list of them")
-    return runtimes
+    try:
+        DeviceSettings(runtime=flag)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _check_reachable(url: str) -> None:
@@ -254,7 +254,7 @@ def _demo(args) -> int:
     from edgefl.app.demo import run_demo
 
     config, _ = run_config_from(args, DEMO_DEFAULTS)
-    device_runtimes(args.runtime)
+    check_runtime(args.runtime)
     return run_demo(args, config)
 
 

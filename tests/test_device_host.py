@@ -1,6 +1,7 @@
 """Devices as agents: the state machine driven by scripted answers and by the in-process
 coordinator, the host's scheduler, and a host of 50 devices in one process against a
-live coordinator."""
+live coordinator. (A little over 400 lines: the scripted client and tiny learners the
+agent tests share live here, beside the one story they tell.)"""
 
 from __future__ import annotations
 

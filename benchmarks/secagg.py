@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefl.secagg import graph
+from edgefl.secagg import graph, shamir
 from edgefl.secagg import protocol as P
 
 _KEY_BYTES = 32
-_SEALED_PAIR_BYTES = 12 + 64 + 16  # nonce, two shares, tag
+_SEALED_PAIR_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16  # nonce, two shares, tag
 
 
 def measure(devices: int, size: int, dropout: float, sample: int, seed: int = 0) -> dict:

@@ -5,6 +5,8 @@ replayed messages are refused."""
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 import pytest
 
@@ -177,11 +179,16 @@ def test_masks_are_a_keyed_stream():
 def test_shamir_shares_recover_from_any_threshold_and_not_from_fewer():
     secret = crypto.new_seed()
     shares = shamir.split(secret, 3, 6)
-    assert all(len(s) == 32 for s in shares)
+    assert all(len(s) == shamir.SHARE_BYTES for s in shares)
     for chosen in ([1, 2, 3], [2, 4, 6], [6, 5, 4, 3]):
         assert shamir.combine({x: shares[x - 1] for x in chosen}, 3) == secret
     with pytest.raises(SecAggError, match="cannot recover"):
         shamir.combine({1: shares[0], 2: shares[1]}, 3)
+    forged = secrets.randbelow(shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big")  # a share made up
+    with pytest.raises(SecAggError, match="do not recover"):
+        shamir.combine({1: shares[0], 2: shares[1], 3: forged}, 3)
+    with pytest.raises(SecAggError, match="not a point"):
+        shamir.combine({1: shares[0], 2: shares[1], 3: b"short"}, 3)
 
 
 @pytest.mark.parametrize("devices", [2, 7, 30, 100, 1000])

@@ -11,5 +11,5 @@ and learns the sum of the survivors' inputs, and nothing else.
 
 ``crypto`` holds the primitives (pyca/cryptography: X25519, HKDF-SHA256, AES-GCM,
 a ChaCha20 keystream as the mask generator), ``shamir`` the threshold sharing
-(PyCryptodome), ``graph`` the neighbour graph, ``protocol`` the phases.
+(over GF(2^521 - 1)), ``graph`` the neighbour graph, ``protocol`` the phases.
 """

@@ -200,3 +200,30 @@ def test_the_graph_is_regular_symmetric_and_logarithmic(devices):
     assert all(i in neighbours[v] for i, n in enumerate(neighbours) for v in n)
     if devices == 1000:
         assert degree == 60
+
+
+@pytest.mark.parametrize("bounds", [(-1.0, 1.0), (-0.01, 0.03), (0.0, 1000.0), (-3.5, 2.25), (0.5, 0.5)])
+def test_the_devices_quantization_is_tffs_bit_for_bit(bounds):
+    """The same float32 values through TFF's own client shift (TensorFlow, eagerly) and
+    through the device's numpy twin: identical int64 codes, clipping and ties included."""
+    import tensorflow as tf
+    from tensorflow_federated.python.aggregators.primitives import _client_tensor_shift_for_secure_sum
+
+    from edgefl.secagg.quantize import clip_counts, secure_quantize
+
+    lower, upper = (np.float32(b) for b in bounds)
+    rng = np.random.default_rng(7)
+    span = max(float(upper - lower), 1.0)
+    value = np.concatenate(
+        [
+            rng.uniform(float(lower) - span, float(upper) + span, 20_000),  # a third clipped
+            [lower, upper, np.nextafter(upper, np.float32(np.inf)), np.nextafter(lower, np.float32(-np.inf)), 0.0],
+            rng.normal(0, 1e-3, 1000),
+        ]
+    ).astype(np.float32)
+    theirs = _client_tensor_shift_for_secure_sum(tf.constant(value), tf.constant(lower), tf.constant(upper)).numpy()
+    ours = secure_quantize(value, lower, upper)
+    assert ours.dtype == np.int64 and theirs.dtype == np.int64
+    np.testing.assert_array_equal(ours, theirs)
+    assert clip_counts(value.max(), value.min(), lower, upper) == (1, 1)
+    assert clip_counts(upper, lower, lower, upper) == (0, 0)

@@ -11,5 +11,6 @@ and learns the sum of the survivors' inputs, and nothing else.
 
 ``crypto`` holds the primitives (pyca/cryptography: X25519, HKDF-SHA256, AES-GCM,
 a ChaCha20 keystream as the mask generator), ``shamir`` the threshold sharing
-(over GF(2^521 - 1)), ``graph`` the neighbour graph, ``protocol`` the phases.
+(over GF(2^521 - 1)), ``graph`` the neighbour graph, ``protocol`` the phases, and
+``quantize`` the device's half of TFF's SecureSumFactory (its client shift, in numpy).
 """

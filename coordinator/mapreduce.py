@@ -79,6 +79,15 @@ class TensorFlowFunction:
         self.results = leaves(computation.type_signature.result)
         inputs = _binding_tensor_names(proto.parameter) if proto.HasField("parameter") else []
         outputs = _binding_tensor_names(proto.result)
+        # Grappler's constant folding leaves control inputs on the parameters' placeholders
+        # (seen in SecureSumFactory's work); the values arrive through ``input_map``, so a
+        # control input on a placeholder would only demand a feed nothing gives.
+        bound = {name.split(":")[0] for name in inputs}
+        for node in graph_def.node:
+            if any(i.startswith("^") and i[1:] in bound for i in node.input):
+                kept = [i for i in node.input if not (i.startswith("^") and i[1:] in bound)]
+                del node.input[:]
+                node.input.extend(kept)
         if len(inputs) != len(self.parameters) or len(outputs) != len(self.results):
             raise TypeError("the computation's bindings do not match its type signature")
 

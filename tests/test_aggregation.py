@@ -176,3 +176,47 @@ def test_dp_noise_has_the_calibrated_scale():
     noise = np.concatenate([(m - 1e-4).ravel() for m in first.mean_delta])
     assert noise.std() == pytest.approx(1.0 * 1.0 / 4, rel=0.05) and abs(noise.mean()) < 0.01
     assert not np.allclose(first.mean_delta[0], second.mean_delta[0])
+
+
+def test_tffs_secure_mean_compiles_and_its_secure_inputs_are_the_devices_quantization():
+    """TFF's weighted mean with SecureSumFactory value and weight sums, compiled to
+    MapReduce form: its ``work`` runs in-process, and the values it hands to the secure
+    sums are those the device's numpy quantization (edgefl.secagg.quantize) computes."""
+    import tensorflow_federated as tff
+
+    from coordinator.mapreduce import TensorFlowFunction
+    from edgefl.secagg.quantize import clip_counts, secure_quantize
+
+    shapes = [(3, 2), (2,)]
+    model_type = tff.types.to_type([tff.TensorType(np.float32, s) for s in shapes])
+    factory = tff.aggregators.MeanFactory(
+        value_sum_factory=tff.aggregators.SecureSumFactory(upper_bound_threshold=1.0, lower_bound_threshold=-1.0),
+        weight_sum_factory=tff.aggregators.SecureSumFactory(upper_bound_threshold=1000.0, lower_bound_threshold=0.0),
+    )
+    process = factory.create(model_type, tff.TensorType(np.float32))
+    state_type = tff.FederatedType(process.initialize.type_signature.result.member, tff.SERVER)
+    client_type = tff.FederatedType(tff.StructType([("delta", model_type), ("weight", tff.TensorType(np.float32))]), tff.CLIENTS)
+
+    @tff.federated_computation(state_type, client_type)
+    def next_round(state, clients):
+        out = process.next(state, clients.delta, clients.weight)
+        return out.state, tff.federated_zip((out.result, out.measurements))
+
+    form = tff.backends.mapreduce.get_map_reduce_form_for_computation(next_round)
+    assert form.secure_sum_bitwidth() == (1, 1, (32, 32), 1, 1, 32, 1, 1)
+    initialize = tff.backends.mapreduce.get_state_initialization_computation(
+        tff.federated_computation(lambda: process.initialize())
+    )
+    broadcast = TensorFlowFunction(form.prepare)(*TensorFlowFunction(initialize)())
+    rng = np.random.default_rng(3)
+    delta = [rng.normal(0, 0.4, s).astype(np.float32) for s in shapes]
+    weight = np.float32(2.0)
+    out = [np.asarray(o) for o in TensorFlowFunction(form.work)(*delta, weight, *broadcast)]
+    weighted = [d * weight for d in delta]
+    flat = np.concatenate([w.ravel() for w in weighted])
+    # value: clipped above and below, the codes, one summand; weight: one summand, its code, clipped above and below
+    expected_counts = clip_counts(flat.max(), flat.min(), -1.0, 1.0)
+    assert (out[0], out[1]) == expected_counts and out[4] == 1
+    for got, w in zip(out[2:4], weighted):
+        np.testing.assert_array_equal(got, secure_quantize(w, -1.0, 1.0))
+    assert out[5] == 1 and out[6] == secure_quantize(weight, 0.0, 1000.0) and (out[7], out[8]) == (0, 0)

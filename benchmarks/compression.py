@@ -22,9 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from e2e_vs_tff import run_edgefl  # noqa: E402  (this directory is on sys.path when run as a script)
-
-from edgefl.config import RunConfig  # noqa: E402
+from e2e_vs_tff import run_edgefl, workload  # noqa: E402  (this directory is on sys.path when run as a script)
 
 
 def plot(runs: dict[str, dict], path: Path) -> None:
@@ -56,17 +54,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    base = RunConfig(
-        model="cnn",
-        rounds=args.rounds,
-        target_reports=args.devices,
-        min_reports=args.devices,
-        epochs=1,
-        batch_size=10,
-        client_lr=0.05,
-        server_lr=1.0,
-        seed=0,
-    )
+    base = workload("cnn", args.rounds, args.devices)
     configs = {"float32": base, **{f"{b}-bit": replace(base, aggregator="compressed", compression_bits=b) for b in args.bits}}
     runs = {}
     for label, config in configs.items():

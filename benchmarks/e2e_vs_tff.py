@@ -148,6 +148,22 @@ def summarize(repeats: list[dict]) -> dict:
     }
 
 
+def workload(model: str, rounds: int, devices: int) -> RunConfig:
+    """The end-to-end workload's run (also ``compression.py``'s): every device reports,
+    1 epoch of batch 10, client SGD 0.05, server SGD 1.0 (FedAvg), seed 0."""
+    return RunConfig(
+        model=model,
+        rounds=rounds,
+        target_reports=devices,
+        min_reports=devices,
+        epochs=1,
+        batch_size=10,
+        client_lr=0.05,
+        server_lr=1.0,
+        seed=0,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -159,17 +175,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    config = RunConfig(
-        model=args.model,
-        rounds=args.rounds,
-        target_reports=args.devices,
-        min_reports=args.devices,
-        epochs=1,
-        batch_size=10,
-        client_lr=0.05,
-        server_lr=1.0,
-        seed=0,
-    )
+    config = workload(args.model, args.rounds, args.devices)
     print(
         f"workload: {args.devices} devices, {args.rounds} rounds, {args.model}, {args.partition}, "
         f"1 epoch of batch 10, client SGD 0.05, server SGD 1.0",

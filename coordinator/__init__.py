@@ -48,7 +48,7 @@ class RoundId(IntegerConverter):
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    from coordinator import api, dashboard, enrolment, errors, openapi, operators  # noqa: F401 (operators' views join api.bp)
+    from coordinator import api, dashboard, enrolment, errors, openapi, operators, secagg_api  # noqa: F401 (their views join api.bp)
     from coordinator.credentials import DeviceTokens, token_hash
     from coordinator.enrolment import Enrolment
     from coordinator.lobby import Lobby

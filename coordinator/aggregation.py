@@ -23,6 +23,7 @@ import numpy as np
 
 from coordinator.mapreduce import MapReduceRound
 from edgefl import wire
+from edgefl.secagg.quantize import SecureMeanLayout, secure_mean_inputs
 from edgefl.wire import TensorSpec
 
 ServerState = tuple  # the aggregator's and the optimizer's state tensors, in TFF's order
@@ -60,6 +61,8 @@ class ServerSettings:
     server_momentum: float = 0.9
     dp_noise_multiplier: float = 1.0
     dp_clip: float = 0.1
+    secure_value_bound: float = 100.0
+    secure_weight_bound: float = 100_000.0
     clients_per_round: int = 10  # what DP's noise is calibrated for: the target reports
 
     @classmethod
@@ -88,12 +91,24 @@ def aggregator_factory(settings: ServerSettings):
     ``EncodedFactory`` would quantize inside the computation, at TFF's clients, but
     here the clients are devices without TFF, so they encode (``edgefl.compression``,
     the same arithmetic) and the coordinator decodes each update before folding it.
+
+    ``secure`` is the weighted mean with both sums by ``SecureSumFactory`` over fixed
+    ranges (each entry of an update times its example count within
+    +-``secure_value_bound``, the example count within [0, ``secure_weight_bound``]):
+    TFF's client step (clip, quantize to 32 bits) runs on the devices
+    (``edgefl.secagg.quantize``), and the sums by SecAgg+ (``edgefl.secagg``).
     """
     import tensorflow_federated as tff
 
     s = settings
     if s.aggregator in ("mean", "compressed"):  # compressed updates arrive quantized, and are decoded before this
         return tff.aggregators.MeanFactory(), True
+    if s.aggregator == "secure":
+        secure_sum = tff.aggregators.SecureSumFactory
+        return tff.aggregators.MeanFactory(
+            value_sum_factory=secure_sum(upper_bound_threshold=s.secure_value_bound, lower_bound_threshold=-s.secure_value_bound),
+            weight_sum_factory=secure_sum(upper_bound_threshold=s.secure_weight_bound, lower_bound_threshold=0.0),
+        ), True
     if s.aggregator == "robust":
         return _robust(tff), True
     if s.aggregator == "dp_adaptive":
@@ -193,6 +208,7 @@ class FedAvgServer:
         self.spec = tuple(spec)
         self.settings = settings
         self.round = MapReduceRound(*build_round(self.spec, settings))
+        self.secure_layout = _checked_secure_layout(self, settings) if self.secure else None
         # DP's state names its accounting event in string tensors and flags its first
         # round in a bool: strings travel in the blob's metadata, bools as integers.
         self._leaves = self.round.initialize.results
@@ -206,6 +222,11 @@ class FedAvgServer:
             ],
         )
 
+    @property
+    def secure(self) -> bool:
+        """Whether the round's sums are taken by SecAgg+ between the devices."""
+        return bool(self.round.secure_bitwidths)
+
     def initialize(self) -> ServerState:
         return tuple(np.asarray(x) for x in self.round.initialize())
 
@@ -216,12 +237,15 @@ class FedAvgServer:
 
     def fold(self, fold: RoundFold, delta: Sequence[np.ndarray], num_examples: int) -> RoundFold:
         """``fold`` with one more client's update in it (TFF's work, then accumulate)."""
+        if self.secure:
+            raise TypeError("a secure round's updates are summed by SecAgg+, not folded one by one")
         work = self.round.client_work(fold.broadcast, [*delta, np.float32(num_examples)])
         return replace(fold, accumulator=tuple(self.round.accumulate(*fold.accumulator, *work)), updates=fold.updates + 1)
 
-    def finish(self, fold: RoundFold) -> ServerOutput:
-        """TFF's report and update: the next weights, server state and mean delta."""
-        new_state, output = self.round.finish(fold.round_state, fold.accumulator)
+    def finish(self, fold: RoundFold, secure_sums: Sequence[np.ndarray] = ()) -> ServerOutput:
+        """TFF's report and update (given a secure round's sums, leaf by leaf): the next
+        weights, server state and mean delta."""
+        new_state, output = self.round.finish(fold.round_state, fold.accumulator, secure_sums)
         n = len(self.spec)
         measurements = {
             leaf.path.split("/", 2)[-1]: float(value)
@@ -257,3 +281,28 @@ class FedAvgServer:
             else np.asarray(next(numeric), dtype=leaf.dtype)
             for leaf in self._leaves
         )
+
+
+def _checked_secure_layout(server: FedAvgServer, settings: ServerSettings) -> SecureMeanLayout:
+    """The layout of what devices hand to the secure sums, checked against TFF's
+    compiled ``work`` on probe updates (each clip count set alone, so no two leaves can
+    be mistaken for each other), leaf by leaf and bit for bit: a TFF whose client step differs from
+    the devices' (``edgefl.secagg.quantize``) stops the coordinator here."""
+    layout = SecureMeanLayout.of(server.spec)
+    if server.round.secure_bitwidths != layout.bitwidths:
+        raise TypeError(f"TFF's secure sums have bitwidths {server.round.secure_bitwidths}, the devices' {layout.bitwidths}")
+    fold = server.begin(server.initialize(), [np.zeros(s.shape, np.float32) for s in server.spec])
+    bound = settings.secure_value_bound
+    rng = np.random.default_rng(0)
+    # (weight, sign and scale of the weighted entries): nothing clipped; the value and
+    # the weight clipped above; the value clipped below; the weight clipped below
+    probes = ((3.0, 0.1), (2 * settings.secure_weight_bound, 3.0), (3.0, -3.0), (-1.0, 0.1))
+    for weight, scale in probes:
+        magnitude = bound * abs(scale) / abs(weight)
+        delta = [(np.sign(scale) * np.abs(rng.normal(0, magnitude, s.shape))).astype(np.float32) for s in server.spec]
+        tffs = server.round.client_work(fold.broadcast, [*delta, np.float32(weight)])[server.round.folded :]
+        devices = secure_mean_inputs(delta, weight, bound, settings.secure_weight_bound)
+        for i, (theirs, ours) in enumerate(zip(tffs, devices)):
+            if not np.array_equal(np.asarray(theirs).ravel(), np.asarray(ours).ravel()):
+                raise TypeError(f"the devices' secure-sum input {i} differs from TFF's compiled client step")
+    return layout

@@ -12,6 +12,7 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 from spectree import Response
@@ -20,6 +21,7 @@ from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, failpoint
 from coordinator.access import takes_body
 from coordinator.database import Connection
 from coordinator.errors import ApiError
+from coordinator.lifecycle import MessageKind
 from coordinator.openapi import DEVICE, ENROLMENT, ErrorBody, raw_body, spec
 from coordinator.store import Store
 from edgefl import codecs, jsonsafe, limits, wire
@@ -28,10 +30,10 @@ from edgefl.protocol import CheckinAnswer, DeviceRegistration, UpdateAccepted
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HEADER_SLACK_BYTES = 1 << 20
+HEADER_SLACK_BYTES = 1 << 20
 _LONG_POLL_S = 10.0  # well under the devices' read timeout and waitress's channel timeout
 _RECHECK_S = 1.0  # a held check-in asks again this often even unwoken (e.g. a deadline passed)
-_rng = random.Random()
+rng = random.Random()
 
 
 def get_store() -> Store:
@@ -51,7 +53,7 @@ def _close_db(_exc) -> None:
         db.close()
 
 
-def _authenticated_device() -> str:
+def authenticated_device() -> str:
     return access.device_of(get_db(), request.headers.get("Authorization"), current_app)
 
 
@@ -116,16 +118,16 @@ def checkin():
     lobby (while a long-poll slot is free) and answered as soon as the round driver
     opens a round or finishes the run, instead of sleeping through the first moments of
     the round it is needed for."""
-    device_id = _authenticated_device()
+    device_id = authenticated_device()
     db = get_db()
     require_run(db)
 
     def ask() -> CheckinAnswer:
         with get_store().reading(db):
-            answer = rounds.checkin(db, device_id, time.time(), _rng, may_assign=False)
+            answer = rounds.checkin(db, device_id, time.time(), rng, may_assign=False)
         if answer is None:  # to be selected: again under the write lock (the cohort may have filled)
             with get_store().transaction(db):
-                answer = rounds.checkin(db, device_id, time.time(), _rng)
+                answer = rounds.checkin(db, device_id, time.time(), rng)
         return answer
 
     answer = ask()
@@ -237,10 +239,15 @@ def get_latest_model_card():
 def upload_update(round_id: int):
     """Upload a device's weight delta for a round it was selected into (safetensors,
     metadata num_examples and metrics); acknowledged once durable."""
-    device_id = _authenticated_device()
-    db = get_db()
+    device_id = authenticated_device()
+    return logging_rejections(get_db(), round_id, device_id, _accept_update)
+
+
+def logging_rejections(db: Connection, round_id: int, device_id: str, accept):
+    """``accept(db, round_id, device_id)``, with a refusal of a device's message to a
+    known round logged (once per device, round and reason) before it is raised."""
     try:
-        return _accept_update(db, round_id, device_id)
+        return accept(db, round_id, device_id)
     except ApiError as error:
         if (
             error.code != "unknown_round"
@@ -258,9 +265,9 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
     if rejection:
         raise ApiError(rejection.status, rejection.code, rejection.detail)
 
-    spec = _update_spec(get_store(), db)
+    spec = update_spec(get_store(), db)
     codec = config.upload_codec
-    limit = codec.payload_bytes(spec) + _HEADER_SLACK_BYTES
+    limit = codec.payload_bytes(spec) + HEADER_SLACK_BYTES
     if (request.content_length or 0) > limit:
         raise ApiError(413, "update_too_large", f"An update for model {config.model} is at most {limit} bytes.")
     if access.withheld():  # the server could not check it, so did not read it
@@ -271,31 +278,51 @@ def _accept_update(db: Connection, round_id: int, device_id: str):
     except wire.WireError as exc:
         raise ApiError(400 if exc.code == "malformed" else 422, exc.code, exc.detail) from None
     num_examples, metrics = _update_metadata(metadata)
+    reports = store_message(db, round_id, device_id, MessageKind.UPDATE, body, num_examples, metrics)
+    return UpdateAccepted(round_id=round_id, accepted=True, reports=reports), 202
 
+
+def store_message(
+    db: Connection,
+    round_id: int,
+    device_id: str,
+    kind: MessageKind,
+    body: bytes,
+    num_examples: int = 0,
+    metrics: dict | None = None,
+    check: Callable[[], None] = lambda: None,
+) -> int:
+    """Keep a checked message of a device: its bytes fsynced as a blob, then its row, in
+    one write transaction that first asks again whether the device may send it (and
+    ``check``, for what depends on the other messages); how many messages the round's
+    phase holds now. Nothing is left behind if it is refused."""
     store = get_store()
     blob_sha256 = store.blobs.put(body)
     failpoints.hold("update_stored")  # durable bytes, no row yet: the device has no answer
     try:
         with store.transaction(db):
-            rejection = rounds.message_rejection(db, round_id, device_id)
+            rejection = rounds.message_rejection(db, round_id, device_id, kind)
             if rejection:
                 raise ApiError(rejection.status, rejection.code, rejection.detail)
+            check()
             if not store.blobs.exists(blob_sha256):  # identical bytes of a finished round, discarded meanwhile
                 store.blobs.put(body)
-            reports = rounds.record_message(db, round_id, device_id, blob_sha256, num_examples, len(body), metrics, time.time())
+            count = rounds.record_message(
+                db, round_id, device_id, blob_sha256, num_examples, len(body), metrics or {}, time.time(), kind
+            )
     except BaseException:
         with store.transaction(db):  # under the write lock, so no upload of the same bytes commits meanwhile
             if not db.execute("SELECT 1 FROM messages WHERE blob_sha256 = ?", (blob_sha256,)).fetchone():
                 store.blobs.delete(blob_sha256)
         raise
     current_app.extensions["edgefl.update_arrived"].set()
-    return UpdateAccepted(round_id=round_id, accepted=True, reports=reports), 202
+    return count
 
 
 _SPECS: dict[str, tuple[wire.TensorSpec, ...]] = {}
 
 
-def _update_spec(store: Store, db: Connection) -> tuple[wire.TensorSpec, ...]:
+def update_spec(store: Store, db: Connection) -> tuple[wire.TensorSpec, ...]:
     """What every update must hold: the tensors of the run's checkpoints, read from the
     first one (once per process). The API never builds the model, so WSGI worker
     processes need no TensorFlow."""
@@ -309,7 +336,7 @@ def _largest_upload(store: Store, db: Connection) -> int:
     """The most bytes any acceptable upload of this run can have (float32 tensors)."""
     if rounds.run_config(db) is None:
         return 0
-    return codecs.FLOAT32.payload_bytes(_update_spec(store, db)) + _HEADER_SLACK_BYTES
+    return codecs.FLOAT32.payload_bytes(update_spec(store, db)) + HEADER_SLACK_BYTES
 
 
 def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:

@@ -31,16 +31,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator import failpoints, guard, leases, lifecycle, records, rounds, selection
-from coordinator.aggregation import FedAvgServer, RoundFold, ServerSettings
+from coordinator.aggregation import FedAvgServer, RoundFold, ServerOutput, ServerSettings
 from coordinator.database import Connection, Row
+from coordinator.errors import ApiError
 from coordinator.lifecycle import Event, Verdict
 from coordinator.lobby import Lobby
+from coordinator.secure import SecureRound
 from coordinator.store import Store
 from edgefl import codecs, metrics, wire
 from edgefl.config import RunConfig
 from edgefl.datasets import load_dataset
 from edgefl.models import weight_names
 from edgefl.protocol import RoundStatus, RunStatusName
+from edgefl.secagg.crypto import SecAggError
 from edgefl.training import KerasLearner
 
 log = logging.getLogger("edgefl.coordinator")
@@ -201,12 +204,8 @@ class RoundDriver:
                     return False
                 messages = rounds.message_count(db, current["id"], phase.phase)
                 if event == Event.TOO_FEW:
-                    self._abandon(
-                        db,
-                        current,
-                        "too_few_reports",
-                        f"{messages} of the {self.config.min_reports} reports it needed arrived by its deadline",
-                    )
+                    what = "reports" if phase is self.plan.first else f"{phase.phase} messages"
+                    self._abandon(db, current, "too_few_reports", f"{messages} {what} arrived by its deadline: too few to go on")
                 elif event == Event.NEXT_PHASE:
                     rounds.next_phase(db, self.config, current["id"], phase, now)
                 else:
@@ -256,14 +255,22 @@ class RoundDriver:
         updates = rounds.round_updates(db, current["id"])
         if fold.fold.updates != len(updates):
             raise RuntimeError(f"round {current['number']} folded {fold.fold.updates} of {len(updates)} updates")
-        output = self.server.finish(fold.fold)
         base = list(fold.fold.round_state[: len(self.spec)])
         excluded: list[Row] = []
-        problem = self.guard.problem(output.weights, base, current["base_version"], self.config.aggregator)
-        if problem is not None:
-            output, excluded = self.guard.screen(
-                self.server, fold.fold, updates, base, current["base_version"], self.config.aggregator, self._delta_of
-            )
+        protocol: dict = {}
+        if self.server.secure:
+            output, problem, protocol = self._unmask(db, current, fold.fold)
+            if output is not None and (
+                problem := self.guard.problem(output.weights, base, current["base_version"], self.config.aggregator)
+            ):
+                output = None  # no update can be screened alone: the coordinator never sees one
+        else:
+            output = self.server.finish(fold.fold)
+            problem = self.guard.problem(output.weights, base, current["base_version"], self.config.aggregator)
+            if problem is not None:
+                output, excluded = self.guard.screen(
+                    self.server, fold.fold, updates, base, current["base_version"], self.config.aggregator, self._delta_of
+                )
         aggregated = self.clock()
         if output is None:  # deterministic: the same updates give the same result, so retrying cannot help
             with self._transition(db):
@@ -293,6 +300,8 @@ class RoundDriver:
             "bytes_up_float32": len(updates) * codecs.FLOAT32.payload_bytes(self.spec),
             "upload_bits": self.config.upload_codec.bits,
         }
+        if protocol:
+            figures["secagg"] = protocol
         if excluded:
             figures["excluded_updates"] = {"count": len(excluded), "reason": "applied alone, each made the model diverge"}
         with self._transition(db):
@@ -305,6 +314,18 @@ class RoundDriver:
         failpoints.hold("committed", at=number)  # its update blobs not yet discarded, its model not evaluated
         self._discard_updates(db, current["id"])
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
+
+    def _unmask(self, db: Connection, current: Row, fold: RoundFold) -> tuple[ServerOutput | None, tuple | None, dict]:
+        """A secure round's output from the sum SecAgg+ unmasks (or why there is none:
+        the revealed shares did not recover every secret, so the sum stays masked)."""
+        started = self.clock()
+        secure = SecureRound.load(db, self.store.blobs.get, self.config, current["id"], self.server.secure_layout.size)
+        try:
+            total = secure.unmasked_sum()
+        except (SecAggError, ApiError) as error:
+            return None, ("unmask_failed", str(error)), {}
+        output = self.server.finish(fold, self.server.secure_layout.split(total))
+        return output, None, {**secure.figures(), "unmask_s": self.clock() - started}
 
     def _delta_of(self, update: Row) -> list[np.ndarray]:
         delta, _ = self.config.upload_codec.decode(self.store.blobs.get(update["blob_sha256"]), self.spec)

@@ -10,7 +10,7 @@ names (``outcome`` then ``next_status``); no other code decides what follows wha
 
 FedAvg is a one-phase plan (devices upload their updates; the round closes on its
 target, or at its deadline with its minimum). Secure aggregation's four phases
-(advertise keys, share keys, masked upload, unmask) are another plan of the same kind.
+(advertise keys, share keys, masked input, unmask) are another plan of the same kind.
 Everything here is pure: the store keeps a round's status and phase, ``coordinator.rounds``
 writes them.
 """
@@ -23,14 +23,24 @@ from enum import StrEnum
 
 from edgefl.config import RunConfig
 from edgefl.protocol import RoundStatus
+from edgefl.secagg import graph as secagg_graph
 
 
 class Phase(StrEnum):
     COLLECT = "collect"  # FedAvg's one phase: selected devices upload their updates
+    # SecAgg+'s four (edgefl.secagg.protocol), after the devices trained:
+    ADVERTISE = "advertise_keys"
+    SHARE = "share_keys"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
 
 
 class MessageKind(StrEnum):
     UPDATE = "update"  # a device's weight delta (POST /v1/rounds/{id}/updates)
+    KEYS = "keys"  # POST /v1/rounds/{id}/secagg/keys
+    SHARES = "shares"  # POST /v1/rounds/{id}/secagg/shares
+    MASKED = "masked"  # POST /v1/rounds/{id}/secagg/masked
+    REVEAL = "reveal"  # POST /v1/rounds/{id}/secagg/reveal
 
 
 class Participants(StrEnum):
@@ -80,15 +90,37 @@ def next_status(status: str, event: Event) -> RoundStatus:
         raise IllegalTransition(f"a round that is {status} cannot take the event {event}") from None
 
 
-CloseRule = Callable[[RunConfig, int, bool], Verdict]
+@dataclass(frozen=True)
+class Tally:
+    """What a close rule weighs: the phase's messages, how many participants may send
+    one, and how many devices the round's first phase closed with."""
+
+    messages: int
+    participants: int
+    first: int
 
 
-def quorum(config: RunConfig, messages: int, past_deadline: bool) -> Verdict:
+CloseRule = Callable[[RunConfig, Tally, bool], Verdict]
+
+
+def quorum(config: RunConfig, tally: Tally, past_deadline: bool) -> Verdict:
     """Enough at the target; at the deadline, enough with the minimum, else too few."""
-    if messages >= config.target_reports:
+    if tally.messages >= config.target_reports:
         return Verdict.ENOUGH
     if past_deadline:
-        return Verdict.ENOUGH if messages >= config.min_reports else Verdict.TOO_FEW
+        return Verdict.ENOUGH if tally.messages >= config.min_reports else Verdict.TOO_FEW
+    return Verdict.WAIT
+
+
+def every_survivor(config: RunConfig, tally: Tally, past_deadline: bool) -> Verdict:
+    """A SecAgg+ phase after the first: enough once every survivor of the previous
+    phase has sent; at the deadline, enough with the round's minimum and the
+    threshold, else too few (the round is abandoned before anything is unmasked)."""
+    if tally.messages >= tally.participants:
+        return Verdict.ENOUGH
+    if past_deadline:
+        _, threshold = secagg_graph.round_shape(tally.first, config.secagg_degree, config.secagg_threshold)
+        return Verdict.ENOUGH if tally.messages >= max(config.min_reports, threshold) else Verdict.TOO_FEW
     return Verdict.WAIT
 
 
@@ -150,6 +182,36 @@ FEDAVG = RoundPlan(
 )
 
 
+def _secagg_phase(phase: Phase, kind: MessageKind) -> PhasePlan:
+    return PhasePlan(
+        phase,
+        accepts=frozenset({kind}),
+        participants=Participants.SURVIVORS,
+        deadline_s=lambda config: config.secagg_phase_timeout_s,
+        close=every_survivor,
+    )
+
+
+# The devices train first; those that finish advertise keys (the phase closes like
+# FedAvg's collection, on the target or at the round's deadline with the minimum), and
+# only each phase's survivors take part in the next.
+SECURE = RoundPlan(
+    "secagg+",
+    (
+        PhasePlan(
+            Phase.ADVERTISE,
+            accepts=frozenset({MessageKind.KEYS}),
+            participants=Participants.COHORT,
+            deadline_s=lambda config: config.round_timeout_s,
+            close=quorum,
+        ),
+        _secagg_phase(Phase.SHARE, MessageKind.SHARES),
+        _secagg_phase(Phase.MASKED_INPUT, MessageKind.MASKED),
+        _secagg_phase(Phase.UNMASK, MessageKind.REVEAL),
+    ),
+)
+
+
 def plan_for(config: RunConfig) -> RoundPlan:
-    """The plan a run's rounds follow (every aggregator so far: FedAvg's)."""
-    return FEDAVG
+    """The plan a run's rounds follow: SecAgg+'s for ``secure``, FedAvg's otherwise."""
+    return SECURE if config.aggregator == "secure" else FEDAVG

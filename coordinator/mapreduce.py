@@ -114,9 +114,14 @@ class MapReduceRound:
     server state into what clients are sent, ``work`` maps one client's data to what is
     summed, ``zero``/``accumulate`` fold those, ``report`` finishes the fold and
     ``update`` produces the next state and the round's output. (``merge``, for folds
-    made in several places, is not needed while one driver folds a round.) Secure-sum intrinsics
-    (which TFF routes around the plain aggregate) are refused: there is no secure
-    aggregation protocol here to run them.
+    made in several places, is not needed while one driver folds a round.)
+
+    A round with secure sums (``federated_secure_sum_bitwidth``: TFF's
+    ``SecureSumFactory``) has ``work`` emit, after the leaves it folds, the leaves
+    those sums take; TFF routes them around the fold, and ``update`` takes their sums
+    after ``report``'s output. They are summed by SecAgg+ between the devices
+    (``edgefl.secagg``), never seen one by one; ``secure_bitwidths`` says how wide each
+    is. Secure sums by maximum input or modulus are refused: nothing here emits them.
     """
 
     def __init__(self, initialize: Any, round_computation: Any):
@@ -131,16 +136,38 @@ class MapReduceRound:
         self.accumulate = TensorFlowFunction(form.accumulate)
         self.report = TensorFlowFunction(form.report)
         self.update = TensorFlowFunction(form.update)
-        if len(self.work.results) != len(self.zero.results):
-            raise TypeError("this aggregation uses secure-sum intrinsics, which edgefl cannot run")
+        if _flat(form.secure_sum_max_input()) or _flat(form.secure_modular_sum_modulus()):
+            raise TypeError("secure sums by maximum input or modulus are not run here, only by bitwidth")
+        self.folded = len(self.zero.results)  # work's leaves the fold takes; the rest are summed securely
+        self.secure_bitwidths = tuple(int(b) for b in _flat(form.secure_sum_bitwidth()))
+        if len(self.work.results) != self.folded + len(self.secure_bitwidths):
+            raise TypeError("work's results do not match the fold and the secure sums")
         self.state = leaves(round_computation.type_signature.parameter[0])
         self.outputs = self.update.results[len(self.state) :]  # the round's output leaves, named by path
 
+    @property
+    def secure_leaves(self) -> list[Leaf]:
+        return self.work.results[self.folded :]
+
     def client_work(self, broadcast: Sequence[Any], client_data: Sequence[Any]) -> list[Any]:
+        """TFF's work for one client: the leaves to fold, then those to sum securely."""
         return self.work(*client_data, *broadcast)
 
-    def finish(self, state: Sequence[Any], accumulator: Sequence[Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``report`` then ``update``: the next state and the round's output, as numpy."""
+    def finish(
+        self, state: Sequence[Any], accumulator: Sequence[Any], secure_sums: Sequence[Any] = ()
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``report`` then ``update`` (with the secure sums, if the round has any): the
+        next state and the round's output, as numpy."""
+        if len(secure_sums) != len(self.secure_bitwidths):
+            raise ValueError(f"the round takes {len(self.secure_bitwidths)} secure sums, not {len(secure_sums)}")
         aggregate = self.report(*accumulator)
-        results = [np.asarray(r) for r in self.update(*state, *aggregate)]
+        sums = [np.asarray(x, leaf.dtype).reshape(leaf.shape) for x, leaf in zip(secure_sums, self.secure_leaves)]
+        results = [np.asarray(r) for r in self.update(*state, *aggregate, *sums)]
         return results[: len(self.state)], results[len(self.state) :]
+
+
+def _flat(structure: Any) -> list[Any]:
+    """The leaves of a nested tuple (what a MapReduce form's secure-sum parameters return)."""
+    if isinstance(structure, (tuple, list)):
+        return [leaf for element in structure for leaf in _flat(element)]
+    return [structure]

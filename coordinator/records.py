@@ -21,16 +21,17 @@ def config_changes(db: Connection) -> list[dict]:
 
 
 def history(db: Connection) -> list[dict]:
-    """Every round, oldest first: participation (selected, reported, dropped: selected
+    """Every round, oldest first: participation (selected, reported (sent a message of
+    any kind: an update, or a secure round's keys), dropped: selected
     and never heard from by the close; late: reported after it; rejected uploads by
     reason), bytes, how long each phase took, and metrics (the devices' combined
     personalisation reports and a DP run's privacy spent among them)."""
     rows = db.execute(
         "SELECT r.*,"
         " (SELECT COUNT(*) FROM assignments a WHERE a.round_id = r.id) AS selected,"
-        " (SELECT COUNT(*) FROM updates u WHERE u.round_id = r.id) AS reported,"
+        " (SELECT COUNT(DISTINCT u.device_id) FROM messages u WHERE u.round_id = r.id) AS reported,"
         " (SELECT COUNT(DISTINCT x.device_id) FROM rejections x WHERE x.round_id = r.id AND x.late = 1) AS late,"
-        " (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM updates u WHERE u.round_id = r.id) AS bytes_up"
+        " (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM messages u WHERE u.round_id = r.id) AS bytes_up"
         " FROM rounds r ORDER BY r.id"
     ).fetchall()
     rejected: dict[int, dict[str, int]] = {}

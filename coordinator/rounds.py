@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from coordinator import lifecycle, records, selection
 from coordinator.database import Connection, Row
 from edgefl.config import RunConfig
-from edgefl.protocol import CheckinAnswer, RoundStatus, RunStatusName, Task
+from edgefl.protocol import CheckinAnswer, RoundStatus, RunStatusName, SecureTask, Task
 
 # Pace steering: a device the next round will need soon polls again quickly; one that
 # already reported in the open round sleeps half of what is probably left of it (so it
@@ -105,7 +105,7 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
     if current is None or current["status"] != RoundStatus.OPEN:
         return _retry(rng, SOON_RETRY_S, "between_rounds")
     round_id = current["id"]
-    if db.execute("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
+    if db.execute("SELECT 1 FROM messages WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
         first_task = db.execute("SELECT MIN(assigned_at) FROM assignments WHERE round_id = ?", (round_id,)).fetchone()[0]
         elapsed = now - first_task
         # Recent rounds say what is left; the time this device itself needed bounds it
@@ -138,6 +138,9 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
         seconds_left=max(0.0, current["deadline_at"] - now),
         codec=config.upload_codec.name,
         quantization_bits=config.upload_codec.bits,
+        secure=SecureTask(value_bound=config.secure_value_bound, weight_bound=config.secure_weight_bound)
+        if config.aggregator == "secure"
+        else None,
     )
     return CheckinAnswer(status="task", task=task)
 
@@ -223,7 +226,7 @@ def record_rejection(db: Connection, round_id: int, device_id: str, code: str, s
         code == "round_closed"
         and db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone()
         is not None
-        and db.execute("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone() is None
+        and db.execute("SELECT 1 FROM messages WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone() is None
     )
     db.execute(
         "INSERT INTO rejections (round_id, device_id, code, late, size, rejected_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -249,9 +252,20 @@ def message_count(db: Connection, round_id: int, phase: str) -> int:
 
 def verdict(db: Connection, config: RunConfig, round_row: Row, now: float) -> tuple[lifecycle.PhasePlan, lifecycle.Verdict]:
     """The round's phase, and what its close rule says of it now."""
-    phase = lifecycle.plan_for(config).phase(round_row["phase"])
-    messages = message_count(db, round_row["id"], phase.phase)
-    return phase, phase.close(config, messages, now >= round_row["deadline_at"])
+    plan = lifecycle.plan_for(config)
+    phase = plan.phase(round_row["phase"])
+    return phase, phase.close(config, tally(db, plan, phase, round_row["id"]), now >= round_row["deadline_at"])
+
+
+def tally(db: Connection, plan: lifecycle.RoundPlan, phase: lifecycle.PhasePlan, round_id: int) -> lifecycle.Tally:
+    """A phase's messages, who may send one (the cohort, or the previous phase's
+    senders), and the messages of the plan's first phase."""
+    previous = plan.before(phase)
+    if phase.participants == lifecycle.Participants.SURVIVORS and previous is not None:
+        participants = message_count(db, round_id, previous.phase)
+    else:
+        (participants,) = db.execute("SELECT COUNT(*) FROM assignments WHERE round_id = ?", (round_id,)).fetchone()
+    return lifecycle.Tally(message_count(db, round_id, phase.phase), participants, message_count(db, round_id, plan.first.phase))
 
 
 def _apply(db: Connection, round_id: int, event: lifecycle.Event, now: float) -> None:

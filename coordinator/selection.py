@@ -69,18 +69,18 @@ def refusal(db: Connection, config: RunConfig, device_id: str, current: Row, now
 
 def record_outcomes(db: Connection, round_id: int, *, count_misses: bool = True) -> None:
     """Update the record of every device selected into a round that has just closed:
-    a report clears its misses; a miss makes it sit out longer. A round that closed on
+    a report (any message: in a secure round, its keys, sent once it trained) clears its misses; a miss makes it sit out longer. A round that closed on
     its target counts no misses: the over-selected devices still training were not late."""
     db.execute(
         "UPDATE devices SET tasks = tasks + 1, reports = reports + 1, consecutive_drops = 0"
-        " WHERE id IN (SELECT device_id FROM updates WHERE round_id = ?)",
+        " WHERE id IN (SELECT device_id FROM messages WHERE round_id = ?)",
         (round_id,),
     )
     if not count_misses:
         return
     missed = db.execute(
         "SELECT d.id, d.consecutive_drops FROM assignments a JOIN devices d ON d.id = a.device_id WHERE a.round_id = ?"
-        " AND NOT EXISTS (SELECT 1 FROM updates u WHERE u.round_id = a.round_id AND u.device_id = a.device_id)",
+        " AND NOT EXISTS (SELECT 1 FROM messages u WHERE u.round_id = a.round_id AND u.device_id = a.device_id)",
         (round_id,),
     ).fetchall()
     db.executemany(

@@ -18,7 +18,9 @@ Personalisation, evaluated the federated way: a device keeps ``holdout`` of its
 examples out of training, and with each update reports the accuracy on them of the
 global model it was sent and of its locally trained model (the global model fine-tuned
 on its own data, by the same runtime). The coordinator aggregates the reports per round.
-The task names the codec the update is encoded with (``edgefl.codecs``).
+The task names the codec the update is encoded with (``edgefl.codecs``). In a secure
+round the device quantizes its update as TFF's ``SecureSumFactory`` would and takes part
+in SecAgg+ instead of uploading (``SecureSession``): the coordinator sees only masks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -36,7 +38,11 @@ from edgefl import codecs, wire
 from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl.datasets import Split
 from edgefl.learner import Learner
-from edgefl.protocol import Task
+from edgefl.protocol import SecAggKeys, SecAggRequest, SecAggReveal, SecAggShares, SecAggView, Task
+from edgefl.secagg import packing
+from edgefl.secagg import protocol as secagg
+from edgefl.secagg.crypto import SecAggError
+from edgefl.secagg.quantize import flatten, secure_mean_inputs
 
 log = logging.getLogger("edgefl.device")
 
@@ -51,6 +57,7 @@ class State(StrEnum):
     FETCH_CHECKPOINT = "fetch_checkpoint"
     TRAIN = "train"
     UPLOAD = "upload"
+    SECURE = "secure"  # a secure round: SecAgg+'s phases instead of an upload
     DONE = "done"
 
     @property
@@ -133,6 +140,7 @@ class DeviceAgent:
         self._training_file: TrainingModel | None = None
         self._checkpoint: tuple[str, bytes | None, list | None] | None = None  # sha256, bytes until decoded, weights
         self._upload_body: bytes | None = None
+        self._secure: SecureSession | None = None
         self._times: dict[str, float] = {}
 
     @property
@@ -229,6 +237,12 @@ class DeviceAgent:
             seed=hash((self.seed, self.index, task.round_id)) & 0xFFFFFFFF,
         )
         self._times["trained"] = time.monotonic()
+        if task.secure is not None:  # TFF's client step on the device; the rest is SecAgg+'s
+            bounds = task.secure
+            leaves = secure_mean_inputs(result.delta, result.num_examples, bounds.value_bound, bounds.weight_bound)
+            self._secure = SecureSession(task.round_id, flatten(leaves))
+            self.state = State.SECURE
+            return now
         metrics = {**result.metrics, **personalization_report(learner, weights, result.delta, self.held)}
         self._upload_body = codecs.named(task.codec).encode(
             learner.names,
@@ -237,6 +251,42 @@ class DeviceAgent:
             np.random.default_rng([self.seed, self.index, task.round_id]),  # stochastic rounding's draws
         )
         self.state = State.UPLOAD
+        return now
+
+    def _secure(self, now: float, _learners: Learners) -> float:
+        """One move in a secure round: send the keys, else look at the round's phase and
+        send what it asks; back to checking in once the reveal is sent or the round is
+        over for this device (closed, or a message refused or not adding up)."""
+        session = self._secure
+        asked = time.monotonic()
+        try:
+            if "keys" not in session.answered:
+                session.answered.add("keys")
+                self.client.secagg_send(session.round_id, session.keys())
+                return now
+            view = self.client.secagg_view(session.round_id)
+            if view.status != "open":
+                return self._leave_secure(now, f"the round is {view.status}")
+            message = session.answer(view)
+            if message is None:
+                return now + (time.monotonic() - asked) + view.retry_after
+            self.client.secagg_send(session.round_id, message)
+        except ProtocolError as exc:
+            if exc.status in (401, 403):
+                raise
+            return self._leave_secure(now, f"{exc.code}: {exc.detail}")
+        except SecAggError as exc:
+            return self._leave_secure(now, str(exc))
+        if "unmask" in session.answered:
+            self.summary.rounds_trained += 1
+            self._secure, self.state = None, State.CHECK_IN
+            log.info("device %d: secure round %d done", self.index, self._task.round_number)
+        return now
+
+    def _leave_secure(self, now: float, why: str) -> float:
+        log.info("device %d: leaves secure round %d (%s)", self.index, self._task.round_number, why)
+        self.summary.late_uploads += 1
+        self._secure, self.state = None, State.CHECK_IN
         return now
 
     def _upload(self, now: float, _learners: Learners) -> float:
@@ -268,3 +318,45 @@ class DeviceAgent:
             time.monotonic() - times["trained"],
         )
         return now
+
+
+class SecureSession:
+    """A device's part in one secure round: its secrets (never sent), its input, and
+    the phases it has answered. It sends its keys first, then follows the round through
+    its phases (``GET /v1/rounds/{id}/secagg``), sending what each phase asks once."""
+
+    def __init__(self, round_id: int, value: np.ndarray):
+        self.round_id = round_id
+        self.value = value
+        self.secrets = secagg.advertise(index=-1)  # its index is known once the keys phase closes
+        self.answered: set[str] = set()
+
+    def keys(self) -> SecAggKeys:
+        public = self.secrets.public
+        return SecAggKeys(encryption=public.encryption.hex(), masking=public.masking.hex())
+
+    def answer(self, view: SecAggView) -> SecAggRequest | bytes | None:
+        """What this device sends for the view's phase (None: nothing, or already sent).
+        SecAggError if what the coordinator sent does not add up."""
+        if view.params is None or view.phase in self.answered:
+            return None
+        p = view.params
+        params = secagg.RoundParams(self.round_id, p.devices, p.size, p.bits, p.degree, p.threshold, p.graph_seed)
+        if p.size != self.value.size or not 0 <= p.index < p.devices or sorted(view.keys) != params.neighbours[p.index]:
+            raise SecAggError("the round's parameters do not fit this device's input and neighbours")
+        me = replace(self.secrets, index=p.index)
+        keys = {v: secagg.PublicKeys(bytes.fromhex(k.encryption), bytes.fromhex(k.masking)) for v, k in view.keys.items()}
+        received = {v: bytes.fromhex(c) for v, c in view.shares.items()}
+        shared = {*received, p.index}
+        self.answered.add(view.phase)
+        if view.phase == "share_keys":
+            return SecAggShares(shares={v: c.hex() for v, c in secagg.share_keys(params, me, keys).items()})
+        if view.phase == "masked_input":
+            return packing.pack(secagg.masked_input(params, me, keys, shared, self.value), p.bits)
+        if view.phase == "unmask":
+            revealed = secagg.unmask(params, me, keys, received, shared, set(view.masked))
+            return SecAggReveal(
+                seeds={v: share.hex() for v, (kind, share) in revealed.items() if kind == secagg.SEED},
+                keys={v: share.hex() for v, (kind, share) in revealed.items() if kind == secagg.KEY},
+            )
+        return None

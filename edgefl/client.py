@@ -19,7 +19,20 @@ from typing import TypeVar
 import pydantic
 import requests
 
-from edgefl.protocol import Answer, CheckinAnswer, DeviceRegistration, RoundsAnswer, RunStatus, UpdateAccepted
+from edgefl.protocol import (
+    Answer,
+    CheckinAnswer,
+    DeviceRegistration,
+    RoundsAnswer,
+    RunStatus,
+    SecAggAccepted,
+    SecAggKeys,
+    SecAggRequest,
+    SecAggReveal,
+    SecAggShares,
+    SecAggView,
+    UpdateAccepted,
+)
 
 log = logging.getLogger("edgefl.client")
 
@@ -157,6 +170,20 @@ class CoordinatorClient:
             data=body,
             headers={"Content-Type": "application/octet-stream"},
         )
+        self.traffic.bytes_up += len(body)
+        return answer
+
+    def secagg_view(self, round_id: int) -> SecAggView:
+        return self._answer(SecAggView, "GET", f"/v1/rounds/{round_id}/secagg")
+
+    def secagg_send(self, round_id: int, message: SecAggRequest | bytes) -> SecAggAccepted:
+        """A secure round's message: its keys, shares or reveal (JSON), or its masked input (bytes)."""
+        if isinstance(message, bytes):
+            kind, body, headers = "masked", message, {"Content-Type": "application/octet-stream"}
+        else:
+            kind = {SecAggKeys: "keys", SecAggShares: "shares", SecAggReveal: "reveal"}[type(message)]
+            body, headers = message.model_dump_json().encode(), {"Content-Type": "application/json"}
+        answer = self._answer(SecAggAccepted, "POST", f"/v1/rounds/{round_id}/secagg/{kind}", data=body, headers=headers)
         self.traffic.bytes_up += len(body)
         return answer
 

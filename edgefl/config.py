@@ -30,9 +30,17 @@ from edgefl.codecs import FLOAT32, Codec
 from edgefl.compression import BITS
 from edgefl.datasets import DATASET_NAMES
 from edgefl.models import MODEL_NAMES
+from edgefl.secagg import graph as secagg_graph
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")  # FedAvg, FedAvgM, FedAdam
-AGGREGATORS = ("mean", "robust", "dp_adaptive", "dp_fixed", "compressed")  # their TFF factories: coordinator.aggregation
+AGGREGATORS = (
+    "mean",
+    "robust",
+    "dp_adaptive",
+    "dp_fixed",
+    "compressed",
+    "secure",
+)  # their TFF factories: coordinator.aggregation
 # An aggregator with a device half names its codec here; the others take float32 updates.
 DEVICE_CODECS: dict[str, Callable[[RunConfig], Codec]] = {"compressed": lambda config: Codec(config.compression_bits)}
 
@@ -120,7 +128,7 @@ class RunConfig:
     aggregator: str = setting(
         "mean",
         "mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP), or compressed"
-        " (devices upload quantized updates)",
+        " (devices upload quantized updates), or secure (SecAgg+: the coordinator learns only the sum)",
         choices=AGGREGATORS,
     )
     server_optimizer: str = setting("sgd", "sgd (FedAvg), sgdm (FedAvgM) or adam (FedAdam)", choices=SERVER_OPTIMIZERS)
@@ -129,6 +137,25 @@ class RunConfig:
     dp_noise_multiplier: float = setting(1.0, "DP noise stddev over the clip norm (dp_* only)", low=0, high=1000)
     dp_clip: float = setting(0.1, "dp_fixed's L2 clip norm per update", low=0, high=1e6, above_low=True)
     compression_bits: int = setting(8, "compressed's bits per uploaded value", choices=BITS)
+    secure_value_bound: float = setting(
+        100.0, "secure's clip range per entry of an update times its examples (+-this)", low=0, high=1e9, above_low=True
+    )
+    secure_weight_bound: float = setting(
+        100_000.0, "secure's largest example count one device's update is weighted by", low=0, high=1e9, above_low=True
+    )
+    secagg_degree: int = setting(0, "secure's neighbours per device (0: 2 ceil(3 log2 n), at most n - 1)", low=0, high=10_000)
+    secagg_threshold: int = setting(
+        0, "secure's shares that recover a device's secrets (0: a majority of its neighbours)", low=0, high=10_000
+    )
+    secagg_phase_timeout_s: float = setting(
+        30.0,
+        "secure's seconds for each phase after the keys are advertised",
+        flag="secagg-phase-timeout",
+        low=0,
+        high=86400,
+        above_low=True,
+        mutable=True,
+    )
     seed: int = setting(0, "seed of the initial model", low=0, high=2**32 - 1)
 
     def __post_init__(self) -> None:
@@ -141,8 +168,24 @@ class RunConfig:
             # TFF's adaptive clipping spends part of the noise on its clip estimate, whose
             # noise is 0.05 x the clients per round: it must stay above half the total.
             problems.append(("target_reports", "must be above 10 x {dp_noise_multiplier} for dp_adaptive"))
+        if self.aggregator == "secure":
+            problems += self._secure_problems()
         if problems:
             raise ConfigError(problems)
+
+    def _secure_problems(self) -> list[tuple[str, str]]:
+        """SecAgg+ needs a neighbour graph in every round that may go ahead: one of
+        ``min_reports`` devices must already give each device ``secagg_threshold``
+        neighbours (the degree never shrinks as devices are added)."""
+        if self.min_reports < 2:
+            return [("min_reports", "must be at least 2 for secure")]
+        if self.secagg_degree % 2:
+            return [("secagg_degree", "must be even (0: the default)")]
+        try:
+            secagg_graph.round_shape(self.min_reports, self.secagg_degree, self.secagg_threshold)
+        except ValueError:
+            return [("secagg_threshold", "must not exceed the neighbours {min_reports} devices give each other")]
+        return []
 
     def settings(self) -> Iterator[tuple[str, Any, Setting]]:
         return values_of(self)

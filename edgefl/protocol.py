@@ -69,6 +69,7 @@ class Task(Answer):
     quantization_bits: int | None = Field(
         None, description="The codec's bits, for devices of the release before codecs (null: float32)", deprecated=True
     )
+    secure: SecureTask | None = Field(None, description="Set in a secure round: the update goes through SecAgg+, not an upload")
 
     @model_validator(mode="before")
     @classmethod
@@ -78,6 +79,17 @@ class Task(Answer):
             return {**data, "codec": f"quantized:{data['quantization_bits']}"}
         return data
 
+
+class SecureTask(Answer):
+    """The bounds of TFF's secure weighted mean (``SecureSumFactory``): the device
+    clips and quantizes its update times its example count within +-value_bound and
+    its example count within [0, weight_bound] (``edgefl.secagg.quantize``)."""
+
+    value_bound: float
+    weight_bound: float
+
+
+Task.model_rebuild()
 
 WAIT_REASONS = ("between_rounds", "reported", "cohort_full", "paused", "deferred", "run_finished", "run_stopped")
 
@@ -103,6 +115,73 @@ class UpdateAccepted(Answer):
     round_id: int
     accepted: bool
     reports: int = Field(description="Updates the round holds now")
+
+
+# --- secure aggregation (SecAgg+, edgefl.secagg) ------------------------------------
+
+_HEX_KEY = r"^[0-9a-f]{64}$"  # an X25519 public key
+
+
+class SecAggRequest(BaseModel):
+    """A device's SecAgg+ message: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SecAggKeys(SecAggRequest):
+    """Phase 1, advertise keys: the device's two X25519 public keys (hex)."""
+
+    encryption: str = Field(pattern=_HEX_KEY, description="Agrees the keys that seal shares between two devices")
+    masking: str = Field(pattern=_HEX_KEY, description="Agrees the pairwise mask seeds")
+
+
+class SecAggShares(SecAggRequest):
+    """Phase 2, share keys: for each neighbour that advertised, by its index, the
+    sealed pair of Shamir shares (self-mask seed, mask key) only it can open (hex)."""
+
+    shares: dict[int, str] = Field(max_length=10_000)
+
+
+class SecAggReveal(SecAggRequest):
+    """Phase 4, unmask: by owner index, the share of the self-mask seed of each
+    neighbour whose masked input arrived (``seeds``), and of the mask key of each that
+    shared keys but sent no input (``keys``); never both for one neighbour."""
+
+    seeds: dict[int, str] = Field(max_length=10_000)
+    keys: dict[int, str] = Field(max_length=10_000)
+
+
+class SecAggParams(Answer):
+    """A secure round's public parameters, fixed when its keys phase closes
+    (``edgefl.secagg.protocol.RoundParams``), and the asking device's index in it."""
+
+    index: int
+    devices: int
+    size: int = Field(description="Entries of the masked input")
+    bits: int = Field(description="The sum is taken modulo 2^bits; each entry travels in ceil(bits / 8) bytes")
+    degree: int
+    threshold: int
+    graph_seed: int = Field(description="Seeds the neighbour graph (edgefl.secagg.graph.neighbours)")
+
+
+class SecAggView(Answer):
+    """What one device of a secure round needs from the coordinator for the phase the
+    round is in: only about its own neighbours."""
+
+    round_id: int
+    status: RoundStatus
+    phase: str
+    retry_after: float = Field(description="Seconds before asking again while the phase is unchanged")
+    params: SecAggParams | None = Field(None, description="From the share-keys phase on")
+    keys: dict[int, SecAggKeys] = Field({}, description="The public keys of this device's neighbours that advertised")
+    shares: dict[int, str] = Field({}, description="From the masked-input phase on: sealed shares for this device, by sender")
+    masked: list[int] = Field([], description="In the unmask phase: this device's neighbours whose masked input arrived")
+
+
+class SecAggAccepted(Answer):
+    round_id: int
+    phase: str
+    messages: int = Field(description="Messages the phase holds now")
 
 
 # --- operators ---------------------------------------------------------------------

@@ -35,8 +35,13 @@ class TensorSpec:
     dtype: str = "F32"
 
     @property
+    def size(self) -> int:
+        """Its number of entries."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.dtype].itemsize
+        return self.size * _DTYPES[self.dtype].itemsize
 
 
 class WireError(ValueError):

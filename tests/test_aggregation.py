@@ -181,11 +181,13 @@ def test_dp_noise_has_the_calibrated_scale():
 def test_tffs_secure_mean_compiles_and_its_secure_inputs_are_the_devices_quantization():
     """TFF's weighted mean with SecureSumFactory value and weight sums, compiled to
     MapReduce form: its ``work`` runs in-process, and the values it hands to the secure
-    sums are those the device's numpy quantization (edgefl.secagg.quantize) computes."""
+    sums are, leaf for leaf, those the device's numpy client step computes
+    (edgefl.secagg.quantize), with each clip count set alone so no two leaves can be
+    mistaken for each other."""
     import tensorflow_federated as tff
 
     from coordinator.mapreduce import TensorFlowFunction
-    from edgefl.secagg.quantize import clip_counts, secure_quantize
+    from edgefl.secagg.quantize import SecureMeanLayout, secure_mean_inputs
 
     shapes = [(3, 2), (2,)]
     model_type = tff.types.to_type([tff.TensorType(np.float32, s) for s in shapes])
@@ -203,20 +205,23 @@ def test_tffs_secure_mean_compiles_and_its_secure_inputs_are_the_devices_quantiz
         return out.state, tff.federated_zip((out.result, out.measurements))
 
     form = tff.backends.mapreduce.get_map_reduce_form_for_computation(next_round)
+    layout = SecureMeanLayout((6, 2))
     assert form.secure_sum_bitwidth() == (1, 1, (32, 32), 1, 1, 32, 1, 1)
+    assert tuple(b for x in form.secure_sum_bitwidth() for b in (x if isinstance(x, tuple) else (x,))) == layout.bitwidths
     initialize = tff.backends.mapreduce.get_state_initialization_computation(
         tff.federated_computation(lambda: process.initialize())
     )
     broadcast = TensorFlowFunction(form.prepare)(*TensorFlowFunction(initialize)())
+    work = TensorFlowFunction(form.work)
     rng = np.random.default_rng(3)
-    delta = [rng.normal(0, 0.4, s).astype(np.float32) for s in shapes]
-    weight = np.float32(2.0)
-    out = [np.asarray(o) for o in TensorFlowFunction(form.work)(*delta, weight, *broadcast)]
-    weighted = [d * weight for d in delta]
-    flat = np.concatenate([w.ravel() for w in weighted])
-    # value: clipped above and below, the codes, one summand; weight: one summand, its code, clipped above and below
-    expected_counts = clip_counts(flat.max(), flat.min(), -1.0, 1.0)
-    assert (out[0], out[1]) == expected_counts and out[4] == 1
-    for got, w in zip(out[2:4], weighted):
-        np.testing.assert_array_equal(got, secure_quantize(w, -1.0, 1.0))
-    assert out[5] == 1 and out[6] == secure_quantize(weight, 0.0, 1000.0) and (out[7], out[8]) == (0, 0)
+    seen = set()
+    # nothing clipped; value above (and weight above); value below; weight below
+    for weight, scale in ((2.0, 0.1), (5000.0, 0.01), (2.0, -3.0), (-1.0, 0.1)):
+        delta = [(np.sign(scale) * np.abs(rng.normal(0, abs(scale), s))).astype(np.float32) for s in shapes]
+        out = [np.asarray(o) for o in work(*delta, np.float32(weight), *broadcast)]
+        ours = secure_mean_inputs(delta, weight, 1.0, 1000.0)
+        assert len(out) == len(ours) == len(layout.sizes)
+        for got, expected in zip(out, ours):
+            np.testing.assert_array_equal(got.ravel(), np.asarray(expected).ravel())
+        seen.add(tuple(int(x) for x in (*out[4:6], *out[7:9])))
+    assert seen == {(0, 0, 0, 0), (1, 0, 1, 0), (0, 1, 0, 0), (0, 0, 0, 1)}  # each count was set alone

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SEED_BYTES = 32  # self-mask seeds and derived keys: 256 bits
 _NONCE_BYTES = 12
+SEALED_OVERHEAD = _NONCE_BYTES + 16  # a sealed message's nonce and tag
 _RAW = serialization.Encoding.Raw
 
 

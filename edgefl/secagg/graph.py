@@ -42,3 +42,14 @@ def neighbours(devices: int, degree: int, seed: int) -> list[list[int]]:
             ring[a].add(b)
             ring[b].add(a)
     return [sorted(n) for n in ring]
+
+
+def round_shape(devices: int, degree: int = 0, threshold: int = 0) -> tuple[int, int]:
+    """The (degree, threshold) a round of ``devices`` runs with, from the configured
+    values (0: the defaults): the degree at most every other device, the threshold at
+    most the degree. ValueError if the configured threshold does not fit."""
+    k = min(degree or default_degree(devices), devices - 1)
+    t = threshold or default_threshold(k)
+    if not 1 <= t <= k:
+        raise ValueError(f"a threshold of {t} needs at least {t} neighbours per device, and {devices} devices give {k}")
+    return k, t

@@ -33,6 +33,7 @@ from edgefl.secagg import crypto, graph, shamir
 from edgefl.secagg.crypto import SecAggError
 
 SEED, KEY = "seed", "key"  # the two kinds of share a device may reveal for a neighbour
+SEALED_PAIR_BYTES = crypto.SEALED_OVERHEAD + 2 * shamir.SHARE_BYTES  # what a device routes to each neighbour
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,24 @@ def aggregate(
     devices in ``inputs`` (the masked inputs that arrived), from the shares its
     neighbours ``revealed`` (by revealing device, then owner). A share of the wrong
     kind for its owner, or too few shares for any owner, is refused."""
-    masked = set(inputs)
-    dropped = shared - masked
     total = np.zeros(params.size, np.uint64)
     for y in inputs.values():
         total += y
+    return remove_masks(params, keys, shared, set(inputs), total, revealed)
+
+
+def remove_masks(
+    params: RoundParams,
+    keys: Mapping[int, PublicKeys],
+    shared: Set[int],
+    masked: Set[int],
+    total: np.ndarray,
+    revealed: Mapping[int, Mapping[int, tuple[str, bytes]]],
+) -> np.ndarray:
+    """``aggregate`` given the (wrapping) sum of the masked inputs of the devices in
+    ``masked``, so a coordinator may add them up as they arrive, holding one vector."""
+    dropped = shared - masked
+    total = np.array(total, np.uint64)
     for owner in sorted(masked | dropped):
         wanted = SEED if owner in masked else KEY
         shares = {}

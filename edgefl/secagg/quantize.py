@@ -10,9 +10,13 @@ lower bound in integers; clip to the range.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
-SECAGG_MAX = 2**32 - 1
+CODE_BITS = 32
+SECAGG_MAX = 2**CODE_BITS - 1
 _INT64 = np.iinfo(np.int64)
 
 
@@ -37,3 +41,66 @@ def clip_counts(value_max: float, value_min: float, lower: float, upper: float) 
     """Whether the value went above the upper bound and below the lower (1 or 0 each):
     TFF's ``secure_upper_clipped_count`` and ``secure_lower_clipped_count`` summands."""
     return np.int32(np.float32(upper) < np.float32(value_max)), np.int32(np.float32(lower) > np.float32(value_min))
+
+
+@dataclass(frozen=True)
+class SecureMeanLayout:
+    """What a device hands to the secure sums of TFF's weighted mean
+    (``MeanFactory`` with ``SecureSumFactory`` value and weight sums), leaf by leaf in
+    the order TFF's compiled ``work`` emits them: a summand of 1 for the value and one
+    for the weight (their sums count the devices, which the coordinator needs to undo
+    the shift), the weighted value's codes per tensor and its clip counts (above,
+    below), then the weight's code and clip counts. The coordinator checks this against
+    its compiled TFF round when it starts, so a TFF that changed the order is refused
+    rather than misread."""
+
+    tensor_sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, spec: Sequence) -> SecureMeanLayout:
+        """The layout for a model's tensors (``edgefl.wire.TensorSpec``s)."""
+        return cls(tuple(s.size for s in spec))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (1, 1, *self.tensor_sizes, 1, 1, 1, 1, 1)
+
+    @property
+    def bitwidths(self) -> tuple[int, ...]:
+        """Each leaf's ``secure_sum_bitwidth`` (codes 32 bits, counts and summands 1)."""
+        return (1, 1, *(CODE_BITS,) * len(self.tensor_sizes), 1, 1, CODE_BITS, 1, 1)
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    def split(self, vector: np.ndarray) -> list[np.ndarray]:
+        """A flat vector back into its leaves (flat)."""
+        return np.split(np.asarray(vector), np.cumsum(self.sizes)[:-1])
+
+
+def secure_mean_inputs(delta: Sequence[np.ndarray], weight: float, value_bound: float, weight_bound: float) -> list[np.ndarray]:
+    """The device's half of TFF's secure weighted mean, leaf by leaf (see
+    ``SecureMeanLayout``): the update weighted by its example count, clipped to
+    [-value_bound, value_bound] and quantized; the weight within [0, weight_bound]."""
+    weighted = [np.asarray(d, np.float32) * np.float32(weight) for d in delta]
+    flat = np.concatenate([w.ravel() for w in weighted])
+    above, below = clip_counts(flat.max(initial=-np.inf), flat.min(initial=np.inf), -value_bound, value_bound)
+    w = np.float32(weight)
+    w_above, w_below = clip_counts(w, w, 0.0, weight_bound)
+    one = np.int32(1)
+    return [
+        one,
+        one,
+        *(secure_quantize(x, -value_bound, value_bound) for x in weighted),
+        above,
+        below,
+        secure_quantize(w, 0.0, weight_bound),
+        w_above,
+        w_below,
+    ]
+
+
+def flatten(leaves: Sequence[np.ndarray]) -> np.ndarray:
+    """Leaves of non-negative integers as one uint64 vector, SecAgg's input."""
+    return np.concatenate([np.asarray(x).astype(np.uint64).ravel() for x in leaves])

@@ -17,14 +17,14 @@ from collections.abc import Callable
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 from spectree import Response
 
-from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, failpoints, rounds
+from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, rounds
 from coordinator.access import takes_body
 from coordinator.database import Connection
 from coordinator.errors import ApiError
 from coordinator.lifecycle import MessageKind
 from coordinator.openapi import DEVICE, ENROLMENT, ErrorBody, raw_body, spec
 from coordinator.store import Store
-from edgefl import codecs, jsonsafe, limits, wire
+from edgefl import codecs, failpoints, jsonsafe, limits, wire
 from edgefl.protocol import CheckinAnswer, DeviceRegistration, UpdateAccepted
 
 bp = Blueprint("api", __name__, url_prefix="/v1")

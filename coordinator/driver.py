@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator import failpoints, guard, leases, lifecycle, records, rounds, selection
+from coordinator import guard, leases, lifecycle, records, rounds, selection
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerOutput, ServerSettings
 from coordinator.database import Connection, Row
 from coordinator.errors import ApiError
@@ -38,7 +38,7 @@ from coordinator.lifecycle import Event, Verdict
 from coordinator.lobby import Lobby
 from coordinator.secure import SecureRound
 from coordinator.store import Store
-from edgefl import codecs, metrics, wire
+from edgefl import codecs, failpoints, metrics, wire
 from edgefl.config import RunConfig
 from edgefl.datasets import load_dataset
 from edgefl.models import weight_names

@@ -136,10 +136,10 @@ class MapReduceRound:
         self.accumulate = TensorFlowFunction(form.accumulate)
         self.report = TensorFlowFunction(form.report)
         self.update = TensorFlowFunction(form.update)
-        if _flat(form.secure_sum_max_input()) or _flat(form.secure_modular_sum_modulus()):
+        if _constants(form.secure_sum_max_input) or _constants(form.secure_modular_sum_modulus):
             raise TypeError("secure sums by maximum input or modulus are not run here, only by bitwidth")
         self.folded = len(self.zero.results)  # work's leaves the fold takes; the rest are summed securely
-        self.secure_bitwidths = tuple(int(b) for b in _flat(form.secure_sum_bitwidth()))
+        self.secure_bitwidths = tuple(int(b) for b in _constants(form.secure_sum_bitwidth))
         if len(self.work.results) != self.folded + len(self.secure_bitwidths):
             raise TypeError("work's results do not match the fold and the secure sums")
         self.state = leaves(round_computation.type_signature.parameter[0])
@@ -166,8 +166,7 @@ class MapReduceRound:
         return results[: len(self.state)], results[len(self.state) :]
 
 
-def _flat(structure: Any) -> list[Any]:
-    """The leaves of a nested tuple (what a MapReduce form's secure-sum parameters return)."""
-    if isinstance(structure, (tuple, list)):
-        return [leaf for element in structure for leaf in _flat(element)]
-    return [structure]
+def _constants(computation: Any) -> list[Any]:
+    """The leaves of a computation without parameters (a secure sum's bitwidths, say),
+    computed in-process like every other block, never by TFF's executor."""
+    return [np.asarray(x).item() for x in TensorFlowFunction(computation)()]

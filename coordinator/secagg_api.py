@@ -41,7 +41,7 @@ from edgefl.protocol import RoundStatus, SecAggAccepted, SecAggKeys, SecAggParam
 from edgefl.secagg import protocol, shamir
 from edgefl.secagg.quantize import SecureMeanLayout
 
-_POLL_S = 0.5  # a device asks again about this often while its round's phase is unchanged
+_POLL_S = 0.25  # a device asks again about this often (0.5 to 1.5 times, jittered) while its round's phase is unchanged
 _MESSAGE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503)
 
 

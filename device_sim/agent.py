@@ -34,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgefl import codecs, wire
+from edgefl import codecs, failpoints, wire
 from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl.datasets import Split
 from edgefl.learner import Learner
@@ -270,11 +270,13 @@ class DeviceAgent:
             message = session.answer(view)
             if message is None:
                 return now + (time.monotonic() - asked) + view.retry_after
+            failpoints.hold(f"secagg_{view.phase}", at=f"{self._task.round_number}:{self.index}")  # tests kill it here
             self.client.secagg_send(session.round_id, message)
         except ProtocolError as exc:
             if exc.status in (401, 403):
                 raise
-            return self._leave_secure(now, f"{exc.code}: {exc.detail}")
+            if not exc.code.startswith("duplicate_"):  # a duplicate was stored: its answer was lost
+                return self._leave_secure(now, f"{exc.code}: {exc.detail}")
         except SecAggError as exc:
             return self._leave_secure(now, str(exc))
         if "unmask" in session.answered:

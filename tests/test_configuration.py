@@ -120,3 +120,20 @@ def test_the_api_bodies_are_the_declared_settings():
         assert (low, high) == (s.low, s.high), name
     newer = {**RunConfig().__dict__, "aggregator": "secure", "rounds": 10**9}
     assert RunConfigBody.model_validate(newer).aggregator == "secure"
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        (dict(min_reports=1), "min_reports must be at least 2 for secure"),
+        (dict(secagg_degree=5), "secagg_degree must be even"),
+        (dict(min_reports=4, secagg_threshold=4), "secagg_threshold must not exceed the neighbours min_reports devices give"),
+        (dict(min_reports=8, secagg_degree=2, secagg_threshold=3), "secagg_threshold must not exceed"),
+    ],
+)
+def test_a_secure_run_needs_a_neighbour_graph_in_every_round_that_may_go_ahead(settings, problem):
+    from edgefl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=problem):
+        RunConfig(aggregator="secure", target_reports=10, **settings)
+    RunConfig(aggregator="secure", target_reports=10, min_reports=4, secagg_threshold=3)  # 4 devices: 3 neighbours each

@@ -11,6 +11,7 @@ final checkpoints mean every acknowledged update was kept exactly once.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import threading
@@ -40,8 +41,9 @@ DEVICES = 3
 class Coordinator:
     """``edgefl serve`` on one instance directory, started and killed by the test."""
 
-    def __init__(self, root: Path, db_url: str | None = None):
+    def __init__(self, root: Path, db_url: str | None = None, config: RunConfig = CONFIG):
         root.mkdir()
+        self.config = config
         self.db_flags = ["--db", db_url] if db_url else []
         self.instance = root / "instance"
         self.log = root / "serve.log"
@@ -52,7 +54,9 @@ class Coordinator:
     def start(self, hold_at: str = "") -> None:
         self.log.write_text("")  # a fresh log per start: holds are found in it
         env = {**os.environ, "EDGEFL_HOLD_AT": hold_at}
-        command = edgefl_command("serve", "--instance", str(self.instance), "--port", "0", *self.db_flags, *command_line(CONFIG))
+        command = edgefl_command(
+            "serve", "--instance", str(self.instance), "--port", "0", *self.db_flags, *command_line(self.config)
+        )
         self.process = start_logged(command, self.log, env=env)
         self.pids.add(self.process.pid)
         self.url = wait_for_server(self.instance, self.process, self.log)
@@ -99,14 +103,21 @@ class ScriptedDevice:
         answer.raise_for_status()
         return answer.json()
 
-    def update_for(self, url: str, task: dict) -> bytes:
+    @property
+    def num_examples(self) -> int:
+        return 10 * (self.index + 1)
+
+    def delta_for(self, url: str, task: dict) -> list[np.ndarray]:
+        """A deterministic function of the device, the round and the model it was sent."""
         checkpoint = requests.get(f"{url}/v1/checkpoints/{task['checkpoint_sha256']}", timeout=60)
         checkpoint.raise_for_status()
         weights, _ = wire.decode(checkpoint.content, SPEC)
         rng = np.random.default_rng([self.index, task["round_number"]])
-        deltas = [(-0.05 * w + 0.01 * rng.standard_normal(w.shape)).astype(w.dtype) for w in weights]
-        metadata = {"num_examples": str(10 * (self.index + 1)), "metrics": '{"train_loss": 1.0}'}
-        return wire.encode([s.name for s in SPEC], deltas, metadata)
+        return [(-0.05 * w + 0.01 * rng.standard_normal(w.shape)).astype(w.dtype) for w in weights]
+
+    def update_for(self, url: str, task: dict) -> bytes:
+        metadata = {"num_examples": str(self.num_examples), "metrics": '{"train_loss": 1.0}'}
+        return wire.encode([s.name for s in SPEC], self.delta_for(url, task), metadata)
 
     def upload(self, url: str, round_id: int, body: bytes) -> None:
         answer = requests.post(f"{url}/v1/rounds/{round_id}/updates", data=body, headers=self.auth, timeout=60)
@@ -279,3 +290,143 @@ def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path, uninterrupt
     blobs = {p.name for p in (coordinator.instance / "blobs").glob("??/*")}
     assert blobs == needed, "update blobs, or blobs a crash left behind, outlived their rounds"
     assert not [p for p in coordinator.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+SECURE = RunConfig(**{**json.loads(CONFIG.to_json()), "aggregator": "secure", "rounds": 2, "secagg_phase_timeout_s": 600})
+
+
+class SecureDevice(ScriptedDevice):
+    """A scripted device of a secure run: its SecAgg+ session, one message at a time."""
+
+    def begin(self, url: str) -> None:
+        from device_sim.agent import SecureSession
+        from edgefl.secagg.quantize import flatten, secure_mean_inputs
+
+        answer = self.checkin(url)
+        assert answer["status"] == "task", answer
+        task = answer["task"]
+        bounds = task["secure"]
+        value = secure_mean_inputs(self.delta_for(url, task), self.num_examples, bounds["value_bound"], bounds["weight_bound"])
+        self.session = SecureSession(task["round_id"], flatten(value))
+
+    def post(self, url: str, message) -> requests.Response:
+        from edgefl.protocol import SecAggKeys, SecAggReveal, SecAggShares
+
+        path = f"{url}/v1/rounds/{self.session.round_id}/secagg/"
+        if isinstance(message, bytes):
+            return requests.post(
+                path + "masked", data=message, headers={**self.auth, "Content-Type": "application/octet-stream"}, timeout=60
+            )
+        kind = {SecAggKeys: "keys", SecAggShares: "shares", SecAggReveal: "reveal"}[type(message)]
+        return requests.post(path + kind, json=message.model_dump(mode="json"), headers=self.auth, timeout=60)
+
+    def message(self, url: str, phase: str, timeout_s: float = 60):
+        """What the round asks of this device once it is in ``phase``."""
+        from edgefl.protocol import SecAggView
+
+        if phase == "advertise_keys":
+            return self.session.keys()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            view = SecAggView.model_validate(
+                requests.get(f"{url}/v1/rounds/{self.session.round_id}/secagg", headers=self.auth, timeout=60).json()
+            )
+            if view.phase == phase:
+                return self.session.answer(view)
+            assert time.monotonic() < deadline, f"the round never reached {phase} (it is {view.phase})"
+            time.sleep(0.05)
+
+    def send(self, url: str, phase: str) -> None:
+        answer = self.post(url, self.message(url, phase))
+        assert answer.status_code == 202, answer.text
+
+
+PHASES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+
+
+def play_secure_round(url: str, devices: list[SecureDevice]) -> None:
+    for device in devices:
+        device.begin(url)
+    for phase in PHASES:
+        for device in devices:
+            device.send(url, phase)
+
+
+def test_sigkill_in_every_phase_of_a_secure_round_loses_nothing(tmp_path):
+    """A secure run's coordinator is SIGKILLed once in each SecAgg+ phase (mid-message
+    in one, between the blob and its row in another, while aggregating in the last),
+    and restarted: every acknowledged message is kept, an unanswered one is sent again,
+    and the run ends with the model of an uninterrupted secure run (the sums are exact,
+    so the fresh masks of each run change nothing)."""
+    reference = Coordinator(tmp_path / "reference", config=SECURE)
+    try:
+        reference.start()
+        devices = [SecureDevice(d.index, d.token) for d in register(reference.url)]
+        for number in (1, 2):
+            wait_round_open(reference.url, number)
+            play_secure_round(reference.url, devices)
+        expected = wait_finished(reference.url)["model"]["sha256"]
+    finally:
+        reference.stop()
+
+    coordinator = Coordinator(tmp_path / "killed", config=SECURE)
+    try:
+        coordinator.start()
+        url = coordinator.url
+        d0, d1, d2 = devices = [SecureDevice(d.index, d.token) for d in register(url)]
+        wait_round_open(url, 1)
+        for device in devices:
+            device.begin(url)
+        # Advertise keys: killed once two devices' keys are acknowledged.
+        d0.send(url, "advertise_keys")
+        d1.send(url, "advertise_keys")
+        coordinator.kill()
+        coordinator.start()
+        url = coordinator.url
+        assert d0.post(url, d0.session.keys()).status_code == 409  # kept: a duplicate now
+        d2.send(url, "advertise_keys")
+        # Share keys: killed mid-request (the blob of d1's shares written, no row yet).
+        d0.send(url, "share_keys")
+        shares = d1.message(url, "share_keys")
+        coordinator.kill()
+        coordinator.start(hold_at="update_stored")
+        url = coordinator.url
+        attempt = Unanswered(d1.post, url, shares)
+        attempt.start()
+        coordinator.wait_until_held("update_stored")
+        coordinator.kill()
+        attempt.assert_cut_off()
+        coordinator.start()
+        url = coordinator.url
+        assert d1.post(url, shares).status_code == 202  # it was never acknowledged: sent again
+        d2.send(url, "share_keys")
+        # Masked input: killed between two devices' inputs.
+        d0.send(url, "masked_input")
+        coordinator.kill()
+        coordinator.start()
+        url = coordinator.url
+        d1.send(url, "masked_input")
+        d2.send(url, "masked_input")
+        # Unmask: killed while aggregating, after every reveal.
+        coordinator.kill()
+        coordinator.start(hold_at="aggregating")
+        url = coordinator.url
+        for device in devices:
+            device.send(url, "unmask")
+        coordinator.wait_until_held("aggregating")
+        coordinator.kill()
+        coordinator.start()
+        url = coordinator.url
+        wait_round_open(url, 2)
+        play_secure_round(url, devices)
+        status = wait_finished(url)
+        history = requests.get(f"{url}/v1/rounds", timeout=30).json()["rounds"]
+    finally:
+        coordinator.stop()
+    assert [(r["number"], r["status"], r["metrics"]["secagg"]["masked"]) for r in history] == [
+        (1, "committed", 3),
+        (2, "committed", 3),
+    ]
+    assert status["model"]["sha256"] == expected, "the killed secure run's final model differs from the uninterrupted one's"
+    gone = reference.pids | coordinator.pids
+    assert not [p for p in gone if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

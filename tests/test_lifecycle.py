@@ -7,6 +7,7 @@ import pytest
 
 from coordinator.lifecycle import (
     FEDAVG,
+    SECURE,
     TRANSITIONS,
     Event,
     IllegalTransition,
@@ -15,8 +16,11 @@ from coordinator.lifecycle import (
     Phase,
     PhasePlan,
     RoundPlan,
+    Tally,
     Verdict,
+    every_survivor,
     next_status,
+    plan_for,
     quorum,
 )
 from edgefl.config import RunConfig
@@ -41,7 +45,7 @@ def test_every_status_and_event_pair_either_has_a_transition_or_is_refused():
 )
 def test_fedavgs_close_rule_is_its_target_then_its_minimum_at_the_deadline(messages, past_deadline, expected):
     config = RunConfig(target_reports=4, min_reports=2)
-    assert quorum(config, messages, past_deadline) == expected
+    assert quorum(config, Tally(messages, participants=5, first=messages), past_deadline) == expected
     event = FEDAVG.outcome(FEDAVG.first, expected)
     assert event == {Verdict.ENOUGH: Event.COLLECTED, Verdict.TOO_FEW: Event.TOO_FEW, Verdict.WAIT: None}[expected]
 
@@ -58,3 +62,40 @@ def test_a_multi_phase_plan_moves_on_phase_by_phase_and_aggregates_after_its_las
     assert next_status(RoundStatus.OPEN, Event.NEXT_PHASE) == RoundStatus.OPEN
     assert plan.outcome(second, Verdict.ENOUGH) == Event.COLLECTED
     assert plan.outcome(second, Verdict.TOO_FEW) == Event.TOO_FEW
+
+
+def test_the_secure_plan_is_secaggs_four_phases_each_taking_one_kind_from_the_last_ones_survivors():
+    config = RunConfig(aggregator="secure", target_reports=10, min_reports=4, secagg_degree=4, secagg_threshold=3)
+    assert plan_for(config) is SECURE and plan_for(RunConfig()) is FEDAVG
+    assert [p.phase for p in SECURE.phases] == [Phase.ADVERTISE, Phase.SHARE, Phase.MASKED_INPUT, Phase.UNMASK]
+    assert [set(p.accepts) for p in SECURE.phases] == [
+        {k} for k in (MessageKind.KEYS, MessageKind.SHARES, MessageKind.MASKED, MessageKind.REVEAL)
+    ]
+    assert SECURE.first.participants == Participants.COHORT and SECURE.first.close is quorum
+    assert all(p.participants == Participants.SURVIVORS and p.close is every_survivor for p in SECURE.phases[1:])
+    assert SECURE.first.deadline_s(config) == config.round_timeout_s
+    assert all(p.deadline_s(config) == config.secagg_phase_timeout_s for p in SECURE.phases[1:])
+
+
+@pytest.mark.parametrize(
+    ("messages", "participants", "past_deadline", "expected"),
+    [
+        (6, 6, False, Verdict.ENOUGH),  # every survivor of the previous phase
+        (5, 6, False, Verdict.WAIT),
+        (5, 6, True, Verdict.ENOUGH),
+        (4, 6, True, Verdict.ENOUGH),  # the minimum (4) and the threshold (3)
+        (3, 6, True, Verdict.TOO_FEW),  # the threshold, but below the minimum
+    ],
+)
+def test_a_later_secagg_phase_waits_for_every_survivor_then_needs_the_minimum_and_threshold(
+    messages, participants, past_deadline, expected
+):
+    config = RunConfig(aggregator="secure", target_reports=10, min_reports=4, secagg_degree=4, secagg_threshold=3)
+    assert every_survivor(config, Tally(messages, participants, first=6), past_deadline) == expected
+
+
+def test_the_threshold_can_exceed_the_minimum():
+    config = RunConfig(aggregator="secure", target_reports=10, min_reports=3, secagg_degree=0, secagg_threshold=0)
+    # 10 devices advertised: a complete graph (degree 9), threshold 5
+    assert every_survivor(config, Tally(4, 6, first=10), True) == Verdict.TOO_FEW
+    assert every_survivor(config, Tally(5, 6, first=10), True) == Verdict.ENOUGH

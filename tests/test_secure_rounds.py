@@ -7,7 +7,7 @@ through Flask's test client; the driver steps on a clock the test moves."""
 
 from __future__ import annotations
 
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import numpy as np
 import pytest
@@ -16,8 +16,8 @@ from device_sim.agent import SecureSession
 from edgefl.config import RunConfig
 from edgefl.protocol import SecAggView
 from edgefl.secagg import packing
-from edgefl.secagg.quantize import SecureMeanLayout, flatten, secure_mean_inputs
-from tests.api_helpers import SPEC, assert_error, build_coordinator, random_delta, register, take_task
+from edgefl.secagg.quantize import flatten, secure_mean_inputs
+from tests.api_helpers import SPEC, assert_error, build_coordinator, random_delta, take_task
 
 BOUNDS = (100.0, 100_000.0)
 
@@ -49,7 +49,8 @@ class Device:
 
     def __init__(self, client, round_id: int, seed: int, examples: int):
         self.client = client
-        self.headers = register(client)
+        registration = client.post("/v1/devices").json
+        self.device_id, self.headers = registration["device_id"], {"Authorization": f"Bearer {registration['token']}"}
         self.task = take_task(client, self.headers)
         assert self.task["round_id"] == round_id and self.task["secure"] == {"value_bound": 100.0, "weight_bound": 100000.0}
         self.delta, self.examples = random_delta(seed), examples
@@ -74,7 +75,9 @@ class Device:
         if isinstance(message, bytes):
             response = self.post("masked", data=message, content_type="application/octet-stream")
         else:
-            response = self.post({"SecAggShares": "shares", "SecAggReveal": "reveal"}[type(message).__name__], json=message.model_dump())
+            response = self.post(
+                {"SecAggShares": "shares", "SecAggReveal": "reveal"}[type(message).__name__], json=message.model_dump()
+            )
         assert response.status_code == 202, response.json
         return response
 
@@ -82,7 +85,9 @@ class Device:
 def _secure_coordinator(tmp_path, small_parts, secure_server, db_url=None, **changes):
     from tests.conftest import Clock
 
-    return build_coordinator(tmp_path / "instance", small_parts, _config(**changes), db_url=db_url, server=secure_server, clock=Clock())
+    return build_coordinator(
+        tmp_path / "instance", small_parts, _config(**changes), db_url=db_url, server=secure_server, clock=Clock()
+    )
 
 
 def _open(driver, client, n, examples=(50, 120, 7, 300, 33, 81, 64, 10)):
@@ -99,7 +104,9 @@ def _phase(store, round_id=1) -> tuple[str, str]:
 def _state(store) -> tuple:
     """Everything a refused message must leave as it was: messages, rounds, blobs."""
     with closing(store.connect()) as db:
-        messages = [tuple(r) for r in db.execute("SELECT round_id, phase, device_id, kind, blob_sha256 FROM messages ORDER BY id")]
+        messages = [
+            tuple(r) for r in db.execute("SELECT round_id, phase, device_id, kind, blob_sha256 FROM messages ORDER BY id")
+        ]
         rounds_ = [tuple(r) for r in db.execute("SELECT id, status, phase, deadline_at FROM rounds ORDER BY id")]
     return messages, rounds_, sorted(store.blobs.names())
 
@@ -183,3 +190,221 @@ def _checkpoint(store, version):
     with closing(store.connect()) as db:
         (sha,) = db.execute("SELECT sha256 FROM checkpoints WHERE version = ?", (version,)).fetchone()
     return wire.decode(store.blobs.get(sha), SPEC)
+
+
+@contextmanager
+def _secure_round_of(store, driver):
+    from coordinator.secure import SecureRound
+
+    with closing(store.connect()) as db:
+        yield SecureRound.load(db, store.blobs.get, driver.config, 1, driver.server.secure_layout.size)
+
+
+@pytest.mark.parametrize("phase", ["share_keys", "masked_input", "unmask"])
+def test_devices_dropping_after_any_phase_leave_the_survivors_sum(tmp_path, small_parts, secure_server, phase):
+    """Two of seven devices vanish once ``phase`` opens (they advertised; they send
+    nothing more): the phase closes at its deadline, and the round commits the mean of
+    the devices whose masked input arrived."""
+    app, driver = _secure_coordinator(tmp_path, small_parts, secure_server, target_reports=7, secagg_degree=6)
+    client, store = app.test_client(), app.extensions["edgefl.store"]
+    devices = _open(driver, client, 7)
+    for device in devices:
+        assert device.send_keys().status_code == 202
+    dropped = {1, 4}
+    order = ["share_keys", "masked_input", "unmask"]
+    for current in order:
+        _step_until(driver, store, current)
+        for i, device in enumerate(devices):
+            if not (i in dropped and order.index(current) >= order.index(phase)):
+                device.answer()
+        driver.clock.now += 11  # past each phase's deadline: the missing devices are given up
+    survivors = [d for i, d in enumerate(devices) if i not in dropped or phase == "unmask"]
+    with _secure_round_of(store, driver) as secure:
+        assert len(secure.masked) == len(survivors)
+    driver.step()
+    assert _phase(store)[0] == "committed", _phase(store)
+    base, _ = _checkpoint(store, 0)
+    expected, _ = _expected(secure_server, survivors, base)
+    committed, _ = _checkpoint(store, 1)
+    for ours, theirs in zip(committed, expected.weights, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_round_with_too_few_surviving_neighbours_is_abandoned_with_nothing_revealed(tmp_path, small_parts, secure_server):
+    """A complete graph of five devices, threshold 3: with four masked inputs each
+    device's neighbourhood holds exactly the threshold, and the round commits; with
+    three, the round is abandoned at the masked-input deadline and no device is asked
+    to reveal anything. (A device asked anyway refuses: ``test_secagg``.)"""
+    for masked_inputs, outcome in ((4, "committed"), (3, "abandoned")):
+        app, driver = _secure_coordinator(
+            tmp_path / str(masked_inputs),
+            small_parts,
+            secure_server,
+            target_reports=5,
+            min_reports=4,
+            secagg_degree=4,
+            secagg_threshold=3,
+        )
+        client, store = app.test_client(), app.extensions["edgefl.store"]
+        devices = _open(driver, client, 5)
+        for device in devices:
+            device.send_keys()
+        _step_until(driver, store, "share_keys")
+        for device in devices:
+            device.answer()
+        _step_until(driver, store, "masked_input")
+        for device in devices[:masked_inputs]:
+            device.answer()
+        driver.clock.now += 11
+        driver.step()
+        if outcome == "committed":
+            assert _phase(store) == ("open", "unmask")
+            for device in devices[:masked_inputs]:
+                assert len(device.view().masked) == 3  # exactly the threshold
+                device.answer()
+            driver.clock.now += 11
+            driver.step()
+        assert _phase(store)[0] == outcome
+        if outcome == "abandoned":
+            record = client.get("/v1/rounds").json["rounds"][0]
+            assert record["abandon_reason"] == "too_few_reports" and "masked_input messages" in record["abandon_detail"]
+            assert devices[0].view().status == "abandoned" and devices[0].view().masked == []
+            with closing(store.connect()) as db:
+                assert db.execute("SELECT COUNT(*) FROM messages WHERE kind = 'reveal'").fetchone()[0] == 0
+
+
+def test_stored_masked_inputs_look_like_uniform_noise(tmp_path, small_parts, secure_server):
+    """What the coordinator stores of a device's input is uniform below 2^bits (each
+    of its bytes' values equally often, by a chi-square test) and uncorrelated with the
+    input it hides."""
+    from scipy import stats
+
+    app, driver = _secure_coordinator(tmp_path, small_parts, secure_server)
+    client, store = app.test_client(), app.extensions["edgefl.store"]
+    devices = _open(driver, client, 6)
+    for device in devices:
+        device.send_keys()
+    _step_until(driver, store, "share_keys")
+    for device in devices:
+        device.answer()
+    _step_until(driver, store, "masked_input")
+    for device in devices:
+        device.answer()
+    with _secure_round_of(store, driver) as secure:
+        params = secure.params
+    with closing(store.connect()) as db:
+        rows = db.execute("SELECT device_id, blob_sha256 FROM messages WHERE kind = 'masked' ORDER BY id").fetchall()
+    assert len(rows) == 6
+    for device_id, sha in rows:
+        data = store.blobs.get(sha)
+        masked = packing.unpack(data, params.size, params.bits)
+        low_bytes = (masked & np.uint64(0xFFFF_FFFF)).astype("<u4").view(np.uint8)
+        high_bits = (masked >> np.uint64(32)).astype(np.int64)  # the top bits-32 bits
+        assert stats.chisquare(np.bincount(low_bytes, minlength=256)).pvalue > 1e-4
+        assert stats.chisquare(np.bincount(high_bits, minlength=2 ** (params.bits - 32))).pvalue > 1e-4
+        fraction = masked.astype(np.float64) / 2.0**params.bits
+        assert abs(fraction.mean() - 0.5) < 0.01
+        plain = next(d for d in devices if d.device_id == device_id).session.value
+        assert abs(np.corrcoef(fraction, plain.astype(np.float64))[0, 1]) < 0.05
+
+
+def test_tampered_replayed_and_misrouted_messages_are_refused_and_change_nothing(tmp_path, small_parts, secure_server):
+    """At each phase, what a dishonest or confused device could send instead: a 4xx
+    in the API's error format, and the store (messages, rounds, blobs) as it was."""
+    app, driver = _secure_coordinator(tmp_path, small_parts, secure_server)
+    client, store = app.test_client(), app.extensions["edgefl.store"]
+    devices = _open(driver, client, 6)
+    a, b = devices[0], devices[1]
+    outsider = client.post("/v1/devices").json
+    outsider_headers = {"Authorization": f"Bearer {outsider['token']}"}
+
+    def attempt(make, status, code):
+        before = _state(store)
+        assert_error(make(), status, code)
+        assert _state(store) == before
+
+    keys = a.session.keys().model_dump()
+    attempt(lambda: a.post("shares", json={"shares": {}}), 409, "wrong_phase")
+    attempt(lambda: a.post("keys", json={**keys, "masking": keys["encryption"]}), 422, "bad_keys")
+    attempt(lambda: a.post("keys", json={**keys, "extra": 1}), 422, "invalid_request")
+    attempt(lambda: a.post("keys", json={**keys, "masking": keys["masking"].upper()}), 422, "invalid_request")
+    attempt(lambda: a.post("keys", data="{not json", content_type="application/json"), 400, "bad_json")
+    attempt(lambda: client.post("/v1/rounds/1/secagg/keys", json=keys), 401, "missing_token")
+    attempt(lambda: client.post("/v1/rounds/1/secagg/keys", json=keys, headers=outsider_headers), 403, "not_selected")
+    attempt(lambda: client.post("/v1/rounds/99/secagg/keys", json=keys, headers=a.headers), 404, "unknown_round")
+    attempt(
+        lambda: client.post("/v1/rounds/1/updates", data=b"x", headers=a.headers, content_type="application/octet-stream"),
+        409,
+        "wrong_phase",
+    )
+    attempt(lambda: client.get("/v1/rounds/1/secagg", headers=outsider_headers), 403, "not_selected")
+    assert a.send_keys().status_code == 202
+    attempt(a.send_keys, 409, "duplicate_keys")
+    attempt(lambda: b.post("keys", json=keys), 409, "keys_in_use")  # another device's keys, replayed
+    attempt(lambda: b.post("keys", json={**b.session.keys().model_dump(), "masking": keys["masking"]}), 409, "keys_in_use")
+    for device in devices[1:]:
+        assert device.send_keys().status_code == 202
+
+    _step_until(driver, store, "share_keys")
+    view = a.view()
+    me, neighbours = view.params.index, sorted(view.keys)
+    sealed = a.session.answer(view).shares
+    a.session.answered.discard("share_keys")
+    others = [v for v in range(6) if v not in neighbours and v != me]
+    attempt(lambda: b.post("keys", json=keys), 409, "wrong_phase")  # a replay, and late
+    attempt(
+        lambda: a.post("shares", json={"shares": {v: c for v, c in sealed.items() if v != neighbours[0]}}),
+        422,
+        "misrouted_shares",
+    )
+    attempt(lambda: a.post("shares", json={"shares": {**sealed, others[0]: sealed[neighbours[0]]}}), 422, "misrouted_shares")
+    attempt(lambda: a.post("shares", json={"shares": {**sealed, me: sealed[neighbours[0]]}}), 422, "misrouted_shares")
+    attempt(lambda: a.post("shares", json={"shares": {**sealed, neighbours[0]: sealed[neighbours[0]][:-2]}}), 422, "bad_shares")
+    attempt(lambda: a.post("shares", json={"shares": {**sealed, neighbours[0]: "zz" * 160}}), 422, "bad_shares")
+    attempt(lambda: a.post("shares", json={"shares": sealed, "more": {}}), 422, "invalid_request")
+    assert a.post("shares", json={"shares": sealed}).status_code == 202
+    attempt(lambda: a.post("shares", json={"shares": sealed}), 409, "duplicate_shares")
+    for device in devices[1:]:
+        device.answer()
+
+    _step_until(driver, store, "masked_input")
+    body = a.session.answer(a.view())
+    a.session.answered.discard("masked_input")
+    width = packing.entry_bytes(view.params.bits)
+    too_big = bytearray(body)
+    too_big[width - 1] = 0xFF  # an entry at or above 2^bits
+    for bad, code in (
+        (body[:-1], "bad_masked_input"),
+        (body + b"\0" * width, "bad_masked_input"),
+        (bytes(too_big), "bad_masked_input"),
+    ):
+        attempt(lambda bad=bad: a.post("masked", data=bad, content_type="application/octet-stream"), 422, code)
+    attempt(lambda: a.post("reveal", json={"seeds": {}, "keys": {}}), 409, "wrong_phase")
+    assert a.post("masked", data=body, content_type="application/octet-stream").status_code == 202
+    attempt(lambda: a.post("masked", data=body, content_type="application/octet-stream"), 409, "duplicate_masked")
+    for device in devices[1:]:
+        if device is not b:  # b drops out: its neighbours reveal its key share
+            device.answer()
+
+    driver.clock.now += 11
+    _step_until(driver, store, "unmask")
+    view = a.view()
+    reveal = a.session.answer(view)
+    a.session.answered.discard("unmask")
+    attempt(lambda: b.post("reveal", json=reveal.model_dump()), 409, "not_a_survivor")
+    seeds, keys_ = reveal.seeds, reveal.keys
+    some = next(iter(seeds))
+    attempt(lambda: a.post("reveal", json={"seeds": seeds, "keys": {**keys_, some: seeds[some]}}), 422, "wrong_reveal")
+    attempt(lambda: a.post("reveal", json={"seeds": {**seeds, **keys_}, "keys": {}}), 422, "wrong_reveal")
+    attempt(
+        lambda: a.post("reveal", json={"seeds": {k: v for k, v in seeds.items() if k != some}, "keys": keys_}),
+        422,
+        "wrong_reveal",
+    )
+    attempt(lambda: a.post("reveal", json={"seeds": {**seeds, some: seeds[some][:-2]}, "keys": keys_}), 422, "bad_reveal")
+    assert a.post("reveal", json=reveal.model_dump()).status_code == 202
+    attempt(lambda: a.post("reveal", json=reveal.model_dump()), 409, "duplicate_reveal")
+    for device in devices[2:]:
+        device.answer()
+    driver.step()
+    assert _phase(store)[0] == "committed"

@@ -1,4 +1,5 @@
-"""Named points where the coordinator can be held still, so a test can kill it there.
+"""Named points where a process (the coordinator, a device host) can be held still, so
+a test can kill it there.
 
 A crash can land between any two instructions, but a test that sends SIGKILL at a
 random moment almost never lands inside the few milliseconds that matter (an upload's

@@ -242,6 +242,11 @@ class FedAvgServer:
         work = self.round.client_work(fold.broadcast, [*delta, np.float32(num_examples)])
         return replace(fold, accumulator=tuple(self.round.accumulate(*fold.accumulator, *work)), updates=fold.updates + 1)
 
+    def finish_secure(self, fold: RoundFold, total: np.ndarray) -> ServerOutput:
+        """``finish`` given a secure round's sum, one vector in ``secure_layout``'s order."""
+        layout = self.secure_layout
+        return self.finish(fold, layout.leaves_in(layout.split(total), [s.name for s in self.spec]))
+
     def finish(self, fold: RoundFold, secure_sums: Sequence[np.ndarray] = ()) -> ServerOutput:
         """TFF's report and update (given a secure round's sums, leaf by leaf): the next
         weights, server state and mean delta."""
@@ -301,7 +306,8 @@ def _checked_secure_layout(server: FedAvgServer, settings: ServerSettings) -> Se
         magnitude = bound * abs(scale) / abs(weight)
         delta = [(np.sign(scale) * np.abs(rng.normal(0, magnitude, s.shape))).astype(np.float32) for s in server.spec]
         tffs = server.round.client_work(fold.broadcast, [*delta, np.float32(weight)])[server.round.folded :]
-        devices = secure_mean_inputs(delta, weight, bound, settings.secure_weight_bound)
+        names = [s.name for s in server.spec]
+        devices = layout.leaves_in(secure_mean_inputs(names, delta, weight, bound, settings.secure_weight_bound), names)
         for i, (theirs, ours) in enumerate(zip(tffs, devices)):
             if not np.array_equal(np.asarray(theirs).ravel(), np.asarray(ours).ravel()):
                 raise TypeError(f"the devices' secure-sum input {i} differs from TFF's compiled client step")

@@ -324,7 +324,7 @@ class RoundDriver:
             total = secure.unmasked_sum()
         except (SecAggError, ApiError) as error:
             return None, ("unmask_failed", str(error)), {}
-        output = self.server.finish(fold, self.server.secure_layout.split(total))
+        output = self.server.finish_secure(fold, total)
         return output, None, {**secure.figures(), "unmask_s": self.clock() - started}
 
     def _delta_of(self, update: Row) -> list[np.ndarray]:

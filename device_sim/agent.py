@@ -140,7 +140,7 @@ class DeviceAgent:
         self._training_file: TrainingModel | None = None
         self._checkpoint: tuple[str, bytes | None, list | None] | None = None  # sha256, bytes until decoded, weights
         self._upload_body: bytes | None = None
-        self._secure: SecureSession | None = None
+        self._session: SecureSession | None = None
         self._times: dict[str, float] = {}
 
     @property
@@ -239,8 +239,8 @@ class DeviceAgent:
         self._times["trained"] = time.monotonic()
         if task.secure is not None:  # TFF's client step on the device; the rest is SecAgg+'s
             bounds = task.secure
-            leaves = secure_mean_inputs(result.delta, result.num_examples, bounds.value_bound, bounds.weight_bound)
-            self._secure = SecureSession(task.round_id, flatten(leaves))
+            leaves = secure_mean_inputs(learner.names, result.delta, result.num_examples, bounds.value_bound, bounds.weight_bound)
+            self._session = SecureSession(task.round_id, flatten(leaves))
             self.state = State.SECURE
             return now
         metrics = {**result.metrics, **personalization_report(learner, weights, result.delta, self.held)}
@@ -257,7 +257,7 @@ class DeviceAgent:
         """One move in a secure round: send the keys, else look at the round's phase and
         send what it asks; back to checking in once the reveal is sent or the round is
         over for this device (closed, or a message refused or not adding up)."""
-        session = self._secure
+        session = self._session
         asked = time.monotonic()
         try:
             if "keys" not in session.answered:
@@ -281,14 +281,14 @@ class DeviceAgent:
             return self._leave_secure(now, str(exc))
         if "unmask" in session.answered:
             self.summary.rounds_trained += 1
-            self._secure, self.state = None, State.CHECK_IN
+            self._session, self.state = None, State.CHECK_IN
             log.info("device %d: secure round %d done", self.index, self._task.round_number)
         return now
 
     def _leave_secure(self, now: float, why: str) -> float:
         log.info("device %d: leaves secure round %d (%s)", self.index, self._task.round_number, why)
         self.summary.late_uploads += 1
-        self._secure, self.state = None, State.CHECK_IN
+        self._session, self.state = None, State.CHECK_IN
         return now
 
     def _upload(self, now: float, _learners: Learners) -> float:

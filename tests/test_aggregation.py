@@ -205,7 +205,7 @@ def test_tffs_secure_mean_compiles_and_its_secure_inputs_are_the_devices_quantiz
         return out.state, tff.federated_zip((out.result, out.measurements))
 
     form = tff.backends.mapreduce.get_map_reduce_form_for_computation(next_round)
-    layout = SecureMeanLayout((6, 2))
+    layout = SecureMeanLayout((("a", 2), ("b", 6)))  # as checkpoints order tensors: by name
     assert form.secure_sum_bitwidth() == (1, 1, (32, 32), 1, 1, 32, 1, 1)
     assert tuple(b for x in form.secure_sum_bitwidth() for b in (x if isinstance(x, tuple) else (x,))) == layout.bitwidths
     initialize = tff.backends.mapreduce.get_state_initialization_computation(
@@ -219,7 +219,7 @@ def test_tffs_secure_mean_compiles_and_its_secure_inputs_are_the_devices_quantiz
     for weight, scale in ((2.0, 0.1), (5000.0, 0.01), (2.0, -3.0), (-1.0, 0.1)):
         delta = [(np.sign(scale) * np.abs(rng.normal(0, abs(scale), s))).astype(np.float32) for s in shapes]
         out = [np.asarray(o) for o in work(*delta, np.float32(weight), *broadcast)]
-        ours = secure_mean_inputs(delta, weight, 1.0, 1000.0)
+        ours = layout.leaves_in(secure_mean_inputs(["b", "a"], delta, weight, 1.0, 1000.0), ["b", "a"])
         assert len(out) == len(ours) == len(layout.sizes)
         for got, expected in zip(out, ours):
             np.testing.assert_array_equal(got.ravel(), np.asarray(expected).ravel())

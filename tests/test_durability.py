@@ -306,7 +306,10 @@ class SecureDevice(ScriptedDevice):
         assert answer["status"] == "task", answer
         task = answer["task"]
         bounds = task["secure"]
-        value = secure_mean_inputs(self.delta_for(url, task), self.num_examples, bounds["value_bound"], bounds["weight_bound"])
+        delta = self.delta_for(url, task)
+        value = secure_mean_inputs(
+            [s.name for s in SPEC], delta, self.num_examples, bounds["value_bound"], bounds["weight_bound"]
+        )
         self.session = SecureSession(task["round_id"], flatten(value))
 
     def post(self, url: str, message) -> requests.Response:

@@ -227,3 +227,21 @@ def test_the_devices_quantization_is_tffs_bit_for_bit(bounds):
     np.testing.assert_array_equal(ours, theirs)
     assert clip_counts(value.max(), value.min(), lower, upper) == (1, 1)
     assert clip_counts(upper, lower, lower, upper) == (0, 0)
+
+
+def test_a_devices_secure_input_does_not_depend_on_the_order_its_runtime_lists_tensors_in():
+    """A LiteRT device lists tensors by name, a Keras device in the model's order: both
+    hand the secure sums the same vector, in the order checkpoints list them."""
+    from edgefl.secagg.quantize import SecureMeanLayout, flatten, secure_mean_inputs
+    from edgefl.wire import TensorSpec
+
+    rng = np.random.default_rng(0)
+    names, shapes = ["conv/kernel", "conv/bias", "dense/kernel"], [(3, 3), (3,), (4, 2)]
+    delta = {n: rng.normal(0, 0.1, s).astype(np.float32) for n, s in zip(names, shapes)}
+    model_order = flatten(secure_mean_inputs(names, [delta[n] for n in names], 7.0, 1.0, 100.0))
+    by_name = sorted(names)
+    assert np.array_equal(model_order, flatten(secure_mean_inputs(by_name, [delta[n] for n in by_name], 7.0, 1.0, 100.0)))
+    layout = SecureMeanLayout.of([TensorSpec(n, s) for n, s in zip(names, shapes)])
+    assert [n for n, _ in layout.tensors] == by_name and layout.size == model_order.size == 2 + 9 + 3 + 8 + 5
+    leaves = layout.leaves_in(layout.split(model_order), names)  # TFF's order: the model's
+    assert [leaf.size for leaf in leaves[2:5]] == [9, 3, 8]

@@ -54,7 +54,7 @@ class Device:
         self.task = take_task(client, self.headers)
         assert self.task["round_id"] == round_id and self.task["secure"] == {"value_bound": 100.0, "weight_bound": 100000.0}
         self.delta, self.examples = random_delta(seed), examples
-        self.leaves = secure_mean_inputs(self.delta, examples, *BOUNDS)
+        self.leaves = secure_mean_inputs([s.name for s in SPEC], self.delta, examples, *BOUNDS)
         self.session = SecureSession(round_id, flatten(self.leaves))
 
     def post(self, kind: str, **kwargs):
@@ -121,10 +121,9 @@ def _step_until(driver, store, phase, status="open"):
 
 def _expected(secure_server, devices, weights):
     """The round's model from the plain integer sum of the survivors' quantized inputs."""
-    layout = secure_server.secure_layout
     total = sum(d.session.value for d in devices)
     fold = secure_server.begin(secure_server.initialize(), weights)
-    return secure_server.finish(fold, layout.split(total)), total
+    return secure_server.finish_secure(fold, total), total
 
 
 def _run_round(driver, store, devices, *, drop_after: dict[str, list[int]] | None = None):

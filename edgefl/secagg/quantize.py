@@ -46,45 +46,57 @@ def clip_counts(value_max: float, value_min: float, lower: float, upper: float) 
 @dataclass(frozen=True)
 class SecureMeanLayout:
     """What a device hands to the secure sums of TFF's weighted mean
-    (``MeanFactory`` with ``SecureSumFactory`` value and weight sums), leaf by leaf in
-    the order TFF's compiled ``work`` emits them: a summand of 1 for the value and one
-    for the weight (their sums count the devices, which the coordinator needs to undo
-    the shift), the weighted value's codes per tensor and its clip counts (above,
-    below), then the weight's code and clip counts. The coordinator checks this against
-    its compiled TFF round when it starts, so a TFF that changed the order is refused
-    rather than misread."""
+    (``MeanFactory`` with ``SecureSumFactory`` value and weight sums), as one vector:
+    a summand of 1 for the value and one for the weight (their sums count the devices,
+    which the coordinator needs to undo the shift), the weighted value's codes per
+    tensor and its clip counts (above, below), then the weight's code and clip counts.
+    That is the order TFF's compiled ``work`` emits them in, except that the tensors
+    come in the order checkpoints list them (by name), which every device knows, where
+    TFF's follow the model (``leaves_in`` puts them back). The coordinator checks this
+    against its compiled TFF round when it starts, so a TFF that changed the order is
+    refused rather than misread."""
 
-    tensor_sizes: tuple[int, ...]
+    tensors: tuple[tuple[str, int], ...]  # (name, entries), by name
 
     @classmethod
     def of(cls, spec: Sequence) -> SecureMeanLayout:
         """The layout for a model's tensors (``edgefl.wire.TensorSpec``s)."""
-        return cls(tuple(s.size for s in spec))
+        return cls(tuple(sorted((s.name, s.size) for s in spec)))
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        return (1, 1, *self.tensor_sizes, 1, 1, 1, 1, 1)
+        return (1, 1, *(size for _, size in self.tensors), 1, 1, 1, 1, 1)
 
     @property
     def bitwidths(self) -> tuple[int, ...]:
         """Each leaf's ``secure_sum_bitwidth`` (codes 32 bits, counts and summands 1)."""
-        return (1, 1, *(CODE_BITS,) * len(self.tensor_sizes), 1, 1, CODE_BITS, 1, 1)
+        return (1, 1, *(CODE_BITS,) * len(self.tensors), 1, 1, CODE_BITS, 1, 1)
 
     @property
     def size(self) -> int:
         return sum(self.sizes)
 
     def split(self, vector: np.ndarray) -> list[np.ndarray]:
-        """A flat vector back into its leaves (flat)."""
+        """A flat vector back into its leaves (flat), in this layout's order."""
         return np.split(np.asarray(vector), np.cumsum(self.sizes)[:-1])
 
+    def leaves_in(self, leaves: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+        """``leaves`` (in this layout's order) with the tensors' codes in ``names``'
+        order: TFF's, which is the model's."""
+        k = len(self.tensors)
+        codes = dict(zip((name for name, _ in self.tensors), leaves[2 : 2 + k]))
+        return [*leaves[:2], *(codes[name] for name in names), *leaves[2 + k :]]
 
-def secure_mean_inputs(delta: Sequence[np.ndarray], weight: float, value_bound: float, weight_bound: float) -> list[np.ndarray]:
-    """The device's half of TFF's secure weighted mean, leaf by leaf (see
-    ``SecureMeanLayout``): the update weighted by its example count, clipped to
-    [-value_bound, value_bound] and quantized; the weight within [0, weight_bound]."""
-    weighted = [np.asarray(d, np.float32) * np.float32(weight) for d in delta]
-    flat = np.concatenate([w.ravel() for w in weighted])
+
+def secure_mean_inputs(
+    names: Sequence[str], delta: Sequence[np.ndarray], weight: float, value_bound: float, weight_bound: float
+) -> list[np.ndarray]:
+    """The device's half of TFF's secure weighted mean, leaf by leaf in
+    ``SecureMeanLayout``'s order (``delta``'s tensors are named by ``names``): the
+    update weighted by its example count, clipped to [-value_bound, value_bound] and
+    quantized; the weight within [0, weight_bound]."""
+    weighted = {name: np.asarray(d, np.float32) * np.float32(weight) for name, d in zip(names, delta, strict=True)}
+    flat = np.concatenate([w.ravel() for w in weighted.values()])
     above, below = clip_counts(flat.max(initial=-np.inf), flat.min(initial=np.inf), -value_bound, value_bound)
     w = np.float32(weight)
     w_above, w_below = clip_counts(w, w, 0.0, weight_bound)
@@ -92,7 +104,7 @@ def secure_mean_inputs(delta: Sequence[np.ndarray], weight: float, value_bound: 
     return [
         one,
         one,
-        *(secure_quantize(x, -value_bound, value_bound) for x in weighted),
+        *(secure_quantize(weighted[name], -value_bound, value_bound) for name in sorted(weighted)),
         above,
         below,
         secure_quantize(w, 0.0, weight_bound),

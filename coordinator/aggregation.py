@@ -61,7 +61,7 @@ class ServerSettings:
     server_momentum: float = 0.9
     dp_noise_multiplier: float = 1.0
     dp_clip: float = 0.1
-    secure_value_bound: float = 100.0
+    secure_value_bound: float = 1000.0
     secure_weight_bound: float = 100_000.0
     clients_per_round: int = 10  # what DP's noise is calibrated for: the target reports
 

@@ -159,6 +159,11 @@ class RoundPlan:
         i = self.phases.index(phase)
         return self.phases[i - 1] if i else None
 
+    def reached(self, current: str | None, phase: Phase) -> bool:
+        """Whether a round in phase ``current`` of this plan has reached ``phase``."""
+        names = [p.phase for p in self.phases]
+        return self.phase(current).phase in names[names.index(phase) :]
+
     def outcome(self, phase: PhasePlan, verdict: Verdict) -> Event | None:
         """The event a phase's verdict makes of the round (None: nothing happens yet)."""
         if verdict == Verdict.WAIT:

@@ -33,9 +33,9 @@ from coordinator.api import (
 )
 from coordinator.database import Connection
 from coordinator.errors import ApiError
-from coordinator.lifecycle import MessageKind, Phase
+from coordinator.lifecycle import SECURE, MessageKind, Phase
 from coordinator.openapi import DEVICE, raw_body, spec
-from coordinator.secure import SecureRound, encode, keys_in_use, phase_at_least
+from coordinator.secure import SecureRound, encode, keys_in_use
 from edgefl.config import RunConfig
 from edgefl.protocol import RoundStatus, SecAggAccepted, SecAggKeys, SecAggParams, SecAggReveal, SecAggShares, SecAggView
 from edgefl.secagg import protocol, shamir
@@ -108,7 +108,7 @@ def secagg_view(round_id: int):
         view = SecAggView(
             round_id=round_id, status=row["status"], phase=row["phase"], retry_after=round(_POLL_S * (0.5 + rng.random()), 3)
         )
-        if row["status"] != RoundStatus.OPEN or not phase_at_least(row["phase"], Phase.SHARE):
+        if row["status"] != RoundStatus.OPEN or not SECURE.reached(row["phase"], Phase.SHARE):
             return view
         secure = _secure_round(db, config, round_id)
         me = secure.index(device_id)
@@ -120,9 +120,9 @@ def secagg_view(round_id: int):
             v: SecAggKeys(encryption=secure.keys[v].encryption.hex(), masking=secure.keys[v].masking.hex())
             for v in p.neighbours[me]
         }
-        if phase_at_least(row["phase"], Phase.MASKED_INPUT):
+        if SECURE.reached(row["phase"], Phase.MASKED_INPUT):
             view.shares = secure.shares_for(me)
-        if phase_at_least(row["phase"], Phase.UNMASK):
+        if SECURE.reached(row["phase"], Phase.UNMASK):
             view.masked = sorted(secure.masked & set(p.neighbours[me]))
     return view
 

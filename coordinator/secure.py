@@ -22,15 +22,13 @@ import numpy as np
 
 from coordinator.database import Connection
 from coordinator.errors import ApiError
-from coordinator.lifecycle import MessageKind, Phase
+from coordinator.lifecycle import MessageKind
 from edgefl.config import RunConfig
 from edgefl.protocol import SecAggKeys, SecAggReveal, SecAggShares
 from edgefl.secagg import graph, packing, shamir
 from edgefl.secagg import protocol as secagg
-from edgefl.secagg.crypto import SecAggError
 from edgefl.secagg.quantize import CODE_BITS
 
-_PHASES = (Phase.ADVERTISE, Phase.SHARE, Phase.MASKED_INPUT, Phase.UNMASK)
 _parsed: dict[str, object] = {}  # blobs are named by their sha256, so what one holds never changes
 
 
@@ -40,10 +38,6 @@ def _blob_json(read: Callable[[str], bytes], sha256: str, model: type) -> object
             _parsed.clear()
         _parsed[sha256] = model.model_validate_json(read(sha256))
     return _parsed[sha256]
-
-
-def phase_at_least(current: str, phase: Phase) -> bool:
-    return current in _PHASES and _PHASES.index(Phase(current)) >= _PHASES.index(phase)
 
 
 @dataclass(frozen=True)
@@ -202,6 +196,3 @@ def _hex_of_length(text: str, length: int, what: str, code: str) -> bytes:
     if len(data) != length or text != data.hex():
         raise ApiError(422, code, f"{what[0].upper()}{what[1:]} must be {length} bytes in lowercase hex.")
     return data
-
-
-__all__ = ["SecAggError", "SecureRound", "encode", "keys_in_use", "phase_at_least"]

@@ -344,7 +344,7 @@ class SecureSession:
             return None
         p = view.params
         params = secagg.RoundParams(self.round_id, p.devices, p.size, p.bits, p.degree, p.threshold, p.graph_seed)
-        if p.size != self.value.size or not 0 <= p.index < p.devices or sorted(view.keys) != params.neighbours[p.index]:
+        if p.size != self.value.size or not 0 <= p.index < p.devices or sorted(view.keys) != list(params.neighbours[p.index]):
             raise SecAggError("the round's parameters do not fit this device's input and neighbours")
         me = replace(self.secrets, index=p.index)
         keys = {v: secagg.PublicKeys(bytes.fromhex(k.encryption), bytes.fromhex(k.masking)) for v, k in view.keys.items()}

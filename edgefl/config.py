@@ -138,7 +138,7 @@ class RunConfig:
     dp_clip: float = setting(0.1, "dp_fixed's L2 clip norm per update", low=0, high=1e6, above_low=True)
     compression_bits: int = setting(8, "compressed's bits per uploaded value", choices=BITS)
     secure_value_bound: float = setting(
-        100.0, "secure's clip range per entry of an update times its examples (+-this)", low=0, high=1e9, above_low=True
+        1000.0, "secure's clip range per entry of an update times its examples (+-this)", low=0, high=1e9, above_low=True
     )
     secure_weight_bound: float = setting(
         100_000.0, "secure's largest example count one device's update is weighted by", low=0, high=1e9, above_low=True

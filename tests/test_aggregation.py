@@ -225,3 +225,50 @@ def test_tffs_secure_mean_compiles_and_its_secure_inputs_are_the_devices_quantiz
             np.testing.assert_array_equal(got.ravel(), np.asarray(expected).ravel())
         seen.add(tuple(int(x) for x in (*out[4:6], *out[7:9])))
     assert seen == {(0, 0, 0, 0), (1, 0, 1, 0), (0, 1, 0, 0), (0, 0, 0, 1)}  # each count was set alone
+
+
+def test_a_secure_round_equals_tffs_executor_on_the_same_inputs(tff_runtime):
+    """TFF's executor runs the secure weighted mean (simulating its secure sums) on four
+    clients' deltas; the coordinator gets the same sums from SecAgg+ between four
+    devices, over the devices' own quantization, and its compiled update gives the same
+    weights, state and clip counts, over two rounds."""
+    from coordinator.aggregation import FedAvgServer, ServerSettings, build_round
+    from edgefl.secagg import packing
+    from edgefl.secagg import protocol as secagg
+    from edgefl.secagg.quantize import flatten, secure_mean_inputs
+
+    spec = model_spec("cnn_small")
+    names = [s.name for s in spec]
+    settings = ServerSettings(aggregator="secure", secure_value_bound=2.0, secure_weight_bound=1000.0)
+    server = FedAvgServer(spec, settings)
+    initialize, next_round = build_round(spec, settings)
+    rng = np.random.default_rng(4)
+    weights = _random_like(spec, rng)
+    tff_state = collections.OrderedDict(model=weights, **initialize())
+    state = server.initialize()
+    for round_id in (1, 2):
+        deltas = [_random_like(spec, rng, scale) for scale in (0.001, 0.002, 0.02, 0.0005)]  # the third is clipped
+        counts = [5, 50, 500, 1]
+        inputs = {i: flatten(secure_mean_inputs(names, d, n, 2.0, 1000.0)) for i, (d, n) in enumerate(zip(deltas, counts))}
+        size = next(iter(inputs.values())).size
+        params = secagg.RoundParams(round_id, 4, size, packing.sum_bits(32, 4), degree=3, threshold=2, graph_seed=round_id)
+        secrets = {i: secagg.advertise(i) for i in inputs}
+        keys = {i: s.public for i, s in secrets.items()}
+        sealed = {i: secagg.share_keys(params, secrets[i], keys) for i in inputs}
+        shared = set(inputs)
+        masked = {i: secagg.masked_input(params, secrets[i], keys, shared, x) for i, x in inputs.items()}
+        revealed = {
+            i: secagg.unmask(params, secrets[i], keys, {u: c[i] for u, c in sealed.items() if i in c}, shared, set(masked))
+            for i in inputs
+        }
+        total = secagg.aggregate(params, keys, shared, masked, revealed)
+        assert np.array_equal(total, sum(inputs.values()))  # exactly the plain integer sum
+        compiled = server.finish_secure(server.begin(state, weights), total)
+        clients = [collections.OrderedDict(delta=d, weight=np.float32(n)) for d, n in zip(deltas, counts)]
+        tff_state, (tff_mean, tff_measurements) = next_round(tff_state, clients)
+        _assert_same(compiled.mean_delta, tff_mean)
+        _assert_same(compiled.weights, tff_state["model"])
+        _assert_same(compiled.state, _flat(tff_state)[len(spec) :])
+        _assert_same(list(compiled.measurements.values()), [m for m in _flat(tff_measurements) if m.size == 1])
+        assert compiled.measurements["mean_value/secure_upper_clipped_count"] == 1
+        state, weights = compiled.state, compiled.weights

@@ -19,7 +19,7 @@ from edgefl.secagg import packing
 from edgefl.secagg.quantize import flatten, secure_mean_inputs
 from tests.api_helpers import SPEC, assert_error, build_coordinator, random_delta, take_task
 
-BOUNDS = (100.0, 100_000.0)
+BOUNDS = (1000.0, 100_000.0)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ class Device:
         registration = client.post("/v1/devices").json
         self.device_id, self.headers = registration["device_id"], {"Authorization": f"Bearer {registration['token']}"}
         self.task = take_task(client, self.headers)
-        assert self.task["round_id"] == round_id and self.task["secure"] == {"value_bound": 100.0, "weight_bound": 100000.0}
+        assert self.task["round_id"] == round_id and self.task["secure"] == {"value_bound": 1000.0, "weight_bound": 100000.0}
         self.delta, self.examples = random_delta(seed), examples
         self.leaves = secure_mean_inputs([s.name for s in SPEC], self.delta, examples, *BOUNDS)
         self.session = SecureSession(round_id, flatten(self.leaves))

@@ -98,9 +98,16 @@ class TffRuntime:
             executor.set_cardinalities({tff.CLIENTS: 0, **cardinalities})
             return executor
 
+        def compile_for_the_worker(computation):
+            """TFF's native compilation, after TFF's test compiler has made secure sums
+            plain ones (the worker has no secure aggregation: TFF only simulates it)."""
+            return tff.backends.native.desugar_and_transform_to_native(
+                tff.backends.test.replace_secure_intrinsics_with_bodies(computation)
+            )
+
         self._context = tff.framework.SyncExecutionContext(
             executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_fn),
-            compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+            compiler_fn=compile_for_the_worker,
             transform_args=tff.tensorflow.transform_args,
             transform_result=tff.tensorflow.transform_result,
         )

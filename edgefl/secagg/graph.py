@@ -8,6 +8,7 @@ coordinator draws the relabelling and sends the graph; it is public.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -27,8 +28,10 @@ def default_threshold(degree: int) -> int:
     return degree // 2 + 1
 
 
-def neighbours(devices: int, degree: int, seed: int) -> list[list[int]]:
-    """Each device's neighbours (indices 0 .. devices - 1), sorted; symmetric."""
+@functools.lru_cache(maxsize=32)
+def neighbours(devices: int, degree: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """Each device's neighbours (indices 0 .. devices - 1), sorted; symmetric. Cached:
+    a coordinator answers every device of a round from the same graph."""
     if degree >= devices:
         raise ValueError(f"a degree of {degree} needs more than {degree} devices")
     if degree % 2 and devices % 2:
@@ -41,7 +44,7 @@ def neighbours(devices: int, degree: int, seed: int) -> list[list[int]]:
             a, b = int(label[position]), int(label[(position + offset) % devices])
             ring[a].add(b)
             ring[b].add(a)
-    return [sorted(n) for n in ring]
+    return tuple(tuple(sorted(n)) for n in ring)
 
 
 def round_shape(devices: int, degree: int = 0, threshold: int = 0) -> tuple[int, int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -52,8 +51,8 @@ class RoundParams:
         if not 1 <= self.threshold <= self.degree < self.devices:
             raise ValueError(f"need 1 <= threshold ({self.threshold}) <= degree ({self.degree}) < devices ({self.devices})")
 
-    @cached_property
-    def neighbours(self) -> list[list[int]]:
+    @property
+    def neighbours(self) -> tuple[tuple[int, ...], ...]:
         return graph.neighbours(self.devices, self.degree, self.graph_seed)
 
     def position(self, owner: int, holder: int) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from coordinator.mapreduce import MapReduceRound
 from edgefl import wire
+from edgefl.secagg.crypto import SecAggError
 from edgefl.secagg.quantize import SecureMeanLayout, secure_mean_inputs
 from edgefl.wire import TensorSpec
 
@@ -242,10 +243,25 @@ class FedAvgServer:
         work = self.round.client_work(fold.broadcast, [*delta, np.float32(num_examples)])
         return replace(fold, accumulator=tuple(self.round.accumulate(*fold.accumulator, *work)), updates=fold.updates + 1)
 
-    def finish_secure(self, fold: RoundFold, total: np.ndarray) -> ServerOutput:
-        """``finish`` given a secure round's sum, one vector in ``secure_layout``'s order."""
+    def finish_secure(self, fold: RoundFold, total: np.ndarray, devices: int) -> ServerOutput:
+        """``finish`` given a secure round's sum (one vector in ``secure_layout``'s order)
+        of ``devices`` inputs. The masks hide each input, but not what their sum can be:
+        SecAggError if its summands do not count ``devices``, or any entry is beyond
+        ``devices`` times its leaf's largest value (say, a device masked a code above
+        2^32 - 1)."""
+        import tensorflow as tf
+
         layout = self.secure_layout
-        return self.finish(fold, layout.leaves_in(layout.split(total), [s.name for s in self.spec]))
+        leaves = layout.split(total)
+        if [int(leaves[0][0]), int(leaves[1][0])] != [devices, devices]:
+            raise SecAggError(f"the secure sum's summands count {int(leaves[0][0])} devices, not the {devices} it holds")
+        for leaf, bits in zip(leaves, layout.bitwidths):
+            if leaf.size and int(leaf.max()) > devices * (2**bits - 1):
+                raise SecAggError(f"the secure sum is beyond what {devices} devices' {bits}-bit values can give")
+        try:
+            return self.finish(fold, layout.leaves_in(leaves, [s.name for s in self.spec]))
+        except tf.errors.InvalidArgumentError:
+            raise SecAggError("TFF's update refused the secure sum") from None
 
     def finish(self, fold: RoundFold, secure_sums: Sequence[np.ndarray] = ()) -> ServerOutput:
         """TFF's report and update (given a secure round's sums, leaf by leaf): the next

@@ -324,7 +324,10 @@ class RoundDriver:
             total = secure.unmasked_sum()
         except (SecAggError, ApiError) as error:
             return None, ("unmask_failed", str(error)), {}
-        output = self.server.finish_secure(fold, total)
+        try:
+            output = self.server.finish_secure(fold, total, len(secure.masked))
+        except SecAggError as error:
+            return None, ("sum_out_of_range", str(error)), {}
         return output, None, {**secure.figures(), "unmask_s": self.clock() - started}
 
     def _delta_of(self, update: Row) -> list[np.ndarray]:

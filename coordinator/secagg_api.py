@@ -12,8 +12,9 @@ one survives a crash. The views join the API's blueprint.
 from __future__ import annotations
 
 import functools
+import time
 
-from flask import request
+from flask import current_app, request
 from spectree import Response
 
 from coordinator import access, rounds
@@ -37,11 +38,22 @@ from coordinator.lifecycle import SECURE, MessageKind, Phase
 from coordinator.openapi import DEVICE, raw_body, spec
 from coordinator.secure import SecureRound, encode, keys_in_use
 from edgefl.config import RunConfig
-from edgefl.protocol import RoundStatus, SecAggAccepted, SecAggKeys, SecAggParams, SecAggReveal, SecAggShares, SecAggView
+from edgefl.protocol import (
+    RoundStatus,
+    SecAggAccepted,
+    SecAggKeys,
+    SecAggParams,
+    SecAggReveal,
+    SecAggSeen,
+    SecAggShares,
+    SecAggView,
+)
 from edgefl.secagg import protocol, shamir
 from edgefl.secagg.quantize import SecureMeanLayout
 
 _POLL_S = 0.25  # a device asks again about this often (0.5 to 1.5 times, jittered) while its round's phase is unchanged
+_HOLD_S = 5.0  # a view asked with ``seen`` is held at most this long
+_RECHECK_S = 0.02
 _MESSAGE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503)
 
 
@@ -94,13 +106,19 @@ def _largest_masked_input(store, db: Connection) -> int:
 
 
 @bp.get("/rounds/<int:round_id>/secagg")
-@spec.validate(resp=Response(HTTP_200=SecAggView, **errors(401, 403, 404, 409, 503)), security=DEVICE, tags=["secure"])
-def secagg_view(round_id: int):
-    """What this device needs for its secure round's current phase (poll it while the
-    phase is unchanged, every ``retry_after`` seconds)."""
+@spec.validate(
+    query=SecAggSeen, resp=Response(HTTP_200=SecAggView, **errors(401, 403, 404, 409, 422, 503)), security=DEVICE, tags=["secure"]
+)
+def secagg_view(round_id: int, query: SecAggSeen):
+    """What this device needs for its secure round's current phase. With ``seen`` (the
+    phase it last answered), the answer is held for up to a few seconds while the round
+    is still in that phase (a long-poll slot permitting), so the device learns of the
+    next phase when it opens; else ask again after ``retry_after`` seconds."""
     device_id = authenticated_device()
     db = get_db()
     config = _secure_config(db)
+    if query.seen:
+        _hold_while_in(db, round_id, query.seen)
     with get_store().reading(db):
         row = _round(db, round_id)
         if not db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
@@ -125,6 +143,25 @@ def secagg_view(round_id: int):
         if SECURE.reached(row["phase"], Phase.UNMASK):
             view.masked = sorted(secure.masked & set(p.neighbours[me]))
     return view
+
+
+def _hold_while_in(db: Connection, round_id: int, phase: str) -> None:
+    """Wait (up to ``_HOLD_S``, on one of the long-poll slots the lobby also uses, if one
+    is free) while the round is open in ``phase``: the round driver may run in another
+    process, so the store is asked, every ``_RECHECK_S``."""
+    slots = current_app.extensions["edgefl.long_poll_slots"]
+    if slots is None or not slots.acquire(blocking=False):
+        return
+    try:
+        deadline = time.monotonic() + _HOLD_S
+        while time.monotonic() < deadline:
+            with get_store().reading(db):
+                row = db.execute("SELECT status, phase FROM rounds WHERE id = ?", (round_id,)).fetchone()
+            if row is None or (row["status"], row["phase"]) != (RoundStatus.OPEN, phase):
+                return
+            time.sleep(_RECHECK_S)
+    finally:
+        slots.release()
 
 
 def _accept(round_id: int, kind: MessageKind, body: bytes, check_before, check_inside=lambda db, secure: None):

@@ -262,9 +262,10 @@ class DeviceAgent:
         try:
             if "keys" not in session.answered:
                 session.answered.add("keys")
+                session.last_answered = "advertise_keys"
                 self.client.secagg_send(session.round_id, session.keys())
                 return now
-            view = self.client.secagg_view(session.round_id)
+            view = self.client.secagg_view(session.round_id, seen=session.last_answered)
             if view.status != "open":
                 return self._leave_secure(now, f"the round is {view.status}")
             message = session.answer(view)
@@ -332,6 +333,7 @@ class SecureSession:
         self.value = value
         self.secrets = secagg.advertise(index=-1)  # its index is known once the keys phase closes
         self.answered: set[str] = set()
+        self.last_answered: str | None = None  # a phase name, once keys are sent
 
     def keys(self) -> SecAggKeys:
         public = self.secrets.public
@@ -347,6 +349,7 @@ class SecureSession:
         if p.size != self.value.size or not 0 <= p.index < p.devices or sorted(view.keys) != list(params.neighbours[p.index]):
             raise SecAggError("the round's parameters do not fit this device's input and neighbours")
         me = replace(self.secrets, index=p.index)
+        self.last_answered = view.phase
         keys = {v: secagg.PublicKeys(bytes.fromhex(k.encryption), bytes.fromhex(k.masking)) for v, k in view.keys.items()}
         received = {v: bytes.fromhex(c) for v, c in view.shares.items()}
         shared = {*received, p.index}

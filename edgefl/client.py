@@ -173,8 +173,9 @@ class CoordinatorClient:
         self.traffic.bytes_up += len(body)
         return answer
 
-    def secagg_view(self, round_id: int) -> SecAggView:
-        return self._answer(SecAggView, "GET", f"/v1/rounds/{round_id}/secagg")
+    def secagg_view(self, round_id: int, seen: str | None = None) -> SecAggView:
+        """A secure round's view for this device; held while the round is in ``seen``."""
+        return self._answer(SecAggView, "GET", f"/v1/rounds/{round_id}/secagg", params={"seen": seen} if seen else None)
 
     def secagg_send(self, round_id: int, message: SecAggRequest | bytes) -> SecAggAccepted:
         """A secure round's message: its keys, shares or reveal (JSON), or its masked input (bytes)."""

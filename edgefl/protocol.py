@@ -164,6 +164,12 @@ class SecAggParams(Answer):
     graph_seed: int = Field(description="Seeds the neighbour graph (edgefl.secagg.graph.neighbours)")
 
 
+class SecAggSeen(SecAggRequest):
+    """``GET /v1/rounds/{id}/secagg``'s query: the phase the device has answered last."""
+
+    seen: str | None = Field(None, max_length=40, description="Hold the answer while the round is still in this phase")
+
+
 class SecAggView(Answer):
     """What one device of a secure round needs from the coordinator for the phase the
     round is in: only about its own neighbours."""

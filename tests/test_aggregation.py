@@ -263,7 +263,7 @@ def test_a_secure_round_equals_tffs_executor_on_the_same_inputs(tff_runtime):
         }
         total = secagg.aggregate(params, keys, shared, masked, revealed)
         assert np.array_equal(total, sum(inputs.values()))  # exactly the plain integer sum
-        compiled = server.finish_secure(server.begin(state, weights), total)
+        compiled = server.finish_secure(server.begin(state, weights), total, devices=4)
         clients = [collections.OrderedDict(delta=d, weight=np.float32(n)) for d, n in zip(deltas, counts)]
         tff_state, (tff_mean, tff_measurements) = next_round(tff_state, clients)
         _assert_same(compiled.mean_delta, tff_mean)

@@ -290,11 +290,13 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
     """The same run with ``mean`` and with ``secure``: two Keras and two LiteRT devices,
     real processes. In the secure run's last round, device 1 is SIGKILLed after it has
     shared its keys and before it sends its masked input; the round completes with the
-    other three at the phase's deadline (their neighbours reveal device 1's mask key),
-    and the final model is within a point of the mean run's."""
-    base = dict(model="cnn_small", rounds=3, target_reports=4, min_reports=3, over_selection=1.0, round_timeout_s=300)
+    other three at the phase's deadline (their neighbours reveal device 1's mask key).
+    The first round's model is the mean run's to float rounding (the same accuracy);
+    later ones drift apart as training amplifies that rounding, and the final model is
+    within a point of the mean run's."""
+    base = dict(model="cnn_small", rounds=8, target_reports=4, min_reports=3, over_selection=1.0, round_timeout_s=300)
     base |= dict(epochs=2, client_lr=0.1, secagg_phase_timeout_s=10)
-    monkeypatch.setenv("EDGEFL_HOLD_AT", "secagg_masked_input@3:1")
+    monkeypatch.setenv("EDGEFL_HOLD_AT", "secagg_masked_input@8:1")
     before = descendant_pids()
     seen: dict[int, str] = {}
     accuracy, records = {}, {}
@@ -309,7 +311,7 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
                 if aggregator != "secure" or not held.exists():
                     return
                 deadline = time.monotonic() + 120
-                while "holding at secagg_masked_input@3:1" not in held.read_text():
+                while "holding at secagg_masked_input@8:1" not in held.read_text():
                     assert time.monotonic() < deadline and fed.fleet.poll() is None, held.read_text()[-2000:]
                     time.sleep(0.1)
                 (victim,) = [
@@ -320,17 +322,17 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
                 victim.send_signal(signal.SIGKILL)
 
             status = fed.follow(
-                lambda entry: kill_the_held_device(entry) if entry.round == 2 else seen.update(descendant_pids(before)),
+                lambda entry: kill_the_held_device(entry) if entry.round == 7 else seen.update(descendant_pids(before)),
                 timeout_s=600,
             )
             assert fed.fleet.wait(timeout=60) == (1 if aggregator == "secure" else 0), (out / "logs" / "devices.log").read_text()
-            accuracy[aggregator] = status.history[-1].accuracy
+            accuracy[aggregator] = [entry.accuracy for entry in status.history]
             records[aggregator] = requests.get(f"{fed.url}/v1/rounds", timeout=30).json()["rounds"]
             seen.update(descendant_pids(before))
     assert_all_gone(seen)
     secure = [r for r in records["secure"] if r["status"] == "committed"]
-    assert [r["number"] for r in secure] == [1, 2, 3]
-    assert [r["metrics"]["secagg"]["masked"] for r in secure] == [4, 4, 3]
+    assert [r["number"] for r in secure] == list(range(1, 9))
+    assert [r["metrics"]["secagg"]["masked"] for r in secure] == [4] * 7 + [3]
     assert secure[-1]["metrics"]["secagg"]["shared"] == 4 and secure[-1]["metrics"]["secagg"]["revealed"] == 3
-    assert accuracy["mean"] > 0.8
-    assert accuracy["secure"] == pytest.approx(accuracy["mean"], abs=0.01), accuracy
+    assert accuracy["mean"][0] == accuracy["secure"][0] and accuracy["mean"][-1] > 0.9
+    assert accuracy["secure"][-1] == pytest.approx(accuracy["mean"][-1], abs=0.01), accuracy

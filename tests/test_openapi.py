@@ -111,6 +111,11 @@ def test_the_document_is_openapi_3_with_every_endpoint(fuzzed_app):
         "/v1/models/latest.tflite",
         "/v1/models/latest-train.tflite",
         "/v1/models/latest.json",
+        "/v1/rounds/{round_id}/secagg",
+        "/v1/rounds/{round_id}/secagg/keys",
+        "/v1/rounds/{round_id}/secagg/shares",
+        "/v1/rounds/{round_id}/secagg/masked",
+        "/v1/rounds/{round_id}/secagg/reveal",
     }
     upload = document["paths"]["/v1/rounds/{round_id}/updates"]["post"]
     assert "application/octet-stream" in upload["requestBody"]["content"] and upload["security"] == [{"deviceToken": []}]

@@ -51,10 +51,14 @@ class Device:
         self.client = client
         registration = client.post("/v1/devices").json
         self.device_id, self.headers = registration["device_id"], {"Authorization": f"Bearer {registration['token']}"}
-        self.task = take_task(client, self.headers)
-        assert self.task["round_id"] == round_id and self.task["secure"] == {"value_bound": 1000.0, "weight_bound": 100000.0}
         self.delta, self.examples = random_delta(seed), examples
-        self.leaves = secure_mean_inputs([s.name for s in SPEC], self.delta, examples, *BOUNDS)
+        self.begin(round_id)
+
+    def begin(self, round_id: int) -> None:
+        """Take a task in the round and start a session for it."""
+        self.task = take_task(self.client, self.headers)
+        assert self.task["round_id"] == round_id and self.task["secure"] == {"value_bound": 1000.0, "weight_bound": 100000.0}
+        self.leaves = secure_mean_inputs([s.name for s in SPEC], self.delta, self.examples, *BOUNDS)
         self.session = SecureSession(round_id, flatten(self.leaves))
 
     def post(self, kind: str, **kwargs):
@@ -111,19 +115,19 @@ def _state(store) -> tuple:
     return messages, rounds_, sorted(store.blobs.names())
 
 
-def _step_until(driver, store, phase, status="open"):
+def _step_until(driver, store, phase, status="open", round_id=1):
     for _ in range(5):
-        if _phase(store) == (status, phase):
+        if _phase(store, round_id) == (status, phase):
             return
         driver.step()
-    assert _phase(store) == (status, phase)
+    assert _phase(store, round_id) == (status, phase)
 
 
 def _expected(secure_server, devices, weights):
     """The round's model from the plain integer sum of the survivors' quantized inputs."""
     total = sum(d.session.value for d in devices)
     fold = secure_server.begin(secure_server.initialize(), weights)
-    return secure_server.finish_secure(fold, total), total
+    return secure_server.finish_secure(fold, total, len(devices)), total
 
 
 def _run_round(driver, store, devices, *, drop_after: dict[str, list[int]] | None = None):
@@ -407,3 +411,38 @@ def test_tampered_replayed_and_misrouted_messages_are_refused_and_change_nothing
         device.answer()
     driver.step()
     assert _phase(store)[0] == "committed"
+
+
+def test_a_device_masking_a_code_beyond_its_range_gets_the_round_abandoned(tmp_path, small_parts, secure_server):
+    """The masks hide what a device sums, so the coordinator cannot check one input; it
+    checks the sum against what the devices in it can give, and refuses it: the round
+    is abandoned (a new one retries the model), not committed with a poisoned mean. So
+    is a round whose summands do not count its devices (a device sending 2)."""
+    app, driver = _secure_coordinator(tmp_path, small_parts, secure_server)
+    client, store = app.test_client(), app.extensions["edgefl.store"]
+    devices = _open(driver, client, 6)
+    devices[2].session.value[2] = 2**34  # a code of the first tensor, far above 2^32 - 1
+    for device in devices:
+        device.send_keys()
+    for phase in ("share_keys", "masked_input", "unmask"):
+        _step_until(driver, store, phase)
+        for device in devices:
+            device.answer()
+    driver.step()
+    record = client.get("/v1/rounds").json["rounds"][0]
+    assert (record["status"], record["abandon_reason"]) == ("abandoned", "sum_out_of_range"), record
+    assert "beyond what 6 devices' 32-bit values can give" in record["abandon_detail"]
+    assert _phase(store, 2) == ("open", "advertise_keys")  # the next round retries the same model
+    for device in devices:
+        device.begin(2)
+    devices[4].session.value[0] = 2  # its value summand
+    for device in devices:
+        device.send_keys()
+    for phase in ("share_keys", "masked_input", "unmask"):
+        _step_until(driver, store, phase, round_id=2)
+        for device in devices:
+            device.answer()
+    driver.step()
+    record = client.get("/v1/rounds").json["rounds"][1]
+    assert (record["status"], record["abandon_reason"]) == ("abandoned", "sum_out_of_range"), record
+    assert "summands count 7 devices, not the 6" in record["abandon_detail"]

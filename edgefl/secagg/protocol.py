@@ -135,8 +135,12 @@ def masked_input(
     for v in params.neighbours[me.index]:
         if v in shared:
             pairwise = _pairwise_mask(params, me.masking, keys[v].masking)
-            y = y + pairwise if me.index < v else y - pairwise
-    return y & params.modulus_mask
+            if me.index < v:
+                y += pairwise
+            else:
+                y -= pairwise
+    y &= params.modulus_mask
+    return y
 
 
 def unmask(

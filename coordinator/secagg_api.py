@@ -117,12 +117,14 @@ def secagg_view(round_id: int, query: SecAggSeen):
     device_id = authenticated_device()
     db = get_db()
     config = _secure_config(db)
+    with get_store().reading(db):
+        _round(db, round_id)
+        if not db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
+            raise ApiError(403, "not_selected", f"This device was not selected for round {round_id}.")
     if query.seen:
         _hold_while_in(db, round_id, query.seen)
     with get_store().reading(db):
         row = _round(db, round_id)
-        if not db.execute("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone():
-            raise ApiError(403, "not_selected", f"This device was not selected for round {round_id}.")
         view = SecAggView(
             round_id=round_id, status=row["status"], phase=row["phase"], retry_after=round(_POLL_S * (0.5 + rng.random()), 3)
         )

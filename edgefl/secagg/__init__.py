@@ -10,7 +10,7 @@ of its mask key (it dropped out), never both. The coordinator then removes the m
 and learns the sum of the survivors' inputs, and nothing else.
 
 ``crypto`` holds the primitives (pyca/cryptography: X25519, HKDF-SHA256, AES-GCM,
-a ChaCha20 keystream as the mask generator), ``shamir`` the threshold sharing
+an AES-256-CTR keystream as the mask generator), ``shamir`` the threshold sharing
 (over GF(2^521 - 1)), ``graph`` the neighbour graph, ``protocol`` the phases, and
 ``quantize`` the device's half of TFF's SecureSumFactory (its client shift, in numpy).
 """

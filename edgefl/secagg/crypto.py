@@ -1,6 +1,6 @@
 """Secure aggregation's primitives, all from pyca/cryptography: X25519 key agreement,
 HKDF-SHA256 to turn an agreed secret into keys, AES-GCM for the shares that travel
-through the coordinator, and a ChaCha20 keystream as the mask generator.
+through the coordinator, and an AES-256-CTR keystream as the mask generator.
 
 The masks must be unpredictable to anyone without the 256-bit seed, so they come from
 a stream cipher keyed by it, not from a statistical generator: NumPy's Mersenne Twister
@@ -16,7 +16,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -68,15 +68,41 @@ def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
         raise SecAggError("a sealed message fails authentication (tampered, or not for this round and peer)") from None
 
 
-def mask(seed: bytes, size: int, bits: int) -> np.ndarray:
-    """``size`` uniform integers modulo 2^bits (uint64, bits <= 64) from the ChaCha20
-    keystream under ``seed`` (a fixed nonce: each seed expands once per purpose)."""
+def add_mask(total: np.ndarray, seed: bytes, *, subtract: bool = False) -> None:
+    """Add (or subtract) to ``total`` (uint64, in place, modulo 2^64) the mask under
+    ``seed``: the AES-256-CTR keystream from a zero counter, read as little-endian
+    uint64 words. Reduced modulo 2^bits afterwards (2^bits divides 2^64), it is uniform
+    below 2^bits; so a device reduces its input once, not once per mask. The keystream
+    is written straight into one buffer (AES-NI makes it about twice ChaCha20's speed
+    here, and no copies are made)."""
     if len(seed) != SEED_BYTES:
         raise SecAggError(f"a mask seed is {SEED_BYTES} bytes")
+    words = np.empty_like(total, dtype="<u8")
+    Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor().update_into(_zeros(words.nbytes), words.view(np.uint8))
+    if subtract:
+        total -= words
+    else:
+        total += words
+
+
+def mask(seed: bytes, size: int, bits: int) -> np.ndarray:
+    """``size`` uniform integers modulo 2^bits (uint64, bits <= 64): ``add_mask``'s
+    mask on its own (each seed expands once per purpose)."""
     if not 1 <= bits <= 64:
         raise ValueError("masks are 1 to 64 bits wide")
-    stream = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor().update(bytes(8 * size))
-    words = np.frombuffer(stream, dtype="<u8").copy()
+    words = np.zeros(size, np.uint64)
+    add_mask(words, seed)
     if bits < 64:
         words &= np.uint64((1 << bits) - 1)
     return words
+
+
+_ZEROS = bytearray()
+
+
+def _zeros(size: int) -> memoryview:
+    """``size`` zero bytes to encrypt (one buffer, grown as needed, never written)."""
+    global _ZEROS
+    if len(_ZEROS) < size:
+        _ZEROS = bytearray(size)
+    return memoryview(_ZEROS)[:size]

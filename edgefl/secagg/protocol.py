@@ -115,8 +115,8 @@ def share_keys(params: RoundParams, me: DeviceSecrets, keys: Mapping[int, Public
     return sealed
 
 
-def _pairwise_mask(params: RoundParams, private: bytes, peer_public: bytes) -> np.ndarray:
-    return crypto.mask(crypto.agree(private, peer_public, params.purpose("masks")), params.size, params.bits)
+def _pairwise_seed(params: RoundParams, private: bytes, peer_public: bytes) -> bytes:
+    return crypto.agree(private, peer_public, params.purpose("masks"))
 
 
 def masked_input(
@@ -131,14 +131,11 @@ def masked_input(
         raise ValueError(f"the input must be below 2^{params.bits}")
     if me.index not in shared:
         raise SecAggError(f"device {me.index}'s own shares were not routed")
-    y = value + crypto.mask(me.self_seed, params.size, params.bits)
+    y = value.copy()
+    crypto.add_mask(y, me.self_seed)
     for v in params.neighbours[me.index]:
         if v in shared:
-            pairwise = _pairwise_mask(params, me.masking, keys[v].masking)
-            if me.index < v:
-                y += pairwise
-            else:
-                y -= pairwise
+            crypto.add_mask(y, _pairwise_seed(params, me.masking, keys[v].masking), subtract=me.index > v)
     y &= params.modulus_mask
     return y
 
@@ -212,10 +209,9 @@ def remove_masks(
                 shares[params.position(owner, holder)] = share
         secret = shamir.combine(shares, params.threshold)
         if owner in masked:
-            total -= crypto.mask(secret, params.size, params.bits)
+            crypto.add_mask(total, secret, subtract=True)
             continue
         for v in params.neighbours[owner]:  # the pairwise masks the survivors added for the dropped device
             if v in masked:
-                pairwise = _pairwise_mask(params, secret, keys[v].masking)
-                total = total - pairwise if v < owner else total + pairwise
+                crypto.add_mask(total, _pairwise_seed(params, secret, keys[v].masking), subtract=v < owner)
     return total & params.modulus_mask

@@ -208,6 +208,7 @@ class RoundDriver:
                     self._abandon(db, current, "too_few_reports", f"{messages} {what} arrived by its deadline: too few to go on")
                 elif event == Event.NEXT_PHASE:
                     rounds.next_phase(db, self.config, current["id"], phase, now)
+                    log.info("round %d: %s closed with %d messages", current["number"], phase.phase, messages)
                 else:
                     rounds.close_collection(db, current["id"], now, on_target=messages >= self.config.target_reports)
             if event == Event.TOO_FEW:

@@ -112,16 +112,43 @@ def quorum(config: RunConfig, tally: Tally, past_deadline: bool) -> Verdict:
     return Verdict.WAIT
 
 
+def _enough_to_go_on(config: RunConfig, tally: Tally) -> Verdict:
+    """At a SecAgg+ phase's deadline: enough with the round's minimum and a threshold
+    the round's neighbour graph allows, else too few (the round is abandoned before
+    anything is unmasked)."""
+    try:
+        _, threshold = secagg_graph.round_shape(tally.first or tally.messages, config.secagg_degree, config.secagg_threshold)
+    except ValueError:  # too few devices for any graph
+        return Verdict.TOO_FEW
+    return Verdict.ENOUGH if tally.messages >= max(config.min_reports, threshold) else Verdict.TOO_FEW
+
+
+def cohort_advertised(config: RunConfig, tally: Tally, past_deadline: bool) -> Verdict:
+    """SecAgg+'s first phase, as the cohort is selected: enough once the whole cohort
+    has advertised keys, or once every device selected so far has and they reach the
+    target (a fleet smaller than the cohort); at the deadline, enough to go on."""
+    everyone_so_far = tally.messages >= tally.participants and tally.messages >= config.target_reports
+    if tally.messages >= config.cohort_size or everyone_so_far:
+        return Verdict.ENOUGH
+    return _enough_to_go_on(config, tally) if past_deadline else Verdict.WAIT
+
+
 def every_survivor(config: RunConfig, tally: Tally, past_deadline: bool) -> Verdict:
-    """A SecAgg+ phase after the first: enough once every survivor of the previous
-    phase has sent; at the deadline, enough with the round's minimum and the
-    threshold, else too few (the round is abandoned before anything is unmasked)."""
+    """A SecAgg+ phase that needs everyone: enough once every survivor of the previous
+    phase has sent; at the deadline, enough to go on."""
     if tally.messages >= tally.participants:
         return Verdict.ENOUGH
-    if past_deadline:
-        _, threshold = secagg_graph.round_shape(tally.first, config.secagg_degree, config.secagg_threshold)
-        return Verdict.ENOUGH if tally.messages >= max(config.min_reports, threshold) else Verdict.TOO_FEW
-    return Verdict.WAIT
+    return _enough_to_go_on(config, tally) if past_deadline else Verdict.WAIT
+
+
+def target_of_survivors(config: RunConfig, tally: Tally, past_deadline: bool) -> Verdict:
+    """SecAgg+'s masked inputs, which come as devices finish training: enough at the
+    target (over-selection's slack: the devices still training are dropouts, whose
+    masks the others' shares remove), or once every survivor has sent; at the round's
+    deadline, enough to go on."""
+    if tally.messages >= min(config.target_reports, tally.participants):
+        return Verdict.ENOUGH
+    return _enough_to_go_on(config, tally) if past_deadline else Verdict.WAIT
 
 
 @dataclass(frozen=True)
@@ -187,32 +214,23 @@ FEDAVG = RoundPlan(
 )
 
 
-def _secagg_phase(phase: Phase, kind: MessageKind) -> PhasePlan:
-    return PhasePlan(
-        phase,
-        accepts=frozenset({kind}),
-        participants=Participants.SURVIVORS,
-        deadline_s=lambda config: config.secagg_phase_timeout_s,
-        close=every_survivor,
-    )
+def _secagg_phase(phase: Phase, kind: MessageKind, close: CloseRule, deadline_s=lambda c: c.secagg_phase_timeout_s) -> PhasePlan:
+    participants = Participants.COHORT if phase == Phase.ADVERTISE else Participants.SURVIVORS
+    return PhasePlan(phase, accepts=frozenset({kind}), participants=participants, deadline_s=deadline_s, close=close)
 
 
-# The devices train first; those that finish advertise keys (the phase closes like
-# FedAvg's collection, on the target or at the round's deadline with the minimum), and
-# only each phase's survivors take part in the next.
+# As in Google's production protocol, the keys are agreed while the cohort is selected,
+# before training: the masked inputs then come as devices finish training, like
+# FedAvg's updates, and over-selection works as it does there. Only each phase's
+# senders take part in the next. The keys phase has the round's deadline (a device may
+# first need its checkpoint or training file), and closes as soon as the cohort is in.
 SECURE = RoundPlan(
     "secagg+",
     (
-        PhasePlan(
-            Phase.ADVERTISE,
-            accepts=frozenset({MessageKind.KEYS}),
-            participants=Participants.COHORT,
-            deadline_s=lambda config: config.round_timeout_s,
-            close=quorum,
-        ),
-        _secagg_phase(Phase.SHARE, MessageKind.SHARES),
-        _secagg_phase(Phase.MASKED_INPUT, MessageKind.MASKED),
-        _secagg_phase(Phase.UNMASK, MessageKind.REVEAL),
+        _secagg_phase(Phase.ADVERTISE, MessageKind.KEYS, cohort_advertised, lambda c: c.round_timeout_s),
+        _secagg_phase(Phase.SHARE, MessageKind.SHARES, every_survivor),
+        _secagg_phase(Phase.MASKED_INPUT, MessageKind.MASKED, target_of_survivors, lambda c: c.round_timeout_s),
+        _secagg_phase(Phase.UNMASK, MessageKind.REVEAL, every_survivor),
     ),
 )
 

@@ -208,12 +208,19 @@ class DeviceAgent:
 
     def _after_training_file(self) -> State:
         held = self._checkpoint
-        return State.TRAIN if held is not None and held[0] == self._task.checkpoint_sha256 else State.FETCH_CHECKPOINT
+        return self._ready() if held is not None and held[0] == self._task.checkpoint_sha256 else State.FETCH_CHECKPOINT
+
+    def _ready(self) -> State:
+        """With everything to train on: train, or first agree the keys of a secure round."""
+        if self._task.secure is None:
+            return State.TRAIN
+        self._session = SecureSession(self._task.round_id)
+        return State.SECURE
 
     def _fetch_checkpoint(self, now: float, _learners: Learners) -> float:
         sha = self._task.checkpoint_sha256
         self._checkpoint = (sha, self.client.download_checkpoint(sha), None)
-        self.state = State.TRAIN
+        self.state = self._ready()
         return now
 
     def _train(self, now: float, learners: Learners) -> float:
@@ -240,7 +247,7 @@ class DeviceAgent:
         if task.secure is not None:  # TFF's client step on the device; the rest is SecAgg+'s
             bounds = task.secure
             leaves = secure_mean_inputs(learner.names, result.delta, result.num_examples, bounds.value_bound, bounds.weight_bound)
-            self._session = SecureSession(task.round_id, flatten(leaves))
+            self._session.value = flatten(leaves)
             self.state = State.SECURE
             return now
         metrics = {**result.metrics, **personalization_report(learner, weights, result.delta, self.held)}
@@ -255,9 +262,13 @@ class DeviceAgent:
 
     def _secure(self, now: float, _learners: Learners) -> float:
         """One move in a secure round: send the keys, else look at the round's phase and
-        send what it asks; back to checking in once the reveal is sent or the round is
-        over for this device (closed, or a message refused or not adding up)."""
+        send what it asks; train once its shares are sent; back to checking in once the
+        reveal is sent or the round is over for this device (closed, or a message
+        refused or not adding up)."""
         session = self._session
+        if session.value is None and "share_keys" in session.answered:
+            self.state = State.TRAIN  # the masked input waits for the update
+            return now
         asked = time.monotonic()
         try:
             if "keys" not in session.answered:
@@ -324,13 +335,14 @@ class DeviceAgent:
 
 
 class SecureSession:
-    """A device's part in one secure round: its secrets (never sent), its input, and
-    the phases it has answered. It sends its keys first, then follows the round through
-    its phases (``GET /v1/rounds/{id}/secagg``), sending what each phase asks once."""
+    """A device's part in one secure round: its secrets (never sent), its input (once
+    it has trained), and the phases it has answered. It sends its keys first, then
+    follows the round through its phases (``GET /v1/rounds/{id}/secagg``), sending what
+    each phase asks once: its shares before it trains, its masked input after."""
 
-    def __init__(self, round_id: int, value: np.ndarray):
+    def __init__(self, round_id: int, value: np.ndarray | None = None):
         self.round_id = round_id
-        self.value = value
+        self.value = value  # the device's secure-sum input, once it has trained
         self.secrets = secagg.advertise(index=-1)  # its index is known once the keys phase closes
         self.answered: set[str] = set()
         self.last_answered: str | None = None  # a phase name, once keys are sent
@@ -342,11 +354,15 @@ class SecureSession:
     def answer(self, view: SecAggView) -> SecAggRequest | bytes | None:
         """What this device sends for the view's phase (None: nothing, or already sent).
         SecAggError if what the coordinator sent does not add up."""
-        if view.params is None or view.phase in self.answered:
+        if view.params is None or view.phase in self.answered or (view.phase != "share_keys" and self.value is None):
             return None
+        before = {"masked_input": "share_keys", "unmask": "masked_input"}.get(view.phase)
+        if before and before not in self.answered:
+            raise SecAggError(f"the round moved on to {view.phase} without this device's {before}")
         p = view.params
         params = secagg.RoundParams(self.round_id, p.devices, p.size, p.bits, p.degree, p.threshold, p.graph_seed)
-        if p.size != self.value.size or not 0 <= p.index < p.devices or sorted(view.keys) != list(params.neighbours[p.index]):
+        wrong_size = self.value is not None and p.size != self.value.size
+        if wrong_size or not 0 <= p.index < p.devices or sorted(view.keys) != list(params.neighbours[p.index]):
             raise SecAggError("the round's parameters do not fit this device's input and neighbours")
         me = replace(self.secrets, index=p.index)
         self.last_answered = view.phase

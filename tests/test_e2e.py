@@ -291,6 +291,7 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
     real processes. In the secure run's last round, device 1 is SIGKILLed after it has
     shared its keys and before it sends its masked input; the round completes with the
     other three at the phase's deadline (their neighbours reveal device 1's mask key).
+    That deadline is the round's, which an operator shortens mid-run, in both runs.
     The first round's model is the mean run's to float rounding (the same accuracy);
     later ones drift apart as training amplifies that rounding, and the final model is
     within a point of the mean run's."""
@@ -300,11 +301,30 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
     before = descendant_pids()
     seen: dict[int, str] = {}
     accuracy, records = {}, {}
+    token = tmp_path / "admin-token"
+    token.write_text("an-operator-token-of-some-length")
     for aggregator in ("mean", "secure"):
         out = tmp_path / aggregator
         config = RunConfig(**base, aggregator=aggregator)
-        with federation(out, config, count=4, partition="iid", data_seed=0, device_flags=["--runtime", "keras,litert"]) as fed:
+        with federation(
+            out,
+            config,
+            count=4,
+            partition="iid",
+            data_seed=0,
+            serve_flags=["--admin-token-file", str(token)],
+            device_flags=["--runtime", "keras,litert"],
+        ) as fed:
             held = out / "logs" / "devices" / "device-0001.log"
+
+            def shorten_the_rounds(url=fed.url):
+                answer = requests.post(
+                    f"{url}/v1/admin/config",
+                    json={"round_timeout_s": 20},
+                    headers={"Authorization": f"Bearer {token.read_text()}"},
+                    timeout=30,
+                )
+                assert answer.status_code == 200, answer.text
 
             def kill_the_held_device(_entry, fed=fed, held=held, aggregator=aggregator):
                 seen.update(descendant_pids(before))
@@ -321,10 +341,14 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
                 ]
                 victim.send_signal(signal.SIGKILL)
 
-            status = fed.follow(
-                lambda entry: kill_the_held_device(entry) if entry.round == 7 else seen.update(descendant_pids(before)),
-                timeout_s=600,
-            )
+            def on_round(entry, kill=kill_the_held_device, shorten=shorten_the_rounds):
+                seen.update(descendant_pids(before))
+                if entry.round == 5:
+                    shorten()
+                if entry.round == 7:
+                    kill(entry)
+
+            status = fed.follow(on_round, timeout_s=600)
             assert fed.fleet.wait(timeout=60) == (1 if aggregator == "secure" else 0), (out / "logs" / "devices.log").read_text()
             accuracy[aggregator] = [entry.accuracy for entry in status.history]
             records[aggregator] = requests.get(f"{fed.url}/v1/rounds", timeout=30).json()["rounds"]

@@ -18,10 +18,12 @@ from coordinator.lifecycle import (
     RoundPlan,
     Tally,
     Verdict,
+    cohort_advertised,
     every_survivor,
     next_status,
     plan_for,
     quorum,
+    target_of_survivors,
 )
 from edgefl.config import RunConfig
 from edgefl.protocol import RoundStatus
@@ -71,10 +73,12 @@ def test_the_secure_plan_is_secaggs_four_phases_each_taking_one_kind_from_the_la
     assert [set(p.accepts) for p in SECURE.phases] == [
         {k} for k in (MessageKind.KEYS, MessageKind.SHARES, MessageKind.MASKED, MessageKind.REVEAL)
     ]
-    assert SECURE.first.participants == Participants.COHORT and SECURE.first.close is quorum
-    assert all(p.participants == Participants.SURVIVORS and p.close is every_survivor for p in SECURE.phases[1:])
-    assert SECURE.first.deadline_s(config) == config.round_timeout_s
-    assert all(p.deadline_s(config) == config.secagg_phase_timeout_s for p in SECURE.phases[1:])
+    assert [p.close for p in SECURE.phases] == [cohort_advertised, every_survivor, target_of_survivors, every_survivor]
+    assert SECURE.first.participants == Participants.COHORT
+    assert all(p.participants == Participants.SURVIVORS for p in SECURE.phases[1:])
+    # keys are agreed before training; the masked inputs come after it, by the round's deadline
+    assert [p.deadline_s(config) for p in SECURE.phases] == [config.round_timeout_s, 30.0, config.round_timeout_s, 30.0]
+    assert SECURE.reached("masked_input", Phase.SHARE) and not SECURE.reached("share_keys", Phase.MASKED_INPUT)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +103,34 @@ def test_the_threshold_can_exceed_the_minimum():
     # 10 devices advertised: a complete graph (degree 9), threshold 5
     assert every_survivor(config, Tally(4, 6, first=10), True) == Verdict.TOO_FEW
     assert every_survivor(config, Tally(5, 6, first=10), True) == Verdict.ENOUGH
+
+
+@pytest.mark.parametrize(
+    ("messages", "selected", "past_deadline", "expected"),
+    [
+        (13, 13, False, Verdict.ENOUGH),  # the whole cohort (10 x 1.3)
+        (10, 10, False, Verdict.ENOUGH),  # every device selected so far, at the target: a small fleet
+        (10, 12, False, Verdict.WAIT),  # two selected devices have not advertised yet
+        (9, 9, False, Verdict.WAIT),  # below the target
+        (9, 12, True, Verdict.ENOUGH),  # at the deadline, the minimum
+        (3, 12, True, Verdict.TOO_FEW),
+    ],
+)
+def test_the_keys_phase_closes_on_the_cohort(messages, selected, past_deadline, expected):
+    config = RunConfig(aggregator="secure", target_reports=10, min_reports=4, over_selection=1.3)
+    assert cohort_advertised(config, Tally(messages, selected, first=messages), past_deadline) == expected
+
+
+@pytest.mark.parametrize(
+    ("messages", "shared", "past_deadline", "expected"),
+    [
+        (10, 13, False, Verdict.ENOUGH),  # the target: the 3 still training count as dropouts
+        (8, 8, False, Verdict.ENOUGH),  # fewer shared keys than the target: all of them
+        (9, 13, False, Verdict.WAIT),
+        (9, 13, True, Verdict.ENOUGH),
+        (3, 13, True, Verdict.TOO_FEW),
+    ],
+)
+def test_masked_inputs_close_on_the_target_so_over_selection_works_as_in_fedavg(messages, shared, past_deadline, expected):
+    config = RunConfig(aggregator="secure", target_reports=10, min_reports=4, over_selection=1.3)
+    assert target_of_survivors(config, Tally(messages, shared, first=13), past_deadline) == expected

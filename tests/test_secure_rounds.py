@@ -130,22 +130,6 @@ def _expected(secure_server, devices, weights):
     return secure_server.finish_secure(fold, total, len(devices)), total
 
 
-def _run_round(driver, store, devices, *, drop_after: dict[str, list[int]] | None = None):
-    """Every phase, the devices in ``drop_after[phase]`` vanishing once it closes."""
-    drop_after = drop_after or {}
-    alive = list(devices)
-    for device in alive:
-        assert device.send_keys().status_code == 202
-    for phase in ("share_keys", "masked_input", "unmask"):
-        driver.clock.now += 0 if len(alive) == len(devices) else 61  # a phase with dropouts closes at its deadline
-        _step_until(driver, store, phase)
-        alive = [d for i, d in enumerate(alive) if i not in drop_after.get(phase, [])]
-        for device in alive:
-            device.answer()
-    driver.clock.now += 61
-    return alive
-
-
 def test_a_secure_round_commits_the_model_of_the_plain_integer_sum(tmp_path, small_parts, secure_server, db_url):
     app, driver = _secure_coordinator(tmp_path, small_parts, secure_server, db_url)
     client, store = app.test_client(), app.extensions["edgefl.store"]
@@ -220,7 +204,7 @@ def test_devices_dropping_after_any_phase_leave_the_survivors_sum(tmp_path, smal
         for i, device in enumerate(devices):
             if not (i in dropped and order.index(current) >= order.index(phase)):
                 device.answer()
-        driver.clock.now += 11  # past each phase's deadline: the missing devices are given up
+        driver.clock.now += 61  # past each phase's deadline (the masked inputs': the round's): the missing devices are given up
     survivors = [d for i, d in enumerate(devices) if i not in dropped or phase == "unmask"]
     with _secure_round_of(store, driver) as secure:
         assert len(secure.masked) == len(survivors)
@@ -258,7 +242,7 @@ def test_a_round_with_too_few_surviving_neighbours_is_abandoned_with_nothing_rev
         _step_until(driver, store, "masked_input")
         for device in devices[:masked_inputs]:
             device.answer()
-        driver.clock.now += 11
+        driver.clock.now += 61  # the masked inputs' deadline: the round's
         driver.step()
         if outcome == "committed":
             assert _phase(store) == ("open", "unmask")
@@ -354,6 +338,7 @@ def test_tampered_replayed_and_misrouted_messages_are_refused_and_change_nothing
     sealed = a.session.answer(view).shares
     a.session.answered.discard("share_keys")
     others = [v for v in range(6) if v not in neighbours and v != me]
+    dropper = next(d for d in devices if d.view().params.index == neighbours[0])  # a's neighbour; drops before masking
     attempt(lambda: b.post("keys", json=keys), 409, "wrong_phase")  # a replay, and late
     attempt(
         lambda: a.post("shares", json={"shares": {v: c for v, c in sealed.items() if v != neighbours[0]}}),
@@ -366,6 +351,7 @@ def test_tampered_replayed_and_misrouted_messages_are_refused_and_change_nothing
     attempt(lambda: a.post("shares", json={"shares": {**sealed, neighbours[0]: "zz" * 160}}), 422, "bad_shares")
     attempt(lambda: a.post("shares", json={"shares": sealed, "more": {}}), 422, "invalid_request")
     assert a.post("shares", json={"shares": sealed}).status_code == 202
+    a.session.answered.add("share_keys")
     attempt(lambda: a.post("shares", json={"shares": sealed}), 409, "duplicate_shares")
     for device in devices[1:]:
         device.answer()
@@ -384,17 +370,19 @@ def test_tampered_replayed_and_misrouted_messages_are_refused_and_change_nothing
         attempt(lambda bad=bad: a.post("masked", data=bad, content_type="application/octet-stream"), 422, code)
     attempt(lambda: a.post("reveal", json={"seeds": {}, "keys": {}}), 409, "wrong_phase")
     assert a.post("masked", data=body, content_type="application/octet-stream").status_code == 202
+    a.session.answered.add("masked_input")
     attempt(lambda: a.post("masked", data=body, content_type="application/octet-stream"), 409, "duplicate_masked")
     for device in devices[1:]:
-        if device is not b:  # b drops out: its neighbours reveal its key share
+        if device is not dropper:  # its neighbours reveal its key share
             device.answer()
 
-    driver.clock.now += 11
+    driver.clock.now += 61  # the masked inputs' deadline: the round's
     _step_until(driver, store, "unmask")
     view = a.view()
     reveal = a.session.answer(view)
     a.session.answered.discard("unmask")
-    attempt(lambda: b.post("reveal", json=reveal.model_dump()), 409, "not_a_survivor")
+    assert reveal.keys  # the dropper's
+    attempt(lambda: dropper.post("reveal", json=reveal.model_dump()), 409, "not_a_survivor")
     seeds, keys_ = reveal.seeds, reveal.keys
     some = next(iter(seeds))
     attempt(lambda: a.post("reveal", json={"seeds": seeds, "keys": {**keys_, some: seeds[some]}}), 422, "wrong_reveal")
@@ -407,8 +395,9 @@ def test_tampered_replayed_and_misrouted_messages_are_refused_and_change_nothing
     attempt(lambda: a.post("reveal", json={"seeds": {**seeds, some: seeds[some][:-2]}, "keys": keys_}), 422, "bad_reveal")
     assert a.post("reveal", json=reveal.model_dump()).status_code == 202
     attempt(lambda: a.post("reveal", json=reveal.model_dump()), 409, "duplicate_reveal")
-    for device in devices[2:]:
-        device.answer()
+    for device in devices[1:]:
+        if device is not dropper:
+            device.answer()
     driver.step()
     assert _phase(store)[0] == "committed"
 

@@ -34,7 +34,7 @@ from coordinator import guard, leases, lifecycle, records, rounds, selection
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerOutput, ServerSettings
 from coordinator.database import Connection, Row
 from coordinator.errors import ApiError
-from coordinator.lifecycle import Event, Verdict
+from coordinator.lifecycle import Event, Phase, Verdict
 from coordinator.lobby import Lobby
 from coordinator.secure import SecureRound
 from coordinator.store import Store
@@ -234,12 +234,21 @@ class RoundDriver:
         rounds.begin_round(db, self.config, now, candidates=self.lobby.waiting())
 
     def _fold_arrivals(self, db: Connection, current: Row) -> None:
-        """Fold the round's durable updates not folded yet."""
+        """Fold the round's durable updates not folded yet (a secure round's masked
+        inputs: add them up, so unmasking needs only to remove the masks)."""
         if self._fold is None or self._fold.round_id != current["id"]:
             base = db.execute("SELECT * FROM checkpoints WHERE version = ?", (current["base_version"],)).fetchone()
             weights, _ = wire.decode(self.store.blobs.get(base["sha256"]), self.spec)
             state = self.server.state_from_bytes(self.store.blobs.get(base["server_state_sha256"]))
             self._fold = _Fold(current["id"], self.server.begin(state, weights))
+        if self.server.secure:
+            if self.plan.reached(current["phase"], Phase.MASKED_INPUT):
+                secure = self._secure_round(db, current)
+                fold = self._fold
+                if fold.masked_total is None:
+                    fold.masked_total = np.zeros(secure.params.size, np.uint64)
+                fold.last_update_id = secure.add_masked_inputs(fold.masked_total, fold.last_update_id)
+            return
         arrivals = rounds.round_updates(db, current["id"], after_id=self._fold.last_update_id)
         started = time.perf_counter()
         for update in arrivals:
@@ -260,7 +269,7 @@ class RoundDriver:
         excluded: list[Row] = []
         protocol: dict = {}
         if self.server.secure:
-            output, problem, protocol = self._unmask(db, current, fold.fold)
+            output, problem, protocol = self._unmask(db, current, fold)
             if output is not None and (
                 problem := self.guard.problem(output.weights, base, current["base_version"], self.config.aggregator)
             ):
@@ -316,17 +325,20 @@ class RoundDriver:
         self._discard_updates(db, current["id"])
         self._evaluate(db, rounds.round_by_id(db, current["id"]), output.weights)
 
-    def _unmask(self, db: Connection, current: Row, fold: RoundFold) -> tuple[ServerOutput | None, tuple | None, dict]:
+    def _secure_round(self, db: Connection, current: Row) -> SecureRound:
+        return SecureRound.load(db, self.store.blobs.get, self.config, current["id"], self.server.secure_layout.size)
+
+    def _unmask(self, db: Connection, current: Row, fold: _Fold) -> tuple[ServerOutput | None, tuple | None, dict]:
         """A secure round's output from the sum SecAgg+ unmasks (or why there is none:
         the revealed shares did not recover every secret, so the sum stays masked)."""
         started = self.clock()
-        secure = SecureRound.load(db, self.store.blobs.get, self.config, current["id"], self.server.secure_layout.size)
+        secure = self._secure_round(db, current)
         try:
-            total = secure.unmasked_sum()
+            total = secure.unmasked_sum(fold.masked_total, fold.last_update_id)
         except (SecAggError, ApiError) as error:
             return None, ("unmask_failed", str(error)), {}
         try:
-            output = self.server.finish_secure(fold, total, len(secure.masked))
+            output = self.server.finish_secure(fold.fold, total, len(secure.masked))
         except SecAggError as error:
             return None, ("sum_out_of_range", str(error)), {}
         return output, None, {**secure.figures(), "unmask_s": self.clock() - started}
@@ -442,5 +454,6 @@ class _Fold:
 
     round_id: int
     fold: RoundFold
-    last_update_id: int = 0
+    last_update_id: int = 0  # of the updates folded, or of a secure round's masked inputs added up
     seconds: float = 0.0
+    masked_total: np.ndarray | None = None  # a secure round's masked inputs, added up as they arrive

@@ -114,11 +114,10 @@ class SecureRound:
         for receiver, sealed in body.shares.items():
             _hex_of_length(sealed, secagg.SEALED_PAIR_BYTES, f"the sealed pair for device {receiver}", "bad_shares")
 
-    def check_masked(self, body: bytes) -> np.ndarray:
-        try:
-            return packing.unpack(body, self.params.size, self.params.bits)
-        except ValueError as error:
-            raise ApiError(422, "bad_masked_input", f"{str(error)[0].upper()}{str(error)[1:]}.") from None
+    def check_masked(self, body: bytes) -> None:
+        problem = packing.problem(body, self.params.size, self.params.bits)
+        if problem:
+            raise ApiError(422, "bad_masked_input", f"{problem[0].upper()}{problem[1:]}.")
 
     def check_reveal(self, index: int, body: SecAggReveal) -> dict[int, tuple[str, bytes]]:
         """The shares the device was asked for: of the self-mask seed of each neighbour
@@ -141,18 +140,29 @@ class SecureRound:
 
     # --- the coordinator's last step ------------------------------------------------
 
-    def unmasked_sum(self) -> np.ndarray:
+    def add_masked_inputs(self, total: np.ndarray, after_id: int = 0) -> int:
+        """Add to ``total`` (in place, wrapping) the masked inputs stored after message
+        ``after_id``, one at a time; the id of the last one added (``after_id`` if none)."""
+        rows = self.db.execute(
+            "SELECT id, blob_sha256 FROM messages WHERE round_id = ? AND kind = ? AND id > ? ORDER BY id",
+            (self.round_id, MessageKind.MASKED, after_id),
+        ).fetchall()
+        for row in rows:
+            total += packing.unpack(self.read(row["blob_sha256"]), self.params.size, self.params.bits)
+            after_id = row["id"]
+        return after_id
+
+    def unmasked_sum(self, total: np.ndarray | None = None, through_id: int = 0) -> np.ndarray:
         """The survivors' inputs summed (exactly: the modulus holds the sum), from their
-        masked inputs added up one at a time and the revealed shares. SecAggError if
-        any device's secrets cannot be recovered from what was revealed."""
-        total = np.zeros(self.params.size, np.uint64)
-        masked = self._senders(MessageKind.MASKED)
-        for sha256 in masked.values():
-            total += packing.unpack(self.read(sha256), self.params.size, self.params.bits)
+        masked inputs (``total``: those up to message ``through_id``, already added up as
+        they arrived) and the revealed shares. SecAggError if any device's secrets
+        cannot be recovered from what was revealed."""
+        total = np.zeros(self.params.size, np.uint64) if total is None else total.copy()
+        self.add_masked_inputs(total, through_id)
         revealed = {}
         for holder, sha256 in self._senders(MessageKind.REVEAL).items():
             revealed[holder] = self.check_reveal(holder, SecAggReveal.model_validate_json(self.read(sha256)))
-        return secagg.remove_masks(self.params, self.keys, self.shared, set(masked), total, revealed)
+        return secagg.remove_masks(self.params, self.keys, self.shared, self.masked, total, revealed)
 
     def figures(self) -> dict:
         """What the round's record says of its protocol (counts, never contents)."""

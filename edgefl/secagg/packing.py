@@ -26,14 +26,24 @@ def pack(vector: np.ndarray, bits: int) -> bytes:
     return as_bytes[:, :width].tobytes()
 
 
-def unpack(data: bytes, size: int, bits: int) -> np.ndarray:
-    """The uint64 entries ``pack`` wrote; ValueError if ``data`` is not ``size`` of them below 2^bits."""
+def problem(data: bytes, size: int, bits: int) -> str | None:
+    """Why ``data`` is not ``size`` packed entries below 2^bits, or None (only the top
+    byte of each entry is looked at, so checking an upload costs little)."""
     width = entry_bytes(bits)
     if len(data) != size * width:
-        raise ValueError(f"a masked input is {size} entries of {width} bytes ({size * width} bytes), not {len(data)}")
+        return f"a masked input is {size} entries of {width} bytes ({size * width} bytes), not {len(data)}"
+    spare = 8 * width - bits  # high bits of the top byte that must be zero
+    if spare and size and int(np.frombuffer(data, np.uint8).reshape(size, width)[:, -1].max()) >> (8 - spare):
+        return f"a masked input's entries must be below 2^{bits}"
+    return None
+
+
+def unpack(data: bytes, size: int, bits: int) -> np.ndarray:
+    """The uint64 entries ``pack`` wrote; ValueError if ``data`` is not ``size`` of them below 2^bits."""
+    refused = problem(data, size, bits)
+    if refused:
+        raise ValueError(refused)
+    width = entry_bytes(bits)
     wide = np.zeros((size, 8), np.uint8)
     wide[:, :width] = np.frombuffer(data, np.uint8).reshape(size, width)
-    vector = wide.view("<u8").ravel().astype(np.uint64)
-    if bits < 64 and size and int(vector.max()) >> bits:
-        raise ValueError(f"a masked input's entries must be below 2^{bits}")
-    return vector
+    return wide.view("<u8").ravel()

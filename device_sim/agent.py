@@ -306,6 +306,7 @@ class DeviceAgent:
     def _upload(self, now: float, _learners: Learners) -> float:
         task, body = self._task, self._upload_body
         self._upload_body = None
+        failpoints.hold("upload", at=f"{task.round_number}:{self.index}")  # tests kill it here
         self.state = State.CHECK_IN
         try:
             self.client.upload_update(task.round_id, body)

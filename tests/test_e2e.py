@@ -288,16 +288,18 @@ def wait_for_artefacts(url: str, *, version: int, timeout_s: float) -> tuple[dic
 
 def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_protocol(tmp_path, monkeypatch):
     """The same run with ``mean`` and with ``secure``: two Keras and two LiteRT devices,
-    real processes. In the secure run's last round, device 1 is SIGKILLed after it has
-    shared its keys and before it sends its masked input; the round completes with the
-    other three at the phase's deadline (their neighbours reveal device 1's mask key).
-    That deadline is the round's, which an operator shortens mid-run, in both runs.
-    The first round's model is the mean run's to float rounding (the same accuracy);
-    later ones drift apart as training amplifies that rounding, and the final model is
-    within a point of the mean run's."""
+    real processes. In the last round, device 1 is SIGKILLed once it has trained: in
+    the secure run after it has shared its keys and before it sends its masked input,
+    in the mean run before it uploads. Each round completes with the other three at its
+    deadline (in the secure run, their neighbours reveal device 1's mask key); an
+    operator shortens that deadline mid-run. The first round's model is the mean run's
+    to float rounding (the same accuracy); later ones drift apart as training amplifies
+    that rounding (and the mean run's own arrival order changes its float sums), so
+    learning alike is measured over the last three rounds: their mean accuracy within
+    a point of the mean run's (one round is 360 test images, 0.28 points each)."""
     base = dict(model="cnn_small", rounds=8, target_reports=4, min_reports=3, over_selection=1.0, round_timeout_s=300)
     base |= dict(epochs=2, client_lr=0.1, secagg_phase_timeout_s=10)
-    monkeypatch.setenv("EDGEFL_HOLD_AT", "secagg_masked_input@8:1")
+    monkeypatch.setenv("EDGEFL_HOLD_AT", "secagg_masked_input@8:1,upload@8:1")
     before = descendant_pids()
     seen: dict[int, str] = {}
     accuracy, records = {}, {}
@@ -328,10 +330,9 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
 
             def kill_the_held_device(_entry, fed=fed, held=held, aggregator=aggregator):
                 seen.update(descendant_pids(before))
-                if aggregator != "secure" or not held.exists():
-                    return
+                hold = "secagg_masked_input@8:1" if aggregator == "secure" else "upload@8:1"
                 deadline = time.monotonic() + 120
-                while "holding at secagg_masked_input@8:1" not in held.read_text():
+                while not held.exists() or f"holding at {hold}" not in held.read_text():
                     assert time.monotonic() < deadline and fed.fleet.poll() is None, held.read_text()[-2000:]
                     time.sleep(0.1)
                 (victim,) = [
@@ -349,7 +350,7 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
                     kill(entry)
 
             status = fed.follow(on_round, timeout_s=600)
-            assert fed.fleet.wait(timeout=60) == (1 if aggregator == "secure" else 0), (out / "logs" / "devices.log").read_text()
+            assert fed.fleet.wait(timeout=60) == 1, (out / "logs" / "devices.log").read_text()  # device 1 was killed
             accuracy[aggregator] = [entry.accuracy for entry in status.history]
             records[aggregator] = requests.get(f"{fed.url}/v1/rounds", timeout=30).json()["rounds"]
             seen.update(descendant_pids(before))
@@ -358,5 +359,8 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
     assert [r["number"] for r in secure] == list(range(1, 9))
     assert [r["metrics"]["secagg"]["masked"] for r in secure] == [4] * 7 + [3]
     assert secure[-1]["metrics"]["secagg"]["shared"] == 4 and secure[-1]["metrics"]["secagg"]["revealed"] == 3
+    assert [r["reported"] for r in records["mean"] if r["status"] == "committed"] == [4] * 7 + [3]
     assert accuracy["mean"][0] == accuracy["secure"][0] and accuracy["mean"][-1] > 0.9
-    assert accuracy["secure"][-1] == pytest.approx(accuracy["mean"][-1], abs=0.01), accuracy
+    last_three = {aggregator: sum(history[-3:]) / 3 for aggregator, history in accuracy.items()}
+    assert last_three["secure"] == pytest.approx(last_three["mean"], abs=0.01), accuracy
+    assert accuracy["secure"][-1] == pytest.approx(accuracy["mean"][-1], abs=0.02), accuracy

@@ -99,6 +99,16 @@ def _open(driver, client, n, examples=(50, 120, 7, 300, 33, 81, 64, 10)):
     return [Device(client, 1, seed, examples[seed % len(examples)]) for seed in range(n)]
 
 
+def _share_keys(driver, store, devices) -> None:
+    """Every device advertises and shares its keys: the round is then in its masked-input phase."""
+    for device in devices:
+        assert device.send_keys().status_code == 202
+    _step_until(driver, store, "share_keys")
+    for device in devices:
+        device.answer()
+    _step_until(driver, store, "masked_input")
+
+
 def _phase(store, round_id=1) -> tuple[str, str]:
     with closing(store.connect()) as db:
         row = db.execute("SELECT status, phase FROM rounds WHERE id = ?", (round_id,)).fetchone()
@@ -234,12 +244,7 @@ def test_a_round_with_too_few_surviving_neighbours_is_abandoned_with_nothing_rev
         )
         client, store = app.test_client(), app.extensions["edgefl.store"]
         devices = _open(driver, client, 5)
-        for device in devices:
-            device.send_keys()
-        _step_until(driver, store, "share_keys")
-        for device in devices:
-            device.answer()
-        _step_until(driver, store, "masked_input")
+        _share_keys(driver, store, devices)
         for device in devices[:masked_inputs]:
             device.answer()
         driver.clock.now += 61  # the masked inputs' deadline: the round's
@@ -269,12 +274,7 @@ def test_stored_masked_inputs_look_like_uniform_noise(tmp_path, small_parts, sec
     app, driver = _secure_coordinator(tmp_path, small_parts, secure_server)
     client, store = app.test_client(), app.extensions["edgefl.store"]
     devices = _open(driver, client, 6)
-    for device in devices:
-        device.send_keys()
-    _step_until(driver, store, "share_keys")
-    for device in devices:
-        device.answer()
-    _step_until(driver, store, "masked_input")
+    _share_keys(driver, store, devices)
     for device in devices:
         device.answer()
     with _secure_round_of(store, driver) as secure:

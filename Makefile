@@ -35,14 +35,16 @@ test-fast: install debian-packages check
 	$(BIN)/python -m pytest -m "not e2e and not slow"
 
 # What the tests run from Debian, installed when absent: headless Chromium (the
-# dashboard test) and PostgreSQL's programs (the store's tests start their own server;
-# the cluster Debian's package may start on install is stopped).
+# dashboard test), PostgreSQL's programs (the store's tests start their own server;
+# the cluster Debian's package may start on install is stopped) and the real
+# Fashion-MNIST (--dataset fashion-mnist, in /usr/share/datasets/fashion-mnist/).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 debian-packages:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql >/dev/null && \
 		pg_lsclusters -h | while read version cluster rest; do $(SUDO) pg_ctlcluster --force "$$version" "$$cluster" stop >/dev/null 2>&1 || true; done; }
+	@test -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
 
 bench: install
 	$(BIN)/python benchmarks/e2e_vs_tff.py

@@ -44,7 +44,7 @@ def measure(kind: str, cohort: int) -> dict:
 
     from edgefl.models import model_spec
 
-    spec = model_spec("cnn")
+    spec = model_spec("cnn", "digits")
     rng = np.random.default_rng(0)
     pool = [[rng.normal(scale=0.01, size=s.shape).astype(np.float32) for s in spec] for _ in range(_POOL)]
     weights = [rng.normal(size=s.shape).astype(np.float32) for s in spec]

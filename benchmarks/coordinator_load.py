@@ -127,7 +127,7 @@ def checkin_load(http: Connections, tokens: list[str], seconds: float, connectio
 
 def upload_load(http: Connections, tasks: list[tuple[str, int]], connections: int) -> dict:
     """Each (token, round id) uploads one distinct delta of the CNN's size."""
-    spec = model_spec("cnn")
+    spec = model_spec("cnn", "digits")
     rng = np.random.default_rng(0)
     arrays = [rng.normal(scale=0.01, size=s.shape).astype(np.float32) for s in spec]
     names = [s.name for s in spec]

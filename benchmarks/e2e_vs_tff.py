@@ -87,12 +87,12 @@ def run_tff(config: RunConfig, devices: int, partition_spec: str, data_seed: int
         .repeat(config.epochs)
         for i, idx in enumerate(shards)
     ]
-    initial = build_model(config.model, seed=config.seed).get_weights()
+    initial = build_model(config.model, config.dataset, seed=config.seed).get_weights()
     input_spec = client_data[0].element_spec
 
     def model_fn():
         return tff.learning.models.from_keras_model(
-            build_model(config.model),
+            build_model(config.model, config.dataset),
             input_spec=input_spec,
             loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
@@ -110,7 +110,7 @@ def run_tff(config: RunConfig, devices: int, partition_spec: str, data_seed: int
         state = process.set_model_weights(state, tff.learning.models.ModelWeights(trainable=initial, non_trainable=[]))
         build_seconds = time.monotonic() - started
         # Built after TFF traced model_fn (see DESIGN.md's pitfall on Keras models built before).
-        learner = KerasLearner(config.model)
+        learner = KerasLearner(config.model, config.dataset)
         accuracy, loss, seconds = [], [], []
         for r in range(config.rounds):
             t0 = time.monotonic()

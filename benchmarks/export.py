@@ -40,7 +40,7 @@ from edgefl.datasets import load_dataset  # noqa: E402
 def trained_weights(model: str, epochs: int, batch_size: int) -> list:
     from edgefl.training import KerasLearner
 
-    learner = KerasLearner(model)
+    learner = KerasLearner(model, "digits")
     train = load_dataset("digits").train
     weights = learner.model.get_weights()
     for epoch in range(epochs):
@@ -55,7 +55,7 @@ def step_times(model: str, weights: list, train_tflite: bytes, batch_size: int, 
     from edgefl.litert import LiteRTLearner
     from edgefl.training import KerasLearner
 
-    keras, litert = KerasLearner(model), LiteRTLearner(train_tflite, threads=1)
+    keras, litert = KerasLearner(model, "digits"), LiteRTLearner(train_tflite, threads=1)
     train = load_dataset("digits").train
     x, y = train.x[: steps * batch_size], train.y[: steps * batch_size]
     litert_weights = [weights[keras.names.index(n)] for n in litert.names]

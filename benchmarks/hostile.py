@@ -202,7 +202,7 @@ def registration_flood(attack: Attack) -> None:
 
 
 def overflowing_updates(attack: Attack) -> None:
-    spec = model_spec(CONFIG.model)
+    spec = model_spec(CONFIG.model, CONFIG.dataset)
     names = [s.name for s in spec]
     huge = [np.full(s.shape, 3e38, np.float32) for s in spec]
     at_bound = [np.full(s.shape, 1e6 * (-1) ** i, np.float32) for i, s in enumerate(spec)]
@@ -315,7 +315,9 @@ def run_scenario(name: str, seconds: float, devices: int, out: Path, serve_flags
         try:
             rounds = strict_json(requests.get(fed.url + "/v1/rounds", timeout=30).text)["rounds"]
             status = strict_json(requests.get(fed.url + "/v1/status", timeout=30).text)
-            weights, _ = wire.decode(requests.get(fed.url + status["model"]["url"], timeout=30).content, model_spec(CONFIG.model))
+            weights, _ = wire.decode(
+                requests.get(fed.url + status["model"]["url"], timeout=30).content, model_spec(CONFIG.model, CONFIG.dataset)
+            )
         except (requests.RequestException, ValueError, KeyError) as error:  # a coordinator that died or answers nonsense
             print(f"{name}: the coordinator cannot be read after the attack: {error}", flush=True)
             rounds, status, weights = [], {"model": {"version": None}, "devices": None, "history": []}, None

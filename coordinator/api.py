@@ -7,6 +7,7 @@ acknowledged (202) only after its blob is fsynced and its row committed.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -214,11 +215,21 @@ def get_latest_inference_model():
 
 
 @bp.get("/models/latest-train.tflite")
-@spec.validate(resp=Response("HTTP_200", "HTTP_304", **errors(503)), tags=["models"], skip_validation=True)
+@spec.validate(resp=Response("HTTP_200", "HTTP_304", **errors(409, 503)), tags=["models"], skip_validation=True)
 def get_latest_training_model():
     """The on-device training .tflite (builtin ops only; signatures train, infer,
     get_weights, set_weights) holding the newest model, for the batch size in
     X-Edgefl-Train-Batch."""
+    from coordinator.artefacts import latest
+
+    if latest(get_db(), "training") is None and (card := latest(get_db(), "card")) is not None:
+        refused = (json.loads(get_store().blobs.get(card["sha256"])).get("training") or {}).get("refused")
+        if refused:
+            raise ApiError(
+                409,
+                "not_trainable_on_device",
+                f"The run's model cannot train on LiteRT devices: {refused}; Keras devices can train it.",
+            )
     return _send_artefact("training", "latest-train.tflite")
 
 

@@ -59,8 +59,9 @@ def wanted(db: Connection) -> Wanted | None:
 
 
 def published(db: Connection) -> tuple[int, int] | None:
-    """The (model version, training batch size) of the artefacts served now."""
-    row = db.execute("SELECT version, batch_size FROM artefacts WHERE kind = 'training'").fetchone()
+    """The (model version, training batch size) of the artefacts served now (the card's:
+    every build has one, and says why there is no training file if there is none)."""
+    row = db.execute("SELECT version, batch_size FROM artefacts WHERE kind = 'card'").fetchone()
     return (row["version"], row["batch_size"]) if row else None
 
 
@@ -150,7 +151,10 @@ class Publisher:
                 return False
             blobs = {}
             for kind, (file_of, _) in KINDS.items():
-                data = (out / file_of(target.model)).read_bytes()
+                path = out / file_of(target.model)
+                if kind == "training" and not path.exists():  # outside the on-device layer set: the card says why
+                    continue
+                data = path.read_bytes()
                 blobs[kind] = (self.store.blobs.put(data), len(data))
         with closing(self.store.connect()) as db:
             with self.store.transaction(db):

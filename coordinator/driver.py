@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator import guard, leases, lifecycle, records, rounds, selection
+from coordinator import guard, leases, lifecycle, records, results, rounds, selection
 from coordinator.aggregation import FedAvgServer, RoundFold, ServerOutput, ServerSettings
 from coordinator.database import Connection, Row
 from coordinator.errors import ApiError
@@ -91,7 +91,7 @@ class RoundDriver:
         self.store = store
         self.config = config
         self.clock = clock
-        self.learner = learner or KerasLearner(config.model)
+        self.learner = learner or KerasLearner(config.model, config.dataset)
         self.names = weight_names(self.learner.model)
         self.spec = wire.spec_of(self.names, self.learner.model.get_weights())
         self.server = server or FedAvgServer(self.spec, ServerSettings.of(config))
@@ -133,7 +133,7 @@ class RoundDriver:
     def _initial_weights(self) -> list[np.ndarray]:
         from edgefl.models import build_model
 
-        return build_model(self.config.model, seed=self.config.seed).get_weights()
+        return build_model(self.config.model, self.config.dataset, seed=self.config.seed).get_weights()
 
     def step(self) -> bool:
         """Advance the run by at most one transition; True if something changed. Only
@@ -229,6 +229,16 @@ class RoundDriver:
         self._fold = None
         self.lobby.notify()
         self._discard_updates(db, current["id"])
+        self._write_results(db)
+
+    def _write_results(self, db: Connection) -> None:
+        """The run's round history as a CSV and TensorBoard events (``coordinator.results``);
+        they are rebuilt from the store each time, so a failure here costs no round."""
+        try:
+            run = db.execute("SELECT created_at FROM run WHERE id = 1").fetchone()
+            results.write_results(self.store.instance_dir, run["created_at"], records.history(db))
+        except OSError as error:
+            log.warning("could not write the run's results under %s: %s", self.store.instance_dir, error)
 
     def _begin_round(self, db: Connection, now: float) -> None:
         rounds.begin_round(db, self.config, now, candidates=self.lobby.waiting())
@@ -380,6 +390,7 @@ class RoundDriver:
             if committed["number"] >= self.config.rounds:
                 rounds.finish_run(db, self.clock())
         log.info("round %d evaluated: accuracy %.4f loss %.4f", committed["number"], evaluation["accuracy"], evaluation["loss"])
+        self._write_results(db)
         if committed["number"] >= self.config.rounds:
             self.lobby.notify()
             log.info(

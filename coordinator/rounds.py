@@ -135,6 +135,8 @@ def checkin(db: Connection, device_id: str, now: float, rng: random.Random, *, m
         epochs=config.epochs,
         batch_size=config.batch_size,
         learning_rate=config.client_lr,
+        momentum=config.client_momentum,
+        prox_mu=config.client_prox_mu,
         seconds_left=max(0.0, current["deadline_at"] - now),
         codec=config.upload_codec.name,
         quantization_bits=config.upload_codec.bits,

@@ -119,7 +119,7 @@ def serve(
                 """The new run keeps the old one's settings but those given, and can start from its model."""
                 chosen["config"] = replace(previous, **{name: getattr(config, name) for name in given})
                 if from_final:
-                    _check_fits(final, chosen["config"].model)
+                    _check_fits(final, chosen["config"])
 
             record, final = archive.start_over(store, next_run)
             print(f"edgefl serve: the previous run's record and final model are in {record.parent}", flush=True)
@@ -170,14 +170,14 @@ def serve(
         sys.stdout.flush()
 
 
-def _check_fits(checkpoint: bytes, model: str) -> None:
+def _check_fits(checkpoint: bytes, config) -> None:
     from edgefl import wire
     from edgefl.models import model_spec
 
     try:
-        wire.decode(checkpoint, model_spec(model))
+        wire.decode(checkpoint, model_spec(config.model, config.dataset))
     except wire.WireError as error:
-        raise ValueError(f"--from-final: the previous run's model does not fit --model {model}: {error.detail}") from None
+        raise ValueError(f"--from-final: the previous run's model does not fit --model {config.model}: {error.detail}") from None
 
 
 def _say_if_over(store) -> None:

@@ -241,6 +241,8 @@ class DeviceAgent:
             epochs=task.epochs,
             batch_size=task.batch_size,
             learning_rate=task.learning_rate,
+            momentum=task.momentum,
+            prox_mu=task.prox_mu,
             seed=hash((self.seed, self.index, task.round_id)) & 0xFFFFFFFF,
         )
         self._times["trained"] = time.monotonic()

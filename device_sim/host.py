@@ -40,9 +40,8 @@ from device_sim.agent import DeviceAgent, holdout_split
 from device_sim.settings import DeviceSettings
 from edgefl import logs
 from edgefl.client import CoordinatorClient, CoordinatorUnreachable, ProtocolError, TrainingModel
-from edgefl.datasets import load_dataset
+from edgefl.datasets import device_shards
 from edgefl.learner import Learner
-from edgefl.partition import partition
 
 log = logging.getLogger("edgefl.device")
 
@@ -59,7 +58,8 @@ class ThreadLearners:
     """The calling thread's learners, built on first use (one at a time: LiteRT
     silences the process's stderr while it loads, and Keras builds are not worth racing)."""
 
-    def __init__(self, *, litert_threads: int = 1):
+    def __init__(self, dataset: str, *, litert_threads: int = 1):
+        self.dataset = dataset  # what a Keras model is built for (its input shape and classes)
         self.litert_threads = litert_threads
         self._local = threading.local()
         self._building = threading.Lock()
@@ -75,7 +75,7 @@ class ThreadLearners:
             from edgefl.training import KerasLearner
 
             with self._building:
-                held["keras", model] = KerasLearner(model)
+                held["keras", model] = KerasLearner(model, self.dataset)
         return held["keras", model]
 
     def litert(self, training_file: TrainingModel) -> Learner:
@@ -102,6 +102,7 @@ class DeviceHost:
         self,
         agents: Sequence[DeviceAgent],
         *,
+        dataset: str,
         threads: int = 1,
         learners: ThreadLearners | None = None,
         on_done: Callable[[DeviceAgent, Outcome], None] | None = None,
@@ -111,7 +112,7 @@ class DeviceHost:
         self.training_threads = max(1, min(threads, len(self.agents)))
         self.poll_threads = max(1, min(_MAX_POLL_THREADS, len(self.agents)))
         self.transfer_threads = max(1, min(_MAX_TRANSFER_THREADS, len(self.agents)))
-        self.learners = learners or ThreadLearners(litert_threads=max(1, threads // self.training_threads))
+        self.learners = learners or ThreadLearners(dataset, litert_threads=max(1, threads // self.training_threads))
         self.on_done = on_done or (lambda agent, outcome: None)
         self.clock = clock
 
@@ -185,11 +186,10 @@ def process_facts() -> dict:
 
 def build_agents(settings: DeviceSettings, indices: Sequence[int], *, enrolment_secret: str | None = None) -> list[DeviceAgent]:
     """One agent per index, with its shard of one shared load and partition."""
-    train = load_dataset(settings.dataset).train
-    shards = partition(train.y, settings.partition, settings.num_devices, settings.seed)
+    shards = device_shards(settings.dataset, settings.partition, settings.num_devices, settings.seed, indices)
     agents = []
     for index in indices:
-        shard, held = holdout_split(train.subset(shards[index]), settings.holdout, hash((settings.seed, index)) & 0xFFFFFFFF)
+        shard, held = holdout_split(shards[index], settings.holdout, hash((settings.seed, index)) & 0xFFFFFFFF)
         client = CoordinatorClient(settings.coordinator)
         agents.append(
             DeviceAgent(
@@ -246,5 +246,5 @@ def host_main(argv: list[str] | None = None) -> int:
             facts = {"startup_s": startup_s, **process_facts(), "devices_in_process": len(agents)}
             _write_json(summary_path(args.summary_dir, agent.index), {**asdict(agent.summary), **facts})
 
-    outcomes = DeviceHost(agents, threads=settings.threads, on_done=record).run()
+    outcomes = DeviceHost(agents, dataset=settings.dataset, threads=settings.threads, on_done=record).run()
     return 0 if all(outcome is None for outcome in outcomes.values()) else 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgefl.config import Setting, declared, flag_for, setting, values_of
-from edgefl.datasets import DATASET_NAMES
+from edgefl.datasets import dataset_problem
 from edgefl.partition import PartitionSpec
 
 RUNTIMES = ("keras", "litert")
@@ -31,8 +31,12 @@ DEFAULT_COORDINATOR = "http://127.0.0.1:8080"  # every command's default (edgefl
 class DeviceSettings:
     coordinator: str = setting(DEFAULT_COORDINATOR, "coordinator URL")
     num_devices: int = setting(1, "size of the population the data is split over", low=1, high=10_000_000)
-    dataset: str = setting("digits", "dataset the devices' shards come from", choices=DATASET_NAMES)
-    partition: str = setting("dirichlet:0.5", "iid, dirichlet:ALPHA or classes:K")
+    dataset: str = setting("digits", "dataset the devices' shards come from (see README: Your own data)", check=dataset_problem)
+    partition: str = setting(
+        "dirichlet:0.5",
+        "iid, dirichlet:ALPHA, classes:K or natural (one writer per device), each optionally +style (a handwriting"
+        " style per device)",
+    )
     seed: int = setting(0, "seed of the partition", flag="data-seed", low=0, high=2**32 - 1)
     runtime: str = setting(
         "keras",

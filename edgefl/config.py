@@ -28,8 +28,8 @@ from typing import Any
 
 from edgefl.codecs import FLOAT32, Codec
 from edgefl.compression import BITS
-from edgefl.datasets import DATASET_NAMES
-from edgefl.models import MODEL_NAMES
+from edgefl.datasets import dataset_problem
+from edgefl.models import REFERENCE_HELP, model_problem
 from edgefl.secagg import graph as secagg_graph
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam")  # FedAvg, FedAvgM, FedAdam
@@ -56,10 +56,13 @@ class Setting:
     above_low: bool = False  # low itself is not allowed
     below_high: bool = False  # high itself is not allowed
     choices: tuple = ()
+    check: Callable[[Any], str | None] | None = None  # what the declaration cannot say (a reference's syntax)
     mutable: bool = False  # POST /v1/admin/config may change it mid-run
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not acceptable ("must be ..."), or None."""
+        if self.check:
+            return self.check(value)
         if self.choices:
             return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
         if isinstance(value, float) and not math.isfinite(value):
@@ -111,10 +114,17 @@ class ConfigError(ValueError):
         return "; ".join(f"{name_of(name)} {text.format_map(names)}" for name, text in self.problems)
 
 
+def _literal(text: str) -> str:
+    """A problem's text with its braces kept (a path's, say): ConfigError reads ``{name}`` as a field."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    model: str = setting("cnn", "model to train", choices=MODEL_NAMES)
-    dataset: str = setting("digits", "dataset whose test split the coordinator holds", choices=DATASET_NAMES)
+    model: str = setting("cnn", f"model to train: {REFERENCE_HELP}", check=model_problem)
+    dataset: str = setting(
+        "digits", "dataset whose test split the coordinator holds (see README: Your own data)", check=dataset_problem
+    )
     rounds: int = setting(10, "rounds to run", low=1, high=1_000_000, mutable=True)
     target_reports: int = setting(10, "updates that close a round", low=1, high=1_000_000, mutable=True)
     min_reports: int = setting(8, "updates a round needs by its deadline", low=1, high=1_000_000, mutable=True)
@@ -125,6 +135,10 @@ class RunConfig:
     epochs: int = setting(1, "local epochs per round", low=1, high=1000, mutable=True)
     batch_size: int = setting(10, "local batch size", low=1, high=100_000, mutable=True)
     client_lr: float = setting(0.05, "device SGD learning rate", low=0, high=1000, above_low=True, mutable=True)
+    client_momentum: float = setting(0.0, "device SGD momentum (0: plain SGD)", low=0, high=1, below_high=True, mutable=True)
+    client_prox_mu: float = setting(
+        0.0, "FedProx's proximal strength mu on the devices (0: FedAvg's local SGD)", low=0, high=1000, mutable=True
+    )
     aggregator: str = setting(
         "mean",
         "mean, robust (adaptive zeroing and clipping), dp_adaptive or dp_fixed (central DP), or compressed"
@@ -159,7 +173,7 @@ class RunConfig:
     seed: int = setting(0, "seed of the initial model", low=0, high=2**32 - 1)
 
     def __post_init__(self) -> None:
-        problems = [(name, problem) for name, value, s in self.settings() if (problem := s.problem(value))]
+        problems = [(name, _literal(problem)) for name, value, s in self.settings() if (problem := s.problem(value))]
         if problems:
             raise ConfigError(problems)
         if self.min_reports > self.target_reports:

@@ -8,6 +8,24 @@ runtime implements only those: ``edgefl.training.KerasLearner`` (TensorFlow) and
 ``edgefl.litert.LiteRTLearner`` (the phone's interpreter). Both draw their batches
 through ``local_sgd``, so the two runtimes make the same steps.
 
+The client optimizer is SGD with momentum, on the loss plus FedProx's proximal term, as
+TFF's ``build_weighted_fed_prox`` with ``build_sgdm(learning_rate, momentum)`` as the
+client optimizer runs it (Li et al. 2020; TFF's ``proximal_client_work`` and
+``optimizers/sgdm``). Per trainable weight ``w``, with ``w_global`` the weights the
+client update started from and an accumulator ``a`` that starts at zero at every
+client update::
+
+    g = dL/dw + prox_mu * (w - w_global)    # the gradient of L + prox_mu/2 ||w - w_global||^2
+    a = momentum * a + g
+    w = w - learning_rate * a
+
+With ``momentum = prox_mu = 0`` that is plain SGD, ``w - learning_rate * dL/dw``, to the
+bit (TFF's sgdm without momentum takes the same plain steps). One difference from TFF
+0.87: its proximal term is ``prox_mu * (w_global - w)``, the wrong sign (it pushes a
+client away from the global model: ``proximal_client_work`` maps ``lambda x, y: mu *
+(y - x)`` over (weights, initial weights)); edgefl uses the paper's. TFF's result for
+``mu`` is edgefl's for ``-mu``, which ``tests/test_client_strategies.py`` checks.
+
 This module imports neither TensorFlow nor LiteRT: a LiteRT device must never load
 TensorFlow through it.
 """
@@ -71,15 +89,21 @@ class Learner(ABC):
     batch_size: int | None = None  # a runtime with a fixed batch (a .tflite file) trains only that
 
     @abstractmethod
-    def set_weights(self, weights: list[np.ndarray]) -> None: ...
-
-    @abstractmethod
     def get_weights(self) -> list[np.ndarray]: ...
 
     @abstractmethod
-    def train_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> tuple[float, float]:
-        """One SGD step on one batch: its mean loss and number of correct predictions,
-        before the step."""
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        """Set the weights, and start a client update from them: they become the
+        proximal term's anchor (``w_global``) and the momentum accumulators are zeroed."""
+
+    @abstractmethod
+    def train_step(
+        self, x: np.ndarray, y: np.ndarray, learning_rate: float, *, momentum: float = 0.0, prox_mu: float = 0.0
+    ) -> tuple[float, float]:
+        """One step of the client optimizer (this module's formulas) on one batch: its
+        mean loss and number of correct predictions, before the step. ``client_update``
+        passes ``momentum`` and ``prox_mu`` only when they are not zero, so a runtime
+        that takes plain SGD steps only need not accept them."""
 
     @abstractmethod
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -95,12 +119,17 @@ class Learner(ABC):
         batch_size: int,
         learning_rate: float,
         seed: int,
+        momentum: float = 0.0,
+        prox_mu: float = 0.0,
     ) -> ClientResult:
-        """Local SGD from ``global_weights``; examples are reshuffled every epoch."""
+        """Local training from ``global_weights`` (SGD with ``momentum`` on the loss
+        plus ``prox_mu``'s proximal term: the module's formulas); examples are
+        reshuffled every epoch."""
         if self.batch_size is not None and batch_size != self.batch_size:
             raise ValueError(f"this model trains batches of {self.batch_size}, not {batch_size}")
+        extra = {k: float(v) for k, v in (("momentum", momentum), ("prox_mu", prox_mu)) if v}
         self.set_weights(global_weights)
         metrics = local_sgd(
-            lambda xb, yb: self.train_step(xb, yb, learning_rate), x, y, epochs=epochs, batch_size=batch_size, seed=seed
+            lambda xb, yb: self.train_step(xb, yb, learning_rate, **extra), x, y, epochs=epochs, batch_size=batch_size, seed=seed
         )
         return client_result(global_weights, self.get_weights(), len(y), metrics)

@@ -18,7 +18,11 @@ from edgefl.wire import TensorSpec
 
 # The on-device training file's contract, which ``export.ondevice`` writes by: its
 # signatures, and its tensors under the wire format's names with "/" as "__"
-# (signature keys are identifiers).
+# (signature keys are identifiers). ``train`` takes x, y, mask and the client
+# optimizer's learning_rate, momentum and prox_mu (``edgefl.learner``'s step; a file
+# written before momentum existed lacks the last two, and trains plain SGD only);
+# ``set_weights`` also starts a client update (the proximal anchor, zeroed momentum);
+# ``get_weights`` returns the model's weights only.
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 
 
@@ -44,7 +48,9 @@ class LiteRTLearner(Learner):
             self._get_weights = self._interpreter.get_signature_runner("get_weights")
             self._set_weights = self._interpreter.get_signature_runner("set_weights")
             initial = self._get_weights()
-        self.batch_size = int(self._train.get_input_details()["x"]["shape"][0])
+        train_inputs = self._train.get_input_details()
+        self.batch_size = int(train_inputs["x"]["shape"][0])
+        self._has_client_optimizer = {"momentum", "prox_mu"} <= set(train_inputs)
         # The file's own order (its signatures sort their keys), not Keras's: without
         # TensorFlow there is no Keras model to ask, and tensors travel by name anyway.
         self.names = [wire_name(key) for key in sorted(initial)]
@@ -69,11 +75,18 @@ class LiteRTLearner(Learner):
         y = np.concatenate([y, np.zeros(pad, y.dtype)]) if pad else y
         return x.astype(np.float32), y.astype(np.int32), mask
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> tuple[float, float]:
-        """One SGD step on one batch (at most the model's batch size); its mean loss and
-        number of correct predictions, before the step."""
+    def train_step(
+        self, x: np.ndarray, y: np.ndarray, learning_rate: float, *, momentum: float = 0.0, prox_mu: float = 0.0
+    ) -> tuple[float, float]:
+        """One step of the client optimizer on one batch (at most the model's batch
+        size); its mean loss and number of correct predictions, before the step."""
         x, y, mask = self._padded(x, y)
-        out = self._train(x=x, y=y, mask=mask, learning_rate=np.float32(learning_rate))
+        hyper = {"learning_rate": np.float32(learning_rate)}
+        if self._has_client_optimizer:
+            hyper.update(momentum=np.float32(momentum), prox_mu=np.float32(prox_mu))
+        elif momentum or prox_mu:
+            raise ValueError("this training file predates momentum and prox_mu: it trains plain SGD only")
+        out = self._train(x=x, y=y, mask=mask, **hyper)
         return float(out["loss"]), float(out["correct"])
 
     def logits(self, x: np.ndarray) -> np.ndarray:

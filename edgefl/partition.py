@@ -2,7 +2,11 @@
 
 A device builds its own shard from (dataset, partition spec, seed, number of devices,
 its index); the coordinator never sees device data. Every partitioner returns a list of
-index arrays that together use every example exactly once.
+index arrays, one per device; iid, dirichlet and classes together use every example
+exactly once, natural uses the examples of the writers it gives a device.
+
+``+style`` (feature skew) does not change which examples a device gets, only how they
+are drawn: it is applied where shards are built (edgefl.datasets.device_shards).
 """
 
 from __future__ import annotations
@@ -17,29 +21,40 @@ _MAX_DIRICHLET_DRAWS = 1000
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """A parsed partition spec: ``iid``, ``dirichlet:ALPHA`` or ``classes:K``."""
+    """A parsed partition spec: ``iid``, ``dirichlet:ALPHA``, ``classes:K`` or ``natural``
+    (one writer per device), each optionally ``+style`` (a handwriting style per device);
+    ``style`` alone means ``iid+style``."""
 
     kind: str
     param: float | None = None
+    style: bool = False
 
     @classmethod
     def parse(cls, text: str) -> PartitionSpec:
-        kind, _, arg = text.partition(":")
+        base, plus, suffix = text.partition("+")
+        style = bool(plus)
+        if text == "style":
+            base, style = "iid", True
+        elif plus and suffix != "style":
+            base = ""  # refused below
+        kind, _, arg = base.partition(":")
         try:
-            if kind == "iid" and not arg:
-                return cls("iid")
+            if kind in ("iid", "natural") and not arg and ":" not in base:
+                return cls(kind, None, style)
             if kind == "dirichlet" and float(arg) > 0:
-                return cls("dirichlet", float(arg))
+                return cls("dirichlet", float(arg), style)
             if kind == "classes" and int(arg) >= 1:
-                return cls("classes", int(arg))
+                return cls("classes", int(arg), style)
         except ValueError:
             pass
-        raise ValueError(f"bad partition {text!r}: use iid, dirichlet:ALPHA (ALPHA > 0) or classes:K (K >= 1)")
+        raise ValueError(
+            f"bad partition {text!r}: use iid, dirichlet:ALPHA (ALPHA > 0), classes:K (K >= 1) or natural, "
+            "optionally with +style (e.g. dirichlet:0.5+style), or style alone (iid+style)"
+        )
 
     def __str__(self) -> str:
-        if self.param is None:
-            return self.kind
-        return f"{self.kind}:{self.param:g}"
+        text = self.kind if self.param is None else f"{self.kind}:{self.param:g}"
+        return f"{text}+style" if self.style else text
 
 
 def iid(labels: np.ndarray, num_devices: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -92,13 +107,52 @@ def classes(labels: np.ndarray, num_devices: int, k: int, rng: np.random.Generat
     return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
 
 
-def partition(labels: np.ndarray, spec: PartitionSpec | str, num_devices: int, seed: int) -> list[np.ndarray]:
-    """Index arrays, one per device, for ``labels`` split as ``spec`` says."""
+def natural_writers(num_writers: int, num_devices: int, rng: np.random.Generator) -> np.ndarray:
+    """Which of ``num_writers`` writers (by rank) each device gets: all, in order, when
+    there are as many devices as writers, else a sample without replacement.
+
+    Shared by ``natural`` and by shard builders that read only the chosen writers, so
+    both pick the same writer for the same device.
+    """
+    if num_writers == 0:
+        raise ValueError(
+            "partition natural needs data with writers (one per device); this data has none: use iid, dirichlet:ALPHA or classes:K"
+        )
+    if num_devices > num_writers:
+        raise ValueError(
+            f"partition natural gives each device one writer: {num_devices} devices, but the data has only {num_writers} writers"
+        )
+    if num_devices == num_writers:
+        return np.arange(num_writers)
+    return rng.choice(num_writers, size=num_devices, replace=False)
+
+
+def natural(writers: np.ndarray, num_devices: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One writer per device: device i holds all examples of the i-th chosen writer."""
+    present = np.unique(writers)
+    chosen = present[natural_writers(len(present), num_devices, rng)]
+    order = np.argsort(writers, kind="stable")
+    starts = np.searchsorted(writers[order], chosen, side="left")
+    ends = np.searchsorted(writers[order], chosen, side="right")
+    return [np.sort(order[a:b]) for a, b in zip(starts, ends)]
+
+
+def partition(
+    labels: np.ndarray, spec: PartitionSpec | str, num_devices: int, seed: int, *, writers: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Index arrays, one per device, for ``labels`` split as ``spec`` says.
+
+    ``writers`` (each example's writer) is needed by ``natural`` only.
+    """
     if isinstance(spec, str):
         spec = PartitionSpec.parse(spec)
+    rng = np.random.default_rng(seed)
+    if spec.kind == "natural":
+        if num_devices < 1:
+            raise ValueError(f"cannot split data over {num_devices} devices")
+        return natural(np.zeros(0, np.int64) if writers is None else np.asarray(writers), num_devices, rng)
     if num_devices < 1 or num_devices > len(labels):
         raise ValueError(f"cannot split {len(labels)} examples over {num_devices} devices")
-    rng = np.random.default_rng(seed)
     if spec.kind == "iid":
         return iid(labels, num_devices, rng)
     if spec.kind == "dirichlet":

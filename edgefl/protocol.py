@@ -62,6 +62,8 @@ class Task(Answer):
     epochs: int
     batch_size: int
     learning_rate: float
+    momentum: float = Field(0.0, description="Client SGD's momentum (0: plain SGD); the accumulator starts at 0 each round")
+    prox_mu: float = Field(0.0, description="FedProx's proximal strength: mu/2 |w - w_global|^2 is added to the loss")
     seconds_left: float = Field(description="Until the round's deadline")
     codec: str = Field(
         "float32", description="How the device encodes its update (edgefl.codecs): float32, or quantized:<bits> per value"

@@ -4,6 +4,11 @@ the process that trains.
 A ``KerasLearner`` holds one model and its compiled steps (per process, or per thread
 of a device host); the client update itself is ``Learner.client_update``, shared with
 the LiteRT runtime. Every call starts from the weights it is given.
+
+The step is ``edgefl.learner``'s client optimizer (SGD with momentum on the loss plus
+FedProx's proximal term), compiled once: its hyper-parameters are tensors, and each
+trainable variable has two more, the anchor (the weights ``set_weights`` was last
+given) and the momentum accumulator, which ``set_weights`` sets and zeroes.
 """
 
 from __future__ import annotations
@@ -22,28 +27,38 @@ _EVAL_BATCH = 256
 class KerasLearner(Learner):
     """One Keras model, reused for every round's client update."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model: str, dataset: str):
         import tensorflow as tf
 
         self._tf = tf
-        self.model = build_model(model_name)
+        self.model = build_model(model, dataset)
         self.names = weight_names(self.model)
         self.spec = spec_of(self.names, self.model.get_weights())
         self._loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self._lr_value: float | None = None
-        self._lr = None
+        self._hyper_values: tuple[float, float, float] | None = None
+        self._hyper = None
         variables = self.model.trainable_variables
+        anchors = [tf.Variable(v, trainable=False) for v in variables]
+        accumulators = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
 
         @tf.function(reduce_retracing=True)
-        def sgd_step(x, y, lr):
+        def sgd_step(x, y, lr, momentum, prox_mu):
             with tf.GradientTape() as tape:
                 logits = self.model(x, training=True)
                 loss = self._loss(y, logits)
             grads = tape.gradient(loss, variables)
-            for var, grad in zip(variables, grads):
-                var.assign_sub(lr * grad)
+            for var, grad, anchor, accumulator in zip(variables, grads, anchors, accumulators):
+                step = momentum * accumulator + (grad + prox_mu * (var - anchor))
+                accumulator.assign(step)
+                var.assign_sub(lr * step)
             correct = tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == y, tf.float32))
             return loss, correct
+
+        @tf.function
+        def start_update():
+            for var, anchor, accumulator in zip(variables, anchors, accumulators):
+                anchor.assign(var)
+                accumulator.assign(tf.zeros_like(var))
 
         @tf.function(reduce_retracing=True)
         def eval_step(x, y):
@@ -53,18 +68,23 @@ class KerasLearner(Learner):
             return loss, correct
 
         self._sgd_step = sgd_step
+        self._start_update = start_update
         self._eval_step = eval_step
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
         self.model.set_weights(weights)
+        self._start_update()
 
     def get_weights(self) -> list[np.ndarray]:
         return self.model.get_weights()
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> tuple[float, float]:
-        if learning_rate != self._lr_value:  # one tensor per rate, so the compiled step is not retraced
-            self._lr_value, self._lr = learning_rate, self._tf.constant(learning_rate, self._tf.float32)
-        return self._sgd_step(x, y, self._lr)
+    def train_step(
+        self, x: np.ndarray, y: np.ndarray, learning_rate: float, *, momentum: float = 0.0, prox_mu: float = 0.0
+    ) -> tuple[float, float]:
+        values = (float(learning_rate), float(momentum), float(prox_mu))
+        if values != self._hyper_values:  # tensors, made once per setting: the compiled step is not retraced
+            self._hyper_values, self._hyper = values, [self._tf.constant(v, self._tf.float32) for v in values]
+        return self._sgd_step(x, y, *self._hyper)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         self.model.set_weights(weights)

@@ -1,5 +1,11 @@
 """The on-device training file in the export: converted, then proven to train as Keras
-does by one SGD step through LiteRT against the same step in Keras."""
+does by one SGD step through LiteRT against the same step in Keras.
+
+Dropout draws its masks from a different generator in each runtime, so for a model with
+Dropout the step is compared with dropout off on both sides: a twin of the file
+converted with ``train_dropout=False`` (everything else the same rewrite) against Keras
+with the Dropout rates set to 0. The card says so (``check_dropout``); the shipped file
+keeps its dropout, whose masks ``tests/test_ondevice.py`` checks statistically."""
 
 from __future__ import annotations
 
@@ -24,18 +30,27 @@ def custom_ops(tflite_model: bytes) -> list[str]:
 
 
 def export_training_model(
-    model_name: str, weights: Sequence[np.ndarray], batch_size: int, check_x: np.ndarray, check_y: np.ndarray
+    model_name: str,
+    dataset: str,
+    weights: Sequence[np.ndarray],
+    batch_size: int,
+    check_x: np.ndarray,
+    check_y: np.ndarray,
 ) -> tuple[bytes, dict]:
     """The trainable .tflite starting from ``weights``, and its model-card entry."""
-    tflite_model = convert_training_model(model_name, batch_size, weights)
-    keras = KerasLearner(model_name)
-    litert = LiteRTLearner(tflite_model)
+    tflite_model = convert_training_model(model_name, dataset, batch_size, weights)
+    keras = KerasLearner(model_name, dataset)
+    dropouts = [layer for layer in keras.model.layers if type(layer).__name__ == "Dropout" and layer.rate]
+    for layer in dropouts:  # before the learner's step is first traced
+        layer.rate = 0.0
+    checked = convert_training_model(model_name, dataset, batch_size, weights, train_dropout=False) if dropouts else tflite_model
+    litert = LiteRTLearner(checked)
     x, y = check_x[:batch_size], check_y[:batch_size]
     step = dict(epochs=1, batch_size=batch_size, learning_rate=_CHECK_LEARNING_RATE, seed=0)
     by_keras = keras.client_update(list(weights), x, y, **step)
     by_litert = litert.client_update([weights[keras.names.index(n)] for n in litert.names], x, y, **step)
     diff = max(float(np.abs(d - by_keras.delta[keras.names.index(n)]).max()) for n, d in zip(litert.names, by_litert.delta))
-    return tflite_model, {
+    card = {
         "bytes": len(tflite_model),
         "sha256": hashlib.sha256(tflite_model).hexdigest(),
         "batch_size": batch_size,
@@ -44,3 +59,6 @@ def export_training_model(
         "one_sgd_step_max_abs_diff_vs_keras": diff,
         "weights": litert.names,
     }
+    if dropouts:
+        card["check_dropout"] = "off on both sides (a twin file without dropout against Keras with rate 0)"
+    return tflite_model, card

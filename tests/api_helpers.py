@@ -11,7 +11,7 @@ import numpy as np
 from edgefl import wire
 from edgefl.models import model_spec
 
-SPEC = model_spec("cnn_small")
+SPEC = model_spec("cnn_small", "digits")
 
 
 def register(client) -> dict:

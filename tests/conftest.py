@@ -38,7 +38,7 @@ def small_parts():
     from edgefl.models import model_spec
     from edgefl.training import KerasLearner
 
-    return KerasLearner("cnn_small"), FedAvgServer(model_spec("cnn_small"))
+    return KerasLearner("cnn_small", "digits"), FedAvgServer(model_spec("cnn_small", "digits"))
 
 
 class Clock:

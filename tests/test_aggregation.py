@@ -16,7 +16,7 @@ from edgefl.models import model_spec
 def server():
     from coordinator.aggregation import FedAvgServer
 
-    return FedAvgServer(model_spec("cnn"))
+    return FedAvgServer(model_spec("cnn", "digits"))
 
 
 def _random_like(spec, rng, scale=1.0):
@@ -94,7 +94,7 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
     from coordinator.aggregation import FedAvgServer, ServerSettings, build_round
     from edgefl.codecs import Codec
 
-    spec = model_spec("cnn_small")
+    spec = model_spec("cnn_small", "digits")
     settings = ServerSettings(**SETTINGS[name])
     server = FedAvgServer(spec, settings)
     initialize, next_round = build_round(spec, settings)
@@ -129,7 +129,7 @@ def test_compiled_rounds_equal_tffs_executor(tff_runtime, name):
 def test_server_learning_rate_scales_the_step():
     from coordinator.aggregation import FedAvgServer, ServerSettings
 
-    spec = model_spec("cnn_small")
+    spec = model_spec("cnn_small", "digits")
     half = FedAvgServer(spec, ServerSettings(server_lr=0.5))
     rng = np.random.default_rng(1)
     weights = _random_like(spec, rng)
@@ -167,7 +167,7 @@ def test_dp_noise_has_the_calibrated_scale():
     mean divides by; with the same inputs, every round draws afresh."""
     from coordinator.aggregation import FedAvgServer, ServerSettings
 
-    spec = model_spec("cnn_small")
+    spec = model_spec("cnn_small", "digits")
     server = FedAvgServer(spec, ServerSettings(aggregator="dp_fixed", dp_noise_multiplier=1.0, dp_clip=1.0, clients_per_round=4))
     rng = np.random.default_rng(3)
     weights = _random_like(spec, rng)
@@ -237,7 +237,7 @@ def test_a_secure_round_equals_tffs_executor_on_the_same_inputs(tff_runtime):
     from edgefl.secagg import protocol as secagg
     from edgefl.secagg.quantize import flatten, secure_mean_inputs
 
-    spec = model_spec("cnn_small")
+    spec = model_spec("cnn_small", "digits")
     names = [s.name for s in spec]
     settings = ServerSettings(aggregator="secure", secure_value_bound=2.0, secure_weight_bound=1000.0)
     server = FedAvgServer(spec, settings)

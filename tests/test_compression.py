@@ -11,7 +11,7 @@ from edgefl.config import RunConfig
 from edgefl.models import model_spec
 from edgefl.wire import TensorSpec, WireError
 
-SPEC = model_spec("cnn_small")
+SPEC = model_spec("cnn_small", "digits")
 NAMES = [s.name for s in SPEC]
 
 

@@ -77,10 +77,10 @@ def test_classes_needs_every_class_held(digits):
 def test_fedavg_cnn_has_the_papers_parameter_count():
     from edgefl.models import build_model, model_spec
 
-    model = build_model("cnn")
+    model = build_model("cnn", "digits")
     assert model.count_params() == 1_663_370
     assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
-    spec = model_spec("cnn")
+    spec = model_spec("cnn", "digits")
     assert [s.name for s in spec] == [
         "conv1/kernel",
         "conv1/bias",
@@ -92,13 +92,13 @@ def test_fedavg_cnn_has_the_papers_parameter_count():
         "logits/bias",
     ]
     assert sum(int(np.prod(s.shape)) for s in spec) == 1_663_370
-    assert build_model("cnn_small").count_params() < 100_000
+    assert build_model("cnn_small", "digits").count_params() < 100_000
 
 
 def test_seeded_models_start_from_the_same_weights():
     from edgefl.models import build_model
 
-    a, b = build_model("cnn_small", seed=4).get_weights(), build_model("cnn_small", seed=4).get_weights()
+    a, b = build_model("cnn_small", "digits", seed=4).get_weights(), build_model("cnn_small", "digits", seed=4).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
@@ -106,8 +106,8 @@ def test_client_update_learns_and_returns_a_delta(digits):
     from edgefl.models import build_model
     from edgefl.training import KerasLearner
 
-    learner = KerasLearner("cnn_small")
-    weights = build_model("cnn_small", seed=0).get_weights()
+    learner = KerasLearner("cnn_small", "digits")
+    weights = build_model("cnn_small", "digits", seed=0).get_weights()
     before = learner.evaluate(weights, digits.test.x, digits.test.y)
     result = learner.client_update(weights, digits.train.x, digits.train.y, epochs=2, batch_size=32, learning_rate=0.1, seed=0)
     assert result.num_examples == len(digits.train.y)
@@ -115,4 +115,4 @@ def test_client_update_learns_and_returns_a_delta(digits):
     assert after["accuracy"] > before["accuracy"] + 0.3
     assert after["loss"] < before["loss"]
     # The caller's weights are inputs, not state: they are untouched.
-    assert all(np.array_equal(w, v) for w, v in zip(weights, build_model("cnn_small", seed=0).get_weights()))
+    assert all(np.array_equal(w, v) for w, v in zip(weights, build_model("cnn_small", "digits", seed=0).get_weights()))

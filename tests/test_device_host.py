@@ -257,7 +257,7 @@ def test_the_host_runs_many_waiting_agents_on_a_few_threads():
         peak[0] = max(peak[0], threading.active_count() - threads_before)
         done.append((agent.index, outcome))
 
-    host = DeviceHost(agents, threads=2, learners=TinyLearners(), on_done=on_done)
+    host = DeviceHost(agents, dataset="digits", threads=2, learners=TinyLearners(), on_done=on_done)
     outcomes = host.run()
     assert outcomes == {i: None for i in range(200)} and len(done) == 200
     assert host.training_threads == 2 and peak[0] <= host.training_threads + host.poll_threads + host.transfer_threads <= 26
@@ -270,7 +270,7 @@ def test_the_host_runs_many_waiting_agents_on_a_few_threads():
 def test_a_failing_agent_fails_alone():
     bad = agent_with(ScriptedClient([task(1)], uploads=[ProtocolError(401, "unauthorized", "who?")]))
     good = DeviceAgent(4, "keras", shard(16), shard(4), ScriptedClient([task(1), FINISHED]))
-    outcomes = DeviceHost([bad, good], threads=1, learners=TinyLearners()).run()
+    outcomes = DeviceHost([bad, good], dataset="digits", threads=1, learners=TinyLearners()).run()
     assert isinstance(outcomes[3], ProtocolError) and outcomes[4] is None and good.summary.rounds_trained == 1
 
 

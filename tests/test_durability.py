@@ -34,7 +34,7 @@ from edgefl.models import model_spec
 pytestmark = pytest.mark.e2e
 
 CONFIG = RunConfig(model="cnn_small", rounds=3, target_reports=3, min_reports=3, over_selection=1.0, round_timeout_s=600)
-SPEC = model_spec(CONFIG.model)
+SPEC = model_spec(CONFIG.model, CONFIG.dataset)
 DEVICES = 3
 
 

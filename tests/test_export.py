@@ -18,7 +18,7 @@ def exported(tmp_path_factory, small_parts):
 
     learner = small_parts[0]
     train = load_dataset("digits").train
-    weights = build_model("cnn_small", seed=0).get_weights()  # not the shared learner's: other tests leave theirs in it
+    weights = build_model("cnn_small", "digits", seed=0).get_weights()  # not the shared learner's: other tests leave theirs in it
     for epoch in range(6):
         result = learner.client_update(weights, train.x, train.y, epochs=1, batch_size=32, learning_rate=0.1, seed=epoch)
         weights = [w + d for w, d in zip(weights, result.delta)]

@@ -32,8 +32,8 @@ def final_accuracy(small_parts):
 
     def run(aggregator: str, attack: str) -> float:
         if (aggregator, attack) not in results:
-            server = FedAvgServer(model_spec("cnn_small"), ServerSettings(aggregator=aggregator))
-            weights, state = build_model("cnn_small", seed=0).get_weights(), server.initialize()
+            server = FedAvgServer(model_spec("cnn_small", "digits"), ServerSettings(aggregator=aggregator))
+            weights, state = build_model("cnn_small", "digits", seed=0).get_weights(), server.initialize()
             for round_number in range(ROUNDS):
                 updates = []
                 for device, shard in enumerate(shards):

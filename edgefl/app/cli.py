@@ -121,8 +121,7 @@ def _serve(args) -> int:
 def _devices(args) -> int:
     from device_sim.fleet import run_fleet
     from device_sim.settings import from_arguments
-    from edgefl.datasets import load_dataset
-    from edgefl.partition import partition
+    from edgefl.datasets import device_shards
 
     num_devices = args.num_devices or args.count
     if args.first_index + args.count > num_devices:
@@ -132,11 +131,13 @@ def _devices(args) -> int:
     try:
         settings = from_arguments(args, num_devices=num_devices)
         # What every device host will compute, computed once here so a bad spec fails in one line.
-        partition(load_dataset(settings.dataset).train.y, settings.partition, num_devices, settings.seed)
+        device_shards(settings.dataset, settings.partition, num_devices, settings.seed, indices=())
     except ValueError as exc:
         raise CliError(str(exc)) from None
     secret = _read_secret(args.enrolment_secret_file, "--enrolment-secret-file")
-    _check_reachable(args.coordinator)
+    status = _check_reachable(args.coordinator)
+    if status.run is not None:
+        check_trainable_on_litert(status.run.config.model, status.run.config.dataset, settings.runtimes)
     return run_fleet(
         settings,
         args.log_dir,
@@ -157,10 +158,30 @@ def check_runtime(flag: str) -> None:
         raise CliError(str(exc)) from None
 
 
-def _check_reachable(url: str) -> None:
+def _check_reachable(url: str):
+    """The coordinator's status, or CoordinatorUnreachable."""
     from edgefl.client import CoordinatorClient
 
-    CoordinatorClient(url, give_up_after_s=5).status()
+    return CoordinatorClient(url, give_up_after_s=5).status()
+
+
+def check_trainable_on_litert(model: str, dataset: str, runtimes: list[str]) -> None:
+    """LiteRT devices train the on-device file, which holds a documented set of layers
+    (``export.ondevice``): a model outside it is refused here, in one line naming the
+    layer, rather than by every LiteRT device once it asks for the file."""
+    if "litert" not in runtimes:
+        return
+    from edgefl.logs import native_stderr_silenced
+    from edgefl.models import build_model
+    from export.ondevice import unsupported_layer
+
+    try:
+        with native_stderr_silenced():
+            refused = unsupported_layer(build_model(model, dataset))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if refused:
+        raise CliError(f"--runtime litert: model {model} cannot train on LiteRT devices: {refused} (Keras devices can)")
 
 
 def writable_directory(path: Path, flag: str) -> Path:
@@ -183,19 +204,19 @@ def _export(args) -> int:
 
     from edgefl import wire
     from edgefl.client import CoordinatorClient
-    from edgefl.datasets import DATASET_NAMES
-    from edgefl.models import MODEL_NAMES, model_spec
+    from edgefl.datasets import dataset_problem
+    from edgefl.models import model_problem, model_spec
 
-    if args.dataset not in DATASET_NAMES:
-        raise CliError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if problem := dataset_problem(args.dataset):
+        raise CliError(f"--dataset {args.dataset} {problem}")
     variants = [v for v in args.variants.split(",") if v]
     known = ("float32", "float16", "dynamic", "int8")
     if not variants or set(variants) - set(known):
         raise CliError(f"bad --variants {args.variants!r}: a comma-separated choice of {', '.join(known)}")
     train_batch = args.train_batch
     if args.checkpoint is not None:
-        if args.model not in MODEL_NAMES:
-            raise CliError(f"unknown --model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if problem := model_problem(args.model):
+            raise CliError(f"--model {args.model} {problem}")
         if not args.checkpoint.is_file():
             raise CliError(f"no checkpoint file at {args.checkpoint}")
         writable_directory(args.out, "--out")
@@ -212,9 +233,11 @@ def _export(args) -> int:
         train_batch = status.run.config.batch_size if train_batch is None else train_batch
         data = client.download_checkpoint(status.model.sha256)
     try:
-        weights, metadata = wire.decode(data, model_spec(model))
+        weights, metadata = wire.decode(data, model_spec(model, args.dataset))
     except wire.WireError as exc:
         raise CliError(f"the checkpoint does not fit model {model}: {exc.detail}") from None
+    except ValueError as exc:  # the model or the data (ModelError, DatasetError): one line
+        raise CliError(str(exc)) from None
     if round_number is None and metadata.get("version", "").isdigit():
         round_number = int(metadata["version"])
     from edgefl.app.report import export_table
@@ -255,6 +278,7 @@ def _demo(args) -> int:
 
     config, _ = run_config_from(args, DEMO_DEFAULTS)
     check_runtime(args.runtime)
+    check_trainable_on_litert(config.model, config.dataset, args.runtime.split(","))
     return run_demo(args, config)
 
 

@@ -75,7 +75,7 @@ def _add_run_config(parser: argparse.ArgumentParser, defaults: dict | None = Non
     group.add_argument("--config", type=Path, metavar="FILE.toml", help="run settings from a TOML file")
     for name, default, rule in RunConfig(**(defaults or {})).settings():
         kind = type(default)
-        if rule.choices:
+        if rule.choices or kind is str:  # a string's value is checked when the configuration is built
             value_type = kind
         else:
             value_type = bounded(kind, rule.low, rule.high, above_low=rule.above_low, below_high=rule.below_high)

@@ -74,7 +74,7 @@ def run(config: RunConfig, devices: int, partition: str, *, per_process: int, da
     }
 
 
-def niid_bench(args) -> dict:
+def niid_bench(args, save) -> dict:
     config = RunConfig(
         model=args.model,
         dataset=args.dataset,
@@ -89,12 +89,16 @@ def niid_bench(args) -> dict:
         client_momentum=args.momentum,
         seed=0,
     )
-    results = []
+    niid = {"config": json.loads(config.to_json()), "devices": args.devices, "runs": []}
     for partition in args.partitions.split(","):
         print(f"{partition}: {args.devices} devices, {args.rounds} rounds of {args.epochs} epochs", flush=True)
-        results.append(run(config, args.devices, partition, per_process=args.per_process))
-        print(f"  {partition}: final {results[-1]['final_accuracy']:.4f} in {results[-1]['wall_seconds']:.0f}s", flush=True)
-    return {"config": json.loads(config.to_json()), "devices": args.devices, "runs": results}
+        niid["runs"].append(run(config, args.devices, partition, per_process=args.per_process))
+        print(
+            f"  {partition}: final {niid['runs'][-1]['final_accuracy']:.4f} in {niid['runs'][-1]['wall_seconds']:.0f}s",
+            flush=True,
+        )
+        save(niid)  # a long run keeps what it has measured so far
+    return niid
 
 
 def style_check(args) -> dict:
@@ -121,6 +125,30 @@ def style_check(args) -> dict:
         "max_abs_accuracy_difference": max(abs(a - b) for a, b in zip(built_in["accuracy"], user["accuracy"])),
         "max_abs_loss_difference": max(abs(a - b) for a, b in zip(built_in["loss"], user["loss"])),
     }
+
+
+def style_figure(path: Path, devices: int = 8) -> None:
+    """The same digits in the handwriting of ``devices`` devices (``+style``, seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgefl.datasets import load_dataset
+    from edgefl.datasets.style import apply_style, draw_style
+
+    test = load_dataset("digits").test
+    samples = test.x[[int(next(i for i, y in enumerate(test.y) if y == digit)) for digit in range(10)]]
+    fig, axes = plt.subplots(devices + 1, 10, figsize=(6, 0.62 * (devices + 1)))
+    for row in range(devices + 1):
+        images = samples if row == 0 else apply_style(samples, draw_style(0, row - 1))
+        for col in range(10):
+            axes[row, col].imshow(images[col, ..., 0], cmap="gray_r", vmin=0, vmax=1)
+            axes[row, col].set_axis_off()
+        axes[row, 0].text(-4, 14, "original" if row == 0 else f"device {row - 1}", ha="right", va="center", fontsize=7)
+    fig.suptitle("the digits' +style partition: each device's own handwriting (seed 0)", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot(niid: dict, path: Path) -> None:
@@ -172,18 +200,25 @@ def main() -> None:
     result: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "quick": args.quick}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "learning_quick" if args.quick else "learning"
-    if "niid" in parts:
-        result["niid_bench"] = niid_bench(args)
-        plot(result["niid_bench"], args.out / f"{name}.png")
+    path = args.out / f"{name}.json"
+
+    def save(niid: dict) -> None:
+        result["niid_bench"] = niid
+        result["wall_seconds"] = time.monotonic() - started
+        path.write_text(json.dumps(result, indent=2))
+        plot(niid, args.out / f"{name}.png")
+
     if "style" in parts:
+        style_figure(args.out / "styles.png")
         result["style_check"] = style_check(args)
         print(
             f"style partition: cnn vs the same model as a .keras file: accuracy differs by at most"
             f" {result['style_check']['max_abs_accuracy_difference']:.4f}",
             flush=True,
         )
+    if "niid" in parts:
+        niid_bench(args, save)
     result["wall_seconds"] = time.monotonic() - started
-    path = args.out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"saved {path} ({result['wall_seconds'] / 60:.1f} min)")
 

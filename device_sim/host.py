@@ -233,7 +233,11 @@ def host_main(argv: list[str] | None = None) -> int:
         from edgefl.training import limit_threads
 
         limit_threads(settings.threads)
-    agents = build_agents(settings, indices, enrolment_secret=os.environ.get(SECRET_ENV))
+    try:
+        agents = build_agents(settings, indices, enrolment_secret=os.environ.get(SECRET_ENV))
+    except ValueError as exc:  # the data (DatasetError) or its partition, in one line
+        log.error("device host: %s", exc)
+        return 2
     imported_s = process_age_s()
 
     def record(agent: DeviceAgent, outcome: Outcome) -> None:

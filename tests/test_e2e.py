@@ -364,3 +364,101 @@ def test_a_secure_mixed_fleet_learns_like_mean_though_a_device_is_killed_mid_pro
     last_three = {aggregator: sum(history[-3:]) / 3 for aggregator, history in accuracy.items()}
     assert last_three["secure"] == pytest.approx(last_three["mean"], abs=0.01), accuracy
     assert accuracy["secure"][-1] == pytest.approx(accuracy["mean"][-1], abs=0.02), accuracy
+
+
+USER_MODEL = """
+import tensorflow as tf
+
+def build(input_shape, num_classes):
+    layers = tf.keras.layers
+    return tf.keras.Sequential([
+        tf.keras.Input(shape=input_shape),
+        layers.Conv2D(8, 4, strides=2, activation="tanh"),
+        layers.AveragePooling2D(2, padding="same"),
+        layers.Dropout(0.1),
+        layers.Flatten(),
+        layers.Dense(32, activation="swish"),
+        layers.Dense(num_classes),
+    ])
+"""
+
+
+def write_writers_images(root: Path, writers: int, per_writer: int) -> None:
+    """The digits as a folder of PNGs per writer and label, each writer in its own style,
+    black ink on white paper (the loader inverts it)."""
+    from PIL import Image
+
+    from edgefl.datasets import load_dataset
+    from edgefl.datasets.style import apply_style, draw_style
+
+    train = load_dataset("digits").train
+    for writer in range(writers):
+        rows = slice(writer * per_writer, (writer + 1) * per_writer)
+        images = apply_style(train.x[rows], draw_style(7, writer))
+        for i, (image, label) in enumerate(zip(images, train.y[rows])):
+            folder = root / f"writer{writer:02d}" / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((255 * (1.0 - image[..., 0])).astype("uint8")).save(folder / f"{i}.png")
+
+
+def test_a_users_own_images_and_model_file_train_on_keras_and_litert_devices(tmp_path):
+    """Own data (a folder of images per writer, one writer per device), an own model file
+    with layers the built-ins lack, client momentum and FedProx, Keras and LiteRT devices;
+    the run leaves a CSV, TensorBoard events and a .keras file."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_writers_images(tmp_path / "writers", writers=4, per_writer=120)
+    (tmp_path / "my_model.py").write_text(USER_MODEL)
+    config = RunConfig(
+        model=f"{tmp_path / 'my_model.py'}:build",
+        dataset=str(tmp_path / "writers"),
+        rounds=3,
+        target_reports=4,
+        min_reports=4,
+        round_timeout_s=300,
+        epochs=3,
+        batch_size=10,
+        client_lr=0.05,
+        client_momentum=0.5,
+        client_prox_mu=0.01,
+    )
+    before = descendant_pids()
+    seen: dict[int, str] = {}
+    with federation(
+        tmp_path / "run", config, count=4, partition="natural", data_seed=0, device_flags=["--runtime", "keras,litert"]
+    ) as fed:
+        status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600).model_dump(mode="json")
+        seen.update(descendant_pids(before))
+        assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "run" / "logs" / "devices.log").read_text()
+        exported = subprocess.run(
+            edgefl_command("export", "--coordinator", fed.url, "--out", str(tmp_path / "out"), "--dataset", config.dataset),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
+        assert exported.returncode == 0, exported.stderr
+    assert_all_gone(seen)
+
+    history = status["history"]
+    assert [h["reported"] for h in history] == [4, 4, 4]
+    assert history[-1]["accuracy"] > max(0.4, history[0]["accuracy"])
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "run" / "logs" / "devices").glob("device-*.json")]
+    assert sorted((s["runtime"], s["rounds_trained"]) for s in summaries) == [("keras", 3)] * 2 + [("litert", 3)] * 2
+    # One writer per device: its 120 images, less the 24 the coordinator tests on and the
+    # 19 the device holds out for its personalisation report.
+    assert sorted(s["num_examples"] for s in summaries) == [77] * 4
+
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["labels"] == [str(d) for d in range(10)] and card["input"]["shape"] == [1, 28, 28, 1]
+    assert card["training"]["custom_ops"] == [] and card["training"]["one_sgd_step_max_abs_diff_vs_keras"] < 1e-5
+    model = tf.keras.models.load_model(tmp_path / "out" / card["keras_file"])
+    assert card["keras_file"] == "my_model_build.keras" and model.count_params() > 0
+
+    (results,) = (tmp_path / "run" / "coordinator" / "results").iterdir()
+    assert (results / "rounds.csv").read_text().count("\n") == 1 + 3
+    board = EventAccumulator(str(results))
+    board.Reload()
+    accuracy = [(e.step, round(e.value, 4)) for e in board.Scalars("test/accuracy")]
+    assert accuracy == [(h["round"], round(h["accuracy"], 4)) for h in history]

@@ -47,6 +47,9 @@ def test_bad_values_are_one_line():
     assert_one_line_error(edgefl("serve", "--dataset", "/no/such/data", "--port", "0"), contains="--dataset")
     assert_one_line_error(edgefl("devices", "--dataset", "mnist.zip"), contains="--dataset")
     assert_one_line_error(edgefl("devices", "--partition", "natural"), contains="natural")
+    # The demo checks its data and partition before it starts anything.
+    assert_one_line_error(edgefl("demo", "--partition", "natural+style"), contains="needs data with writers")
+    assert_one_line_error(edgefl("demo", "--partition", "classes:20"), contains="classes:20 needs k <= 10")
     assert_one_line_error(
         edgefl("serve", "--min-reports", "5", "--target-reports", "2"), contains="--min-reports must not exceed --target-reports"
     )

@@ -121,7 +121,6 @@ def _serve(args) -> int:
 def _devices(args) -> int:
     from device_sim.fleet import run_fleet
     from device_sim.settings import from_arguments
-    from edgefl.datasets import device_shards
 
     num_devices = args.num_devices or args.count
     if args.first_index + args.count > num_devices:
@@ -130,10 +129,9 @@ def _devices(args) -> int:
         )
     try:
         settings = from_arguments(args, num_devices=num_devices)
-        # What every device host will compute, computed once here so a bad spec fails in one line.
-        device_shards(settings.dataset, settings.partition, num_devices, settings.seed, indices=())
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
     secret = _read_secret(args.enrolment_secret_file, "--enrolment-secret-file")
     status = _check_reachable(args.coordinator)
     if status.run is not None:
@@ -146,6 +144,17 @@ def _devices(args) -> int:
         per_process=args.per_process,
         enrolment_secret=secret,
     )
+
+
+def check_partition(dataset: str, partition: str, num_devices: int, seed: int) -> None:
+    """What every device host will compute (the data and its partition), computed once
+    here, so that a bad file or spec fails in one line before anything starts."""
+    from edgefl.datasets import device_shards
+
+    try:
+        device_shards(dataset, partition, num_devices, seed, indices=())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def check_runtime(flag: str) -> None:
@@ -278,6 +287,7 @@ def _demo(args) -> int:
 
     config, _ = run_config_from(args, DEMO_DEFAULTS)
     check_runtime(args.runtime)
+    check_partition(config.dataset, args.partition, args.count, args.data_seed)
     check_trainable_on_litert(config.model, config.dataset, args.runtime.split(","))
     return run_demo(args, config)
 

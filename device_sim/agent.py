@@ -38,6 +38,7 @@ from edgefl import codecs, failpoints, wire
 from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl.datasets import Split
 from edgefl.learner import Learner
+from edgefl.models import BUILT_IN_MODELS
 from edgefl.protocol import SecAggKeys, SecAggRequest, SecAggReveal, SecAggShares, SecAggView, Task
 from edgefl.secagg import packing
 from edgefl.secagg import protocol as secagg
@@ -128,11 +129,13 @@ class DeviceAgent:
         *,
         seed: int = 0,
         enrolment_secret: str | None = None,
+        own_model: str = "",
     ):
         self.index, self.runtime, self.seed = index, runtime, seed
         self.train, self.held = train, held
         self.client = client
         self.enrolment_secret = enrolment_secret
+        self.own_model = own_model  # besides the built-ins, the only model code a Keras device runs
         self.state = State.REGISTER
         self.summary = DeviceSummary(index, num_examples=len(train), runtime=runtime)
         self.learner_s: float | None = None  # getting the learner for its first task: part of its start-up
@@ -185,6 +188,13 @@ class DeviceAgent:
             return None
         if answer.status == "wait" or answer.task is None:
             return now + (answer.retry_after or 1.0)
+        if self.runtime == "keras" and answer.task.model not in (*BUILT_IN_MODELS, self.own_model):
+            raise ProtocolError(
+                200,
+                "model_not_given",
+                f"the coordinator asks for model {answer.task.model}; a Keras device builds the built-in models and"
+                f" only the model its operator gives it (--model {answer.task.model}), as building one runs its code",
+            )
         self._task = answer.task
         self._times = {"task": time.monotonic()}
         training_file = self._training_file

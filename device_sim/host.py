@@ -193,7 +193,14 @@ def build_agents(settings: DeviceSettings, indices: Sequence[int], *, enrolment_
         client = CoordinatorClient(settings.coordinator)
         agents.append(
             DeviceAgent(
-                index, settings.runtime_of(index), shard, held, client, seed=settings.seed, enrolment_secret=enrolment_secret
+                index,
+                settings.runtime_of(index),
+                shard,
+                held,
+                client,
+                seed=settings.seed,
+                enrolment_secret=enrolment_secret,
+                own_model=settings.model,
             )
         )
     return agents

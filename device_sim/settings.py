@@ -21,6 +21,7 @@ from typing import Any
 
 from edgefl.config import Setting, declared, flag_for, setting, values_of
 from edgefl.datasets import dataset_problem
+from edgefl.models import model_problem
 from edgefl.partition import PartitionSpec
 
 RUNTIMES = ("keras", "litert")
@@ -38,6 +39,12 @@ class DeviceSettings:
         " style per device)",
     )
     seed: int = setting(0, "seed of the partition", flag="data-seed", low=0, high=2**32 - 1)
+    model: str = setting(
+        "",
+        "the run's model when it is not a built-in (file.py:fn, module:fn or .keras, as serve was given it): a Keras"
+        " device builds no other, since building a model runs its code",
+        check=lambda reference: model_problem(reference) if reference else None,
+    )
     runtime: str = setting(
         "keras",
         "what devices train with: keras, litert (the on-device .tflite through LiteRT, no TensorFlow), or a"

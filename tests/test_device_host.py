@@ -76,7 +76,7 @@ def task(round_id=1, batch_size=10, codec="float32", sha=SHA) -> CheckinAnswer:
         task=Task(
             round_id=round_id,
             round_number=round_id,
-            model="tiny",
+            model="cnn_small",
             checkpoint_sha256=sha,
             epochs=1,
             batch_size=batch_size,
@@ -426,3 +426,20 @@ def test_a_device_host_runs_50_devices_in_one_process_against_a_live_coordinator
     assert "started 50 devices in 1 process" in printed
     assert printed.count("(stopped: the run is finished)") == 50
     assert [p.name for p in (tmp_path / "logs" / "devices").glob("*.log")] == ["devices-0000-0049.log"]
+
+
+def test_a_keras_device_builds_no_model_code_its_operator_did_not_give_it():
+    """A task names the model; building a ``file.py:fn`` or ``module:fn`` runs its code,
+    so a Keras device takes that name from its own --model, never from the coordinator
+    alone (which could name any module on the device's machine). LiteRT devices build
+    nothing: they train the coordinator's .tflite."""
+    foreign = task(1)
+    foreign.task.model = "os:getcwd"
+    refusing = agent_with(ScriptedClient([foreign]))
+    with pytest.raises(ProtocolError, match="model_not_given.*--model os:getcwd"):
+        drive(refusing, TinyLearners())
+    trusting = DeviceAgent(3, "keras", shard(16), shard(4), ScriptedClient([foreign, FINISHED]), own_model="os:getcwd")
+    drive(trusting, TinyLearners())
+    litert = agent_with(ScriptedClient([foreign, FINISHED]), runtime="litert")
+    drive(litert, TinyLearners())
+    assert trusting.summary.rounds_trained == litert.summary.rounds_trained == 1

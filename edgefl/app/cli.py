@@ -135,6 +135,7 @@ def _devices(args) -> int:
     secret = _read_secret(args.enrolment_secret_file, "--enrolment-secret-file")
     status = _check_reachable(args.coordinator)
     if status.run is not None:
+        check_model_given(status.run.config.model, settings)
         check_trainable_on_litert(status.run.config.model, status.run.config.dataset, settings.runtimes)
     return run_fleet(
         settings,
@@ -172,6 +173,17 @@ def _check_reachable(url: str):
     from edgefl.client import CoordinatorClient
 
     return CoordinatorClient(url, give_up_after_s=5).status()
+
+
+def check_model_given(model: str, settings) -> None:
+    """Keras devices build the run's model, which runs its code: only a built-in, or the
+    model the devices' operator names with --model (the coordinator's word is not enough)."""
+    from edgefl.models import BUILT_IN_MODELS
+
+    if model not in (*BUILT_IN_MODELS, settings.model):
+        if "keras" in settings.runtimes:
+            raise CliError(f"the run trains model {model}: give it to the devices too (--model {model}); they build no other")
+        raise CliError(f"the run trains model {model}: give it with --model {model} to check it fits LiteRT devices")
 
 
 def check_trainable_on_litert(model: str, dataset: str, runtimes: list[str]) -> None:

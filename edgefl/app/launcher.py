@@ -105,7 +105,12 @@ def federation(
             from device_sim.settings import command_line as device_command_line
 
             devices = DeviceSettings(
-                coordinator=url, num_devices=count, dataset=config.dataset, partition=partition, seed=data_seed
+                coordinator=url,
+                num_devices=count,
+                dataset=config.dataset,
+                model=config.model,
+                partition=partition,
+                seed=data_seed,
             )
             fleet = start_logged(
                 edgefl_command(

@@ -432,7 +432,7 @@ def test_a_users_own_images_and_model_file_train_on_keras_and_litert_devices(tmp
         seen.update(descendant_pids(before))
         assert fed.fleet.wait(timeout=60) == 0, (tmp_path / "run" / "logs" / "devices.log").read_text()
         exported = subprocess.run(
-            edgefl_command("export", "--coordinator", fed.url, "--out", str(tmp_path / "out"), "--dataset", config.dataset),
+            edgefl_command("export", "--coordinator", fed.url, "--out", str(tmp_path / "out"), "--model", config.model),
             capture_output=True,
             text=True,
             timeout=300,

@@ -226,23 +226,22 @@ def _export(args) -> int:
     from edgefl import wire
     from edgefl.client import CoordinatorClient
     from edgefl.datasets import dataset_problem
-    from edgefl.models import model_problem, model_spec
+    from edgefl.models import BUILT_IN_MODELS, model_problem, model_spec
 
-    if problem := dataset_problem(args.dataset):
-        raise CliError(f"--dataset {args.dataset} {problem}")
     variants = [v for v in args.variants.split(",") if v]
     known = ("float32", "float16", "dynamic", "int8")
     if not variants or set(variants) - set(known):
         raise CliError(f"bad --variants {args.variants!r}: a comma-separated choice of {', '.join(known)}")
     train_batch = args.train_batch
     if args.checkpoint is not None:
-        if problem := model_problem(args.model):
-            raise CliError(f"--model {args.model} {problem}")
+        model, dataset = args.model or "cnn", args.dataset or "digits"
+        if problem := model_problem(model):
+            raise CliError(f"--model {model} {problem}")
         if not args.checkpoint.is_file():
             raise CliError(f"no checkpoint file at {args.checkpoint}")
         writable_directory(args.out, "--out")
         data = args.checkpoint.read_bytes()
-        model, round_number = args.model, args.round
+        round_number = args.round
         train_batch = 10 if train_batch is None else train_batch
     else:
         writable_directory(args.out, "--out")
@@ -251,10 +250,15 @@ def _export(args) -> int:
         if not status.run or not status.model:
             raise CliError(f"the coordinator at {args.coordinator} has no checkpoint yet")
         model, round_number = status.run.config.model, status.model.version
+        dataset = args.dataset or status.run.config.dataset
+        if model not in (*BUILT_IN_MODELS, args.model):  # the coordinator's word alone runs no code here
+            raise CliError(f"the run trains model {model}: give it with --model {model} to export it (building it runs its code)")
         train_batch = status.run.config.batch_size if train_batch is None else train_batch
         data = client.download_checkpoint(status.model.sha256)
+    if problem := dataset_problem(dataset):
+        raise CliError(f"--dataset {problem}")
     try:
-        weights, metadata = wire.decode(data, model_spec(model, args.dataset))
+        weights, metadata = wire.decode(data, model_spec(model, dataset))
     except wire.WireError as exc:
         raise CliError(f"the checkpoint does not fit model {model}: {exc.detail}") from None
     except ValueError as exc:  # the model or the data (ModelError, DatasetError): one line
@@ -271,7 +275,7 @@ def _export(args) -> int:
             card = export_checkpoint(
                 weights=weights,
                 model_name=model,
-                dataset=args.dataset,
+                dataset=dataset,
                 out_dir=args.out,
                 checkpoint_sha256=hashlib.sha256(data).hexdigest(),
                 round_number=round_number,

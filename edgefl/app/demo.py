@@ -56,7 +56,17 @@ def run_demo(args, config: RunConfig) -> int:
             status = fed.follow(lambda entry: print(progress_line(entry, config.rounds), flush=True))
             print("exporting the final model to TensorFlow Lite...", flush=True)
             exported = subprocess.run(
-                edgefl_command("export", "--coordinator", fed.url, "--out", str(export_dir), "--dataset", config.dataset),
+                edgefl_command(
+                    "export",
+                    "--coordinator",
+                    fed.url,
+                    "--out",
+                    str(export_dir),
+                    "--model",
+                    config.model,
+                    "--dataset",
+                    config.dataset,
+                ),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,

@@ -226,8 +226,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help=f"take the newest checkpoint from this coordinator (default {DEFAULT_URL})",
     )
     source.add_argument("--checkpoint", type=Path, help="take a checkpoint file (safetensors) instead")
-    export.add_argument("--model", default="cnn", help="model of --checkpoint (default cnn)")
-    export.add_argument("--dataset", default="digits", help="held-out data to check and calibrate on (default digits)")
+    export.add_argument(
+        "--model",
+        help="model of --checkpoint (default cnn); with --coordinator, needed when the run's model is not a built-in"
+        " (file.py:fn, module:fn, .keras: building it runs its code)",
+    )
+    export.add_argument(
+        "--dataset", help="held-out data to check and calibrate on (default: the run's, or digits for --checkpoint)"
+    )
     export.add_argument("--out", type=Path, default=Path("runs/export"), help="output directory (default runs/export)")
     export.add_argument(
         "--variants",

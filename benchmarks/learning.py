@@ -15,7 +15,10 @@ handwriting), ``--model cnn`` against a ``.keras`` file saved from the same
 architecture and initial weights, same seeds.
 
 Saves ``benchmarks/results/learning.json`` (accuracy per round per partition, seconds)
-and ``learning.png``; ``--quick`` is a few-minute version for development.
+and ``learning.png`` after each partition, and goes on from the partitions a previous
+invocation saved with the same settings (``--fresh`` does not); ``learning_style.json``
+and ``styles.png`` for the style part. ``--quick`` is a few-minute version for
+development.
 
     .venv/bin/python benchmarks/learning.py [--quick] [--parts niid,style] [--rounds 50] ...
 """
@@ -74,7 +77,27 @@ def run(config: RunConfig, devices: int, partition: str, *, per_process: int, da
     }
 
 
-def niid_bench(args, save) -> dict:
+def _earlier_runs(path: Path, niid: dict) -> dict[str, dict]:
+    """The partitions a previous invocation measured with the same settings, by name:
+    a long benchmark interrupted (or run a few partitions at a time) goes on from them."""
+    try:
+        earlier = json.loads(path.read_text())["niid_bench"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    if (earlier["config"], earlier["devices"]) != (niid["config"], niid["devices"]):
+        return {}
+    return {r["partition"]: r for r in earlier["runs"]}
+
+
+def _save(path: Path, niid: dict) -> None:
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    path.write_text(json.dumps({"machine": machine, "niid_bench": niid}, indent=2))
+    plot(niid, path.with_suffix(".png"))
+
+
+def niid_bench(args, path: Path) -> dict:
+    """Each partition's run, saved as it finishes; those ``path`` already holds with the
+    same settings are kept (unless ``--fresh``)."""
     config = RunConfig(
         model=args.model,
         dataset=args.dataset,
@@ -90,14 +113,20 @@ def niid_bench(args, save) -> dict:
         seed=0,
     )
     niid = {"config": json.loads(config.to_json()), "devices": args.devices, "runs": []}
+    earlier = {} if args.fresh else _earlier_runs(path, niid)
     for partition in args.partitions.split(","):
+        if partition in earlier:
+            print(f"{partition}: kept from {path} (final {earlier[partition]['final_accuracy']:.4f})", flush=True)
+            niid["runs"].append(earlier[partition])
+            continue
         print(f"{partition}: {args.devices} devices, {args.rounds} rounds of {args.epochs} epochs", flush=True)
         niid["runs"].append(run(config, args.devices, partition, per_process=args.per_process))
         print(
             f"  {partition}: final {niid['runs'][-1]['final_accuracy']:.4f} in {niid['runs'][-1]['wall_seconds']:.0f}s",
             flush=True,
         )
-        save(niid)  # a long run keeps what it has measured so far
+        _save(path, niid)
+    _save(path, niid)
     return niid
 
 
@@ -212,27 +241,19 @@ def main() -> None:
     parser.add_argument("--per-process", type=int, default=10, help="devices per OS process")
     parser.add_argument("--round-timeout", type=float, default=3600.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--fresh", action="store_true", help="measure every partition again, keeping none saved")
     args = parser.parse_args()
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
     parts = args.parts.split(",")
-    started = time.monotonic()
-    result: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "quick": args.quick}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = ("learning_quick" if args.quick else "learning") + ("" if "niid" in parts else "_style")
-    path = args.out / f"{name}.json"
-
-    def save(niid: dict) -> None:
-        result["niid_bench"] = niid
-        result["wall_seconds"] = time.monotonic() - started
-        path.write_text(json.dumps(result, indent=2))
-        plot(niid, args.out / f"{name}.png")
-
+    suffix = "_quick" if args.quick else ""
     if "style" in parts:
         style_figure(args.out / "styles.png")
-        result["style_check"] = style_check(args)
-        check = result["style_check"]
+        check = style_check(args)
+        machine = {"cpus": os.cpu_count(), "python": platform.python_version()}
+        (args.out / f"learning_style{suffix}.json").write_text(json.dumps({"machine": machine, "style_check": check}, indent=2))
         print(
             "style partition, cnn vs the same model as a .keras file, largest accuracy difference:"
             f" secure {check['secure_cnn_vs_user_keras']['max_abs_accuracy_difference']:.4f},"
@@ -241,10 +262,9 @@ def main() -> None:
             flush=True,
         )
     if "niid" in parts:
-        niid_bench(args, save)
-    result["wall_seconds"] = time.monotonic() - started
-    path.write_text(json.dumps(result, indent=2))
-    print(f"saved {path} ({result['wall_seconds'] / 60:.1f} min)")
+        path = args.out / f"learning{suffix}.json"
+        niid_bench(args, path)
+        print(f"saved {path} and {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

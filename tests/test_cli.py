@@ -46,7 +46,7 @@ def test_bad_values_are_one_line():
     assert_one_line_error(edgefl("serve", "--model", "mine.py:build", "--port", "0"), contains="--model names no file")
     assert_one_line_error(edgefl("serve", "--dataset", "/no/such/data", "--port", "0"), contains="--dataset")
     assert_one_line_error(edgefl("devices", "--dataset", "mnist.zip"), contains="--dataset")
-    assert_one_line_error(edgefl("devices", "--partition", "natural"), contains="natural")
+    assert_one_line_error(edgefl("devices", "--dataset", "digits", "--partition", "natural"), contains="natural")
     # The demo checks its data and partition before it starts anything.
     assert_one_line_error(edgefl("demo", "--partition", "natural+style"), contains="needs data with writers")
     assert_one_line_error(edgefl("demo", "--partition", "classes:20"), contains="classes:20 needs k <= 10")
@@ -116,7 +116,9 @@ def test_a_coordinator_that_is_not_an_http_url_is_one_line(url):
 
 
 def test_impossible_partition_is_one_line_before_any_device_starts():
-    result = edgefl("devices", "--partition", "classes:11", "--coordinator", closed_port_url())
+    """With --dataset given, before the coordinator is even asked (without it, the data
+    is the run's, which the coordinator names)."""
+    result = edgefl("devices", "--dataset", "digits", "--partition", "classes:11", "--coordinator", closed_port_url())
     assert_one_line_error(result, contains="classes:11")
 
 

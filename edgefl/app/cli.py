@@ -13,6 +13,7 @@ import argparse
 import os
 import sqlite3
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from edgefl.app.flags import DEMO_DEFAULTS, parse
@@ -127,13 +128,22 @@ def _devices(args) -> int:
         raise CliError(
             f"devices {args.first_index}..{args.first_index + args.count - 1} do not fit a population of {num_devices} (--num-devices)"
         )
+    dataset_given = args.dataset is not None  # else the run's, once the coordinator says which
     try:
-        settings = from_arguments(args, num_devices=num_devices)
+        settings = from_arguments(args, num_devices=num_devices, **({} if dataset_given else {"dataset": "digits"}))
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
+    if dataset_given:
+        check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
     secret = _read_secret(args.enrolment_secret_file, "--enrolment-secret-file")
     status = _check_reachable(args.coordinator)
+    if not dataset_given:
+        if status.run is not None:
+            try:
+                settings = replace(settings, dataset=status.run.config.dataset)
+            except ValueError as exc:  # the run's data is not on this host
+                raise CliError(f"the run's dataset: {exc}") from None
+        check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
     if status.run is not None:
         check_model_given(status.run.config.model, settings)
         check_trainable_on_litert(status.run.config.model, status.run.config.dataset, settings.runtimes)

@@ -101,7 +101,9 @@ def _add_fleet_args(parser: argparse.ArgumentParser, *, count_default: int, sett
     parser.add_argument(
         "--count", type=bounded(int, 1, 10_000), default=count_default, help=f"devices to start (default {count_default})"
     )
-    special = {"coordinator": (coordinator_url, DEFAULT_URL), "num_devices": (None, None)}  # num_devices: --count's
+    # num_devices defaults to --count; dataset to the run's (the coordinator's status says it)
+    special = {"coordinator": (coordinator_url, DEFAULT_URL), "num_devices": (None, None), "dataset": (str, None)}
+    unset = {"num_devices": "--count", "dataset": "the run's"}
     for name, kind, rule, default in device_settings():
         if settings is not None and name not in settings:
             continue
@@ -116,7 +118,7 @@ def _add_fleet_args(parser: argparse.ArgumentParser, *, count_default: int, sett
             type=value_type,
             choices=rule.choices or None,
             default=default,
-            help=f"{rule.help} (default {'--count' if default is None else default})",
+            help=f"{rule.help} (default {unset[name] if default is None else default})",
         )
 
 

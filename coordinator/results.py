@@ -122,7 +122,7 @@ def history_events(history: list[dict], created_at: float) -> bytes:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(".partial")  # not named *tfevents*: TensorBoard would read it
     partial.write_bytes(data)
     os.replace(partial, path)
 

@@ -118,8 +118,7 @@ def serve(
             def next_run(previous: RunConfig, final: bytes) -> None:
                 """The new run keeps the old one's settings but those given, and can start from its model."""
                 chosen["config"] = replace(previous, **{name: getattr(config, name) for name in given})
-                if from_final:
-                    _check_fits(final, chosen["config"])
+                _check_fits(final if from_final else None, chosen["config"])
 
             record, final = archive.start_over(store, next_run)
             print(f"edgefl serve: the previous run's record and final model are in {record.parent}", flush=True)
@@ -170,12 +169,17 @@ def serve(
         sys.stdout.flush()
 
 
-def _check_fits(checkpoint: bytes, config) -> None:
+def _check_fits(checkpoint: bytes | None, config) -> None:
+    """The new run's model builds for its data (ModelError, DatasetError: one line), and
+    the checkpoint it starts from, if any, fits it: checked before the old run is archived."""
     from edgefl import wire
     from edgefl.models import model_spec
 
+    spec = model_spec(config.model, config.dataset)
+    if checkpoint is None:
+        return
     try:
-        wire.decode(checkpoint, model_spec(config.model, config.dataset))
+        wire.decode(checkpoint, spec)
     except wire.WireError as error:
         raise ValueError(f"--from-final: the previous run's model does not fit --model {config.model}: {error.detail}") from None
 

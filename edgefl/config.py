@@ -23,6 +23,7 @@ import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -219,8 +220,17 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+        """The configuration stored as ``text``. Cached by the text: the store's copy is
+        read on every check-in and driver step, and its references (a dataset's files,
+        a model's) are checked once, not at each read (nor fail each read if the files
+        go away mid-run)."""
+        return _config_from_json(text)
+
+
+@lru_cache(maxsize=64)
+def _config_from_json(text: str) -> RunConfig:
+    known = {f.name for f in fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 def run_settings() -> Iterator[tuple[str, type, Setting]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -147,8 +148,13 @@ def _builder(reference: str) -> Callable:
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
                 sys.modules[name] = module
-        else:
-            module = importlib.import_module(source)
+        else:  # from the working directory first, in every process (an entry script's own
+            # directory comes first on sys.path, ``python -m``'s working directory does)
+            sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(source)
+            finally:
+                sys.path.remove(os.getcwd())
     except Exception as error:  # the user's code: whatever it raises, one line
         raise ModelError(f"--model {reference}: cannot import {source}: {type(error).__name__}: {error}") from None
     builder = getattr(module, function, None)
@@ -172,15 +178,23 @@ def _check_fits(reference: str, model, shape: DataShape) -> None:
 
     if not isinstance(model, tf.keras.Model):
         raise ModelError(f"--model {reference}: gave a {type(model).__name__}, not a Keras model")
-    inputs, outputs = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
+    try:
+        inputs, outputs = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
+    except (AttributeError, ValueError):  # a subclassed model never called: no shapes yet
+        raise ModelError(
+            f"--model {reference}: the model has no input shape yet; give a Sequential or functional model with an Input"
+        ) from None
     if inputs != shape.input_shape:
         raise ModelError(f"--model {reference}: takes inputs of shape {inputs}, but the data's examples are {shape.input_shape}")
     if outputs != (shape.num_classes,):
         raise ModelError(f"--model {reference}: gives outputs of shape {outputs}, but the data has {shape.num_classes} classes")
-    activation = getattr(model.layers[-1], "activation", None)
-    if getattr(activation, "__name__", "linear") not in ("linear",):
+    last = model.layers[-1]
+    applies = getattr(getattr(last, "activation", None), "__name__", "linear")
+    if type(last).__name__ == "Softmax" or "softmax" in str(getattr(last, "symbol", "")):
+        applies = "softmax"
+    if applies != "linear":
         raise ModelError(
-            f"--model {reference}: its last layer applies {activation.__name__}; edgefl trains on logits (the loss is"
+            f"--model {reference}: its last layer applies {applies}; edgefl trains on logits (the loss is"
             " cross-entropy from logits), so give the last layer no activation"
         )
 
@@ -210,7 +224,10 @@ def build_model(reference: str, dataset: str, *, seed: int | None = None):
 
 
 def _snake(name: str) -> str:
-    """Keras's default layer name for a class (``MaxPooling2D``: ``max_pooling2d``)."""
+    """Keras's default layer name for a class (``MaxPooling2D``: ``max_pooling2d``; a
+    functional model is ``model``)."""
+    if name in ("Functional", "Model"):
+        return "model"
     return re.sub("([a-z])([A-Z])", r"\1_\2", re.sub("(.)([A-Z][a-z0-9]+)", r"\1_\2", name)).lower()
 
 

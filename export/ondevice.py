@@ -66,12 +66,13 @@ instead.
 from __future__ import annotations
 
 import functools
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from edgefl.litert import SIGNATURES, signature_key
+from edgefl.litert import SIGNATURES, signature_key, wire_name
 from edgefl.models import build_model, weight_names
 
 LAYER_SET = (
@@ -204,6 +205,13 @@ def unsupported_layer(model) -> str | None:
         why = _layer_problem(layer)
         if why:
             return _refusal(f"layer {layer.name!r} ({type(layer).__name__}) {why}")
+    for name in weight_names(model):  # the file's signature keys carry them ("/" as "__"), and back
+        if wire_name(signature_key(name)) != name or not re.fullmatch(r"[A-Za-z0-9_./]+", name):
+            layer = name.rsplit("/", 1)[0]
+            return (
+                f"layer {layer!r} has a name the training file's signature keys cannot carry (weight {name!r}); LiteRT"
+                " devices need layer names of letters, digits, '.' and single '_' that do not end in '_'"
+            )
     return None
 
 

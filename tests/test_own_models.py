@@ -51,6 +51,28 @@ def flat_input():
 def not_a_model():
     return 42
 
+def softmax_layer():
+    return tf.keras.Sequential([tf.keras.Input(shape=(28, 28, 1)), tf.keras.layers.Flatten(),
+                                tf.keras.layers.Dense(10), tf.keras.layers.Softmax()])
+
+class Subclassed(tf.keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = tf.keras.layers.Dense(10)
+
+    def call(self, x):
+        return self.dense(tf.reshape(x, [-1, 784]))
+
+def subclassed():
+    return Subclassed()
+
+def with_sub_model(input_shape, num_classes):
+    inner_in = tf.keras.Input(shape=(16,))
+    inner = tf.keras.Model(inner_in, tf.keras.layers.Dense(16, activation="relu")(inner_in))
+    x = tf.keras.Input(shape=input_shape)
+    y = tf.keras.layers.Dense(num_classes)(inner(tf.keras.layers.Dense(16)(tf.keras.layers.Flatten()(x))))
+    return tf.keras.Model(x, y)
+
 def raises():
     raise RuntimeError("my bug")
 """
@@ -73,8 +95,14 @@ def test_a_builder_file_is_sized_by_the_data_and_named_the_same_on_every_build(b
     assert [s.name for s in model_spec(reference, "digits")] == weight_names(first)
 
 
+def test_a_nested_functional_model_is_named_the_same_on_every_build(builders):
+    reference = f"{builders}:with_sub_model"
+    first, second = weight_names(build_model(reference, "digits")), weight_names(build_model(reference, "digits"))
+    assert first == second and "model/dense/kernel" in first  # Keras called the second one model_2
+
+
 def test_a_module_reference_and_a_keras_file_are_models_too(builders, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(builders.parent))
+    monkeypatch.chdir(builders.parent)  # a module in the working directory, in every process (not on sys.path)
     assert weight_names(build_model("my_models:build", "digits"))[0] == "conv2d/kernel"
     saved = tmp_path / "pretrained.keras"
     original = build_model("cnn_small", "digits", seed=3)
@@ -106,6 +134,8 @@ def test_a_keras_file_trains_exactly_as_the_built_in_it_was_saved_from(tmp_path)
         ("five_classes", "gives outputs of shape (5,), but the data has 10 classes"),
         ("flat_input", "takes inputs of shape (784,), but the data's examples are (28, 28, 1)"),
         ("probabilities", "its last layer applies softmax"),
+        ("softmax_layer", "its last layer applies softmax"),
+        ("subclassed", "the model has no input shape yet"),
         ("not_a_model", "gave a int, not a Keras model"),
         ("raises", "building the model failed: RuntimeError: my bug"),
         ("missing", "has no function missing"),
@@ -131,6 +161,31 @@ def test_a_bad_model_reference_is_refused_when_the_run_is_configured(reference, 
     with pytest.raises(ConfigError) as error:
         RunConfig(model=reference)
     assert says in str(error.value) and str(error.value).startswith("model ")
+
+
+def test_a_stored_configuration_is_checked_once_so_a_run_survives_its_files_going_away(tmp_path):
+    """The store's copy is read at every check-in: its data is checked when the run is
+    configured, not at every read (where a moved folder would fail every request)."""
+    from tests.test_e2e import write_writers_images
+
+    write_writers_images(tmp_path / "writers", writers=2, per_writer=10)
+    text = RunConfig(dataset=str(tmp_path / "writers")).to_json()
+    assert RunConfig.from_json(text).dataset == str(tmp_path / "writers")
+    for png in (tmp_path / "writers").rglob("*.png"):
+        png.unlink()
+    assert RunConfig.from_json(text).dataset == str(tmp_path / "writers")
+    with pytest.raises(ConfigError, match="dataset"):
+        RunConfig(dataset=str(tmp_path / "writers"))  # a new configuration is checked
+
+
+def test_layer_names_a_training_file_cannot_carry_are_refused_for_litert():
+    import tensorflow as tf
+
+    from export.ondevice import unsupported_layer
+
+    for name in ("block_", "a__b", "dense-1"):
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3, name=name)])
+        assert f"layer {name!r} has a name the training file's signature keys cannot carry" in unsupported_layer(model)
 
 
 def test_a_module_that_fails_to_import_is_one_line(tmp_path):

@@ -146,7 +146,7 @@ def _devices(args) -> int:
         check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
     if status.run is not None:
         check_model_given(status.run.config.model, settings)
-        check_trainable_on_litert(status.run.config.model, status.run.config.dataset, settings.runtimes)
+        check_trainable_on_litert(status.run.config.model, settings.dataset, settings.runtimes)
     return run_fleet(
         settings,
         args.log_dir,

@@ -207,7 +207,7 @@ def plot(niid: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.6, 4.2))
     for result in niid["runs"]:
         rounds = range(1, len(result["accuracy"]) + 1)
         ax.plot(rounds, result["accuracy"], label=f"{result['partition']} ({result['final_accuracy']:.3f})")
@@ -219,7 +219,7 @@ def plot(niid: dict, path: Path) -> None:
         ylim=(0, 1),
     )
     ax.grid(alpha=0.3)
-    ax.legend(title="partition (final)", loc="lower right")
+    ax.legend(title="partition (final)", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

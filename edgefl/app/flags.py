@@ -91,19 +91,11 @@ def _add_run_config(parser: argparse.ArgumentParser, defaults: dict | None = Non
 
 # What the demo lets a user choose of its devices; ``edgefl devices`` takes every device setting.
 DEMO_DEVICE_SETTINGS = ("partition", "seed", "runtime", "holdout")
-# The demo's devices are different people: label skew, and each its own handwriting.
-DEMO_DEVICE_DEFAULTS = {"partition": "dirichlet:0.5+style"}
 
 
-def _add_fleet_args(
-    parser: argparse.ArgumentParser,
-    *,
-    count_default: int,
-    settings: tuple[str, ...] | None = None,
-    defaults: dict | None = None,
-) -> None:
+def _add_fleet_args(parser: argparse.ArgumentParser, *, count_default: int, settings: tuple[str, ...] | None = None) -> None:
     """``--count`` and the flags of the device settings named (all by default), derived
-    from their declarations in ``device_sim.settings``; ``defaults`` replace theirs."""
+    from their declarations in ``device_sim.settings``."""
     from device_sim.settings import device_settings, flag_of
 
     parser.add_argument(
@@ -115,7 +107,7 @@ def _add_fleet_args(
     for name, kind, rule, default in device_settings():
         if settings is not None and name not in settings:
             continue
-        value_type, default = special.get(name, (None, (defaults or {}).get(name, default)))
+        value_type, default = special.get(name, (None, default))
         if value_type is None:
             numeric = kind in (int, float) and not rule.choices
             value_type = (
@@ -267,7 +259,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo.add_argument(
         "--out", type=Path, default=Path("runs/demo"), help="directory for everything the demo writes (default runs/demo)"
     )
-    _add_fleet_args(demo, count_default=10, settings=DEMO_DEVICE_SETTINGS, defaults=DEMO_DEVICE_DEFAULTS)
+    _add_fleet_args(demo, count_default=10, settings=DEMO_DEVICE_SETTINGS)
     _add_run_config(demo, DEMO_DEFAULTS)
     return parser, commands
 

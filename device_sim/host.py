@@ -176,10 +176,24 @@ def process_age_s() -> float:
     return time.time() - psutil.Process().create_time()
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS: Linux's VmHWM, which exec resets. (getrusage's
+    ru_maxrss carries the parent's peak across fork and exec, so a device host started
+    by a fleet process that imported TensorFlow would report TensorFlow's memory.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def process_facts() -> dict:
     """This process's peak RSS and whether TensorFlow was imported, as of now."""
     return {
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "tensorflow_imported": "tensorflow" in sys.modules,
     }
 

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
+from device_sim.profile import DeviceBehaviour
 from edgefl import codecs, failpoints, wire
 from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl.datasets import Split
@@ -49,6 +50,7 @@ log = logging.getLogger("edgefl.device")
 
 _NO_TRAINING_FILE_RETRY_S = 1.0  # the coordinator is still building the file for the run's batch size
 _BAD_ANSWER_RETRY_S = 5.0  # an answer this device cannot read
+_IDLE_CHECK_S = 30.0  # how often an ineligible device's app asks whether the run is over
 
 
 class State(StrEnum):
@@ -59,6 +61,7 @@ class State(StrEnum):
     TRAIN = "train"
     UPLOAD = "upload"
     SECURE = "secure"  # a secure round: SecAgg+'s phases instead of an upload
+    IDLE = "idle"  # not eligible (its fleet profile's phone is busy, on battery or metered)
     DONE = "done"
 
     @property
@@ -94,6 +97,8 @@ class DeviceSummary:
     bytes_up: int = 0
     runtime: str = "keras"
     stopped_because: str = ""  # the coordinator's reason: run_finished or run_stopped
+    dropouts: int = 0  # rounds it left before reporting (its profile's dropout, or it stopped being eligible)
+    network_faults: int = 0  # requests its profile's network lost (the client's retries recovered them) or slowed
 
 
 def holdout_split(shard: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -130,8 +135,14 @@ class DeviceAgent:
         seed: int = 0,
         enrolment_secret: str | None = None,
         own_model: str = "",
+        behaviour: DeviceBehaviour | None = None,
+        fleet_started: float = 0.0,
     ):
+        """``behaviour`` is the device's draw from its fleet profile (None: always
+        eligible, never dropping out); its diurnal clock counts from ``fleet_started``
+        on the host's clock."""
         self.index, self.runtime, self.seed = index, runtime, seed
+        self.behaviour, self.fleet_started = behaviour, fleet_started
         self.train, self.held = train, held
         self.client = client
         self.enrolment_secret = enrolment_secret
@@ -161,6 +172,7 @@ class DeviceAgent:
         finally:
             self.summary.bytes_down = self.client.traffic.bytes_down
             self.summary.bytes_up = self.client.traffic.bytes_up
+            self.summary.network_faults = self.client.network_faults
         return None if self.done else wake
 
     def _register(self, now: float, _learners: Learners) -> float:
@@ -171,7 +183,35 @@ class DeviceAgent:
         self.state = State.CHECK_IN
         return now
 
+    def _eligible(self, now: float) -> bool:
+        return self.behaviour is None or self.behaviour.eligible(now - self.fleet_started)
+
+    def _idle(self, now: float, _learners: Learners) -> float | None:
+        """Wait until eligible again, asking the coordinator now and then whether the run is over."""
+        if self._eligible(now):
+            self.state = State.CHECK_IN
+            return now
+        run = self.client.status().run
+        if run is not None and run.over:
+            self.summary.stopped_because = f"run_{run.status}"
+            self.state = State.DONE
+            return None
+        return self._sleep_until_eligible(now)
+
+    def _sleep_until_eligible(self, now: float) -> float:
+        self.state = State.IDLE
+        return min(self.fleet_started + self.behaviour.next_eligible(now - self.fleet_started), now + _IDLE_CHECK_S)
+
+    def _drop_out(self, now: float, why: str) -> float:
+        """Leave the current round without reporting, as a phone taken off its charger does."""
+        log.info("device %d: drops out of round %d (%s)", self.index, self._task.round_number, why)
+        self.summary.dropouts += 1
+        self._session, self._upload_body, self.state = None, None, State.CHECK_IN
+        return now
+
     def _check_in(self, now: float, _learners: Learners) -> float | None:
+        if not self._eligible(now):
+            return self._sleep_until_eligible(now)
         asked = time.monotonic()
         try:
             answer = self.client.checkin()
@@ -235,6 +275,8 @@ class DeviceAgent:
 
     def _train(self, now: float, learners: Learners) -> float:
         task = self._task
+        if self.behaviour is not None and self.behaviour.drops_out(self.seed, self.index, task.round_id):
+            return self._drop_out(now, "its profile's dropout")  # whenever it would have: it never reports
         started = time.monotonic()
         learner = learners.litert(self._training_file) if self.runtime == "litert" else learners.keras(task.model)
         if self.learner_s is None:
@@ -256,6 +298,8 @@ class DeviceAgent:
             seed=hash((self.seed, self.index, task.round_id)) & 0xFFFFFFFF,
         )
         self._times["trained"] = time.monotonic()
+        if self.behaviour is not None:  # a slower phone would still be computing
+            now += self.behaviour.extra_compute_s(self._times["trained"] - self._times["downloaded"])
         if task.secure is not None:  # TFF's client step on the device; the rest is SecAgg+'s
             bounds = task.secure
             leaves = secure_mean_inputs(learner.names, result.delta, result.num_examples, bounds.value_bound, bounds.weight_bound)
@@ -270,7 +314,7 @@ class DeviceAgent:
             np.random.default_rng([self.seed, self.index, task.round_id]),  # stochastic rounding's draws
         )
         self.state = State.UPLOAD
-        return now
+        return now + (self.behaviour.upload_s(len(self._upload_body)) if self.behaviour else 0.0)  # its uplink's pace
 
     def _secure(self, now: float, _learners: Learners) -> float:
         """One move in a secure round: send the keys, else look at the round's phase and
@@ -316,6 +360,8 @@ class DeviceAgent:
         return now
 
     def _upload(self, now: float, _learners: Learners) -> float:
+        if not self._eligible(now):
+            return self._drop_out(now, "no longer eligible")
         task, body = self._task, self._upload_body
         self._upload_body = None
         failpoints.hold("upload", at=f"{task.round_number}:{self.index}")  # tests kill it here

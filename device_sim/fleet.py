@@ -59,9 +59,12 @@ def host_ranges(first_index: int, count: int, per_process: int) -> list[range]:
 
 
 def _finished_line(index: int, s: dict) -> str:
+    phone = "".join(
+        f", {s[key]} {what}" for key, what in (("dropouts", "dropouts"), ("network_faults", "network faults")) if s.get(key)
+    )
     return (
         f"device {index}: {s['rounds_trained']} rounds, {s['num_examples']} examples,"
-        f" {s['bytes_down'] / 1e6:.1f} MB down, {s['bytes_up'] / 1e6:.1f} MB up"
+        f" {s['bytes_down'] / 1e6:.1f} MB down, {s['bytes_up'] / 1e6:.1f} MB up{phone}"
         f" (stopped: {_WHY.get(s['stopped_because'], s['stopped_because'])})"
     )
 

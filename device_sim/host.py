@@ -37,6 +37,8 @@ from pathlib import Path
 
 from device_sim import settings as device_settings
 from device_sim.agent import DeviceAgent, holdout_split
+from device_sim.network import flaky_or_none
+from device_sim.profile import behaviour_of, load_profile
 from device_sim.settings import DeviceSettings
 from edgefl import logs
 from edgefl.client import CoordinatorClient, CoordinatorUnreachable, ProtocolError, TrainingModel
@@ -201,10 +203,14 @@ def process_facts() -> dict:
 def build_agents(settings: DeviceSettings, indices: Sequence[int], *, enrolment_secret: str | None = None) -> list[DeviceAgent]:
     """One agent per index, with its shard of one shared load and partition."""
     shards = device_shards(settings.dataset, settings.partition, settings.num_devices, settings.seed, indices)
+    profile = load_profile(settings.profile) if settings.profile else None
+    started = time.monotonic()  # the profile's clock: its day starts with the host
     agents = []
     for index in indices:
         shard, held = holdout_split(shards[index], settings.holdout, hash((settings.seed, index)) & 0xFFFFFFFF)
-        client = CoordinatorClient(settings.coordinator)
+        behaviour = behaviour_of(profile, settings.seed, index) if profile else None
+        network = flaky_or_none(profile.network, settings.seed, index) if profile else None
+        client = CoordinatorClient(settings.coordinator, transport=network)
         agents.append(
             DeviceAgent(
                 index,
@@ -215,6 +221,8 @@ def build_agents(settings: DeviceSettings, indices: Sequence[int], *, enrolment_
                 seed=settings.seed,
                 enrolment_secret=enrolment_secret,
                 own_model=settings.model,
+                behaviour=behaviour,
+                fleet_started=started,
             )
         )
     return agents

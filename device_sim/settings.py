@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from device_sim.profile import profile_problem
 from edgefl.config import Setting, declared, flag_for, setting, values_of
 from edgefl.datasets import dataset_problem
 from edgefl.models import model_problem
@@ -56,6 +57,12 @@ class DeviceSettings:
         low=0,
         high=1,
         below_high=True,
+    )
+    profile: str = setting(
+        "",
+        "fleet profile of phone behaviour (availability, dropout, speed, network, upload): 'phone' or a TOML file (see"
+        " README: A fleet of phones); empty: devices always eligible and never failing",
+        check=lambda reference: profile_problem(reference) if reference else None,
     )
     # With 2, ten one-device processes on two cores spent ~8% longer per round.
     threads: int = setting(1, "CPU threads per device process: its training threads, and TensorFlow's", low=1, high=256)

@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import pydantic
 import requests
+import requests.adapters
 
 from edgefl.protocol import (
     Answer,
@@ -70,13 +71,26 @@ class TrainingModel:
 
 
 class CoordinatorClient:
-    def __init__(self, base_url: str, *, give_up_after_s: float = 120.0, rng: random.Random | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        give_up_after_s: float = 120.0,
+        rng: random.Random | None = None,
+        transport: requests.adapters.BaseAdapter | None = None,
+    ):
+        """``transport`` carries the requests instead of requests' own (a simulated
+        phone network, whose ``faults`` it counts)."""
         self.base_url = base_url.rstrip("/")
         self.give_up_after_s = give_up_after_s
         self.token: str | None = None
         self.device_id: str | None = None
         self.traffic = Traffic()
         self._session = requests.Session()
+        self._transport = transport
+        if transport is not None:
+            self._session.mount("http://", transport)
+            self._session.mount("https://", transport)
         self._rng = rng or random.Random()
 
     def _request(self, method: str, path: str, **kwargs) -> tuple[requests.Response, bytes]:
@@ -131,6 +145,11 @@ class CoordinatorClient:
             raise ProtocolError(
                 response.status_code, "bad_answer", f"{path} answered no {model.__name__}: {problem['msg']}"
             ) from None
+
+    @property
+    def network_faults(self) -> int:
+        """Requests its transport lost or slowed (0 on requests' own)."""
+        return sum(getattr(self._transport, "faults", {}).values())
 
     def register(self, enrolment_secret: str | None = None) -> str:
         """Register as a new device (with the coordinator's enrolment secret, if it has one)."""

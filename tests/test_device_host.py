@@ -96,12 +96,17 @@ class ScriptedClient:
 
     def __init__(self, answers, uploads=(), training_batches=(10,)):
         self.answers, self.uploads, self.batches = list(answers), list(uploads), list(training_batches)
+        self.statuses: list = []  # RunStatus answers, for an idle device's questions
         self.traffic = Traffic()
+        self.network_faults = 0
         self.bodies: list[bytes] = []
         self.downloads: list[str] = []
 
     def register(self, secret=None):
         return "device-1"
+
+    def status(self):
+        return self.statuses.pop(0)
 
     def checkin(self):
         return self.answers.pop(0)
@@ -303,6 +308,7 @@ class FlaskDeviceClient:
         self.http, self.lose_first_202 = app.test_client(), lose_first_202
         self.token: str | None = None
         self.traffic = Traffic()
+        self.network_faults = 0
 
     def _call(self, method, path, answer=None, headers=None, **kwargs):
         headers = {**(headers or {}), **({"Authorization": f"Bearer {self.token}"} if self.token else {})}

@@ -7,7 +7,8 @@ when it acknowledges an update, so a driver in the same process folds it at once
 instead of at its next poll. Check-ins held for the next round wait in
 ``app.extensions["edgefl.lobby"]`` (up to ``LONG_POLL_SLOTS`` at once; 0, the
 default, answers every check-in at once), which the driver selects from and wakes.
-``DB_URL`` names the database (default: SQLite in ``INSTANCE``).
+``DB_URL`` names the database (default: SQLite in ``INSTANCE``). ``CHECKIN_RATE`` is the
+pace, in check-ins per second, that devices not held are steered to (``coordinator.pace``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from werkzeug.routing import IntegerConverter
 from edgefl import jsonsafe
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+DEFAULT_LOBBY = 256  # check-ins a server process may hold for the next round, each on a thread of its own
+DEFAULT_CHECKIN_RATE = 100.0  # a tenth of what one worker answers on two cores (benchmarks/coordinator_load.py)
 
 
 class StrictJSON(DefaultJSONProvider):
@@ -52,6 +55,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from coordinator.credentials import DeviceTokens, token_hash
     from coordinator.enrolment import Enrolment
     from coordinator.lobby import Lobby
+    from coordinator.pace import Population
     from coordinator.store import Store
 
     app = Flask(__name__)
@@ -62,6 +66,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         DB_URL=None,
         MAX_CONTENT_LENGTH=DEFAULT_MAX_UPLOAD_BYTES,
         LONG_POLL_SLOTS=0,
+        CHECKIN_RATE=DEFAULT_CHECKIN_RATE,
         ADMIN_TOKEN_SHA256=None,
         WORKER_ID=None,
         ENROLMENT_SECRET_SHA256=None,
@@ -82,6 +87,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.extensions["edgefl.update_arrived"] = threading.Event()
     app.extensions["edgefl.lobby"] = Lobby()
+    app.extensions["edgefl.population"] = Population()
     slots = app.config["LONG_POLL_SLOTS"]
     app.extensions["edgefl.long_poll_slots"] = threading.BoundedSemaphore(slots) if slots else None
     worker_id = app.config["WORKER_ID"]

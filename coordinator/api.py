@@ -18,7 +18,7 @@ from collections.abc import Callable
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 from spectree import Response
 
-from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, rounds
+from coordinator import DEFAULT_MAX_UPLOAD_BYTES, access, credentials, pace, rounds
 from coordinator.access import takes_body
 from coordinator.database import Connection
 from coordinator.errors import ApiError
@@ -118,7 +118,7 @@ def checkin():
     A task, or when to come back. A device the next round will want is held in the
     lobby (while a long-poll slot is free) and answered as soon as the round driver
     opens a round or finishes the run, instead of sleeping through the first moments of
-    the round it is needed for."""
+    the round it is needed for. Any other wait is steered (``coordinator.pace``)."""
     device_id = authenticated_device()
     db = get_db()
     require_run(db)
@@ -147,6 +147,12 @@ def checkin():
                     lobby.leave(device_id)
         finally:
             slots.release()
+    if answer.status == "wait":  # spread over the population, so that the fleet does not come back all at once
+        held = len(current_app.extensions["edgefl.lobby"].waiting())
+        outside = current_app.extensions["edgefl.population"].count(db) - held
+        answer.retry_after = pace.steered_retry_s(
+            answer.retry_after, outside=outside, checkins_per_s=current_app.config["CHECKIN_RATE"], rng=rng
+        )
     response = jsonify(answer.model_dump(exclude_none=True))
     if answer.status == "wait":
         response.headers["Retry-After"] = str(math.ceil(answer.retry_after))

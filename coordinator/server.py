@@ -25,13 +25,11 @@ from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
+from coordinator import DEFAULT_CHECKIN_RATE, DEFAULT_LOBBY
 from edgefl.config import RunConfig
 from edgefl.protocol import RunStatusName
 
 log = logging.getLogger("edgefl.coordinator")
-
-# Threads of a worker that never hold a check-in, so uploads and checkpoints are served.
-_FREE_THREADS = 4
 
 
 class _Stop(Exception):
@@ -55,8 +53,10 @@ def wsgi_server(app, *, threads: int, **where):
     return httpserver.create(app, threads=threads, body_policy=BodyPolicy(app), **where)
 
 
-def long_poll_slots(threads: int) -> int:
-    return max(0, threads - _FREE_THREADS)
+def threads_with_lobby(threads: int, lobby: int) -> int:
+    """A server's threads: ``threads`` that never hold a check-in, so uploads and
+    downloads are always served, and one for each check-in the lobby may hold."""
+    return threads + lobby
 
 
 def serve(
@@ -67,6 +67,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     threads: int = 16,
+    lobby_size: int = DEFAULT_LOBBY,
+    checkin_rate: float = DEFAULT_CHECKIN_RATE,
     workers: int = 1,
     db_url: str | None = None,
     admin_token: str | None = None,
@@ -98,7 +100,8 @@ def serve(
                 {
                     "INSTANCE": str(instance),
                     "DB_URL": db_url,
-                    "LONG_POLL_SLOTS": long_poll_slots(threads),
+                    "LONG_POLL_SLOTS": lobby_size,
+                    "CHECKIN_RATE": checkin_rate,
                     "ADMIN_TOKEN": admin_token,
                     "ENROLMENT_SECRET": enrolment_secret,
                     "MAX_DEVICES": max_devices,
@@ -140,7 +143,7 @@ def serve(
             publisher_thread = threading.Thread(target=publisher.run, args=(stop,), name="publisher", daemon=True)
             publisher_thread.start()
         if workers == 1:
-            server = wsgi_server(app, threads=threads, host=host, port=port)
+            server = wsgi_server(app, threads=threads_with_lobby(threads, lobby_size), host=host, port=port)
             stop_serving = lambda: (lobby.close(), server.shutdown())  # noqa: E731
             url = f"http://{host}:{server.effective_port}"
             driver_thread.start()
@@ -149,7 +152,14 @@ def serve(
         else:
             listener = socket.create_server((host, port), backlog=2048)
             supervisor = _Workers(
-                listener, workers, threads, instance, store.database.url, admin_token, enrolment_secret, max_devices
+                listener,
+                workers,
+                ["--threads", str(threads), "--lobby", str(lobby_size), "--checkin-rate", str(checkin_rate)],
+                instance,
+                store.database.url,
+                admin_token,
+                enrolment_secret,
+                max_devices,
             )
             stop_serving = supervisor.stop
             url = f"http://{host}:{listener.getsockname()[1]}"
@@ -214,7 +224,7 @@ class _Workers:
         self,
         listener: socket.socket,
         count: int,
-        threads: int,
+        serving: list[str],
         instance: Path,
         db_url: str,
         admin_token: str | None,
@@ -235,8 +245,7 @@ class _Workers:
             str(instance),
             "--db",
             db_url,
-            "--threads",
-            str(threads),
+            *serving,
             *(["--max-devices", str(max_devices)] if max_devices else []),
         ]
         # Workers get the secrets' hashes only, through the environment (not the command line, which anyone can read).

@@ -16,7 +16,7 @@ import threading
 
 from coordinator import create_app
 from coordinator.lobby import watch_rounds
-from coordinator.server import _raise_stop_on_signals, _Stop, long_poll_slots, wsgi_server
+from coordinator.server import _raise_stop_on_signals, _Stop, threads_with_lobby, wsgi_server
 from edgefl import logs
 
 log = logging.getLogger("edgefl.coordinator")
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instance", required=True)
     parser.add_argument("--db", required=True)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--lobby", type=int, required=True)
+    parser.add_argument("--checkin-rate", type=float, required=True)
     parser.add_argument("--max-devices", type=int)
     args = parser.parse_args(argv)
     logs.configure()  # the level serve was given, inherited
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         {
             "INSTANCE": args.instance,
             "DB_URL": args.db,
-            "LONG_POLL_SLOTS": long_poll_slots(args.threads),
+            "LONG_POLL_SLOTS": args.lobby,
+            "CHECKIN_RATE": args.checkin_rate,
             "ADMIN_TOKEN_SHA256": os.environ.get("EDGEFL_ADMIN_TOKEN_SHA256") or None,
             "WORKER_ID": str(os.getpid()),
             "ENROLMENT_SECRET_SHA256": os.environ.get("EDGEFL_ENROLMENT_SECRET_SHA256") or None,
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     lobby, stop = app.extensions["edgefl.lobby"], threading.Event()
     watcher = threading.Thread(target=watch_rounds, args=(app.extensions["edgefl.store"], lobby, stop), daemon=True)
-    server = wsgi_server(app, threads=args.threads, sock=socket.socket(fileno=args.fd))
+    server = wsgi_server(app, threads=threads_with_lobby(args.threads, args.lobby), sock=socket.socket(fileno=args.fd))
     try:
         watcher.start()
         server.run()

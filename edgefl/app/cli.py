@@ -103,6 +103,8 @@ def _serve(args) -> int:
             host=args.host,
             port=args.port,
             threads=args.threads,
+            lobby_size=args.lobby,
+            checkin_rate=args.checkin_rate,
             workers=args.workers,
             db_url=args.db,
             admin_token=admin_token,

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
+from coordinator import DEFAULT_CHECKIN_RATE, DEFAULT_LOBBY
 from device_sim.settings import DEFAULT_COORDINATOR
 
 DEFAULT_URL = DEFAULT_COORDINATOR
@@ -175,7 +176,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--threads",
         type=bounded(int, 1, 1024),
         default=16,
-        help="WSGI threads per worker process (default 16); all but 4 may hold check-ins until the next round opens",
+        help="WSGI threads per worker process that serve requests other than held check-ins (default 16)",
+    )
+    serve.add_argument(
+        "--lobby",
+        type=bounded(int, 0, 100_000),
+        default=DEFAULT_LOBBY,
+        help=f"check-ins a worker process may hold until the next round opens, each on a thread of its own; the next"
+        f" round's cohort is chosen from them (default {DEFAULT_LOBBY})",
+    )
+    serve.add_argument(
+        "--checkin-rate",
+        type=bounded(float, 0, 1e6, above_low=True),
+        default=DEFAULT_CHECKIN_RATE,
+        help=f"pace steering: devices not held are told to come back so that they check in at about this many per"
+        f" second in all (default {DEFAULT_CHECKIN_RATE:g})",
     )
     serve.add_argument(
         "--workers", type=bounded(int, 1, 64), default=1, help="WSGI worker processes sharing the store (default 1)"

@@ -174,7 +174,7 @@ def get_checkpoint(sha256: str):
     if row is None:
         raise ApiError(404, "unknown_checkpoint", f"No checkpoint has sha256 {sha256[:80]}.")
     response = send_file(
-        get_store().blobs.path(sha256), mimetype="application/octet-stream", etag=sha256, conditional=True, max_age=31536000
+        get_store().blobs.sendable(sha256), mimetype="application/octet-stream", etag=sha256, conditional=True, max_age=31536000
     )
     response.cache_control.public = True
     response.cache_control.immutable = True
@@ -201,7 +201,7 @@ def _send_artefact(kind: str, name: str):
             headers={"Retry-After": str(_ARTEFACT_RETRY_S)},
         )
     response = send_file(
-        get_store().blobs.path(row["sha256"]),
+        get_store().blobs.sendable(row["sha256"]),
         mimetype=KINDS[kind][1],
         etag=row["sha256"],
         conditional=True,

@@ -110,7 +110,8 @@ class Publisher:
 
     def build(self, target: Wanted, stop: threading.Event | None = None) -> bool:
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=self.store.instance_dir) as tmp:
+        checkpoint = self.store.blobs.as_file(target.checkpoint_sha256)
+        with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=self.store.instance_dir) as tmp, checkpoint as checkpoint_path:
             out = Path(tmp) / "export"
             command = [
                 "nice",
@@ -118,7 +119,7 @@ class Publisher:
                 "10",
                 *self.command,
                 "--checkpoint",
-                str(self.store.blobs.path(target.checkpoint_sha256)),
+                str(checkpoint_path),
                 "--model",
                 target.model,
                 "--dataset",

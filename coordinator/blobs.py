@@ -1,24 +1,38 @@
-"""Content-addressed blob files: checkpoints, uploaded deltas, server state.
+"""Content-addressed blobs: checkpoints, uploaded deltas, server state, phone files.
 
-A blob is named by the sha256 of its bytes and written to a temporary file, fsynced,
-renamed into place and its directory fsynced, so after ``put`` returns the bytes
-survive a crash or power loss, and a reader never sees half a file.
+A blob is named by the sha256 of its bytes, so it never changes once written. Two homes,
+one interface:
+
+- ``FileBlobs``, files in the instance directory (beside SQLite): each written to a
+  temporary file, fsynced, renamed into place and its directory fsynced, so after
+  ``put`` returns the bytes survive a crash or power loss, and a reader never sees half
+  a file.
+- ``DatabaseBlobs``, rows of the store's own PostgreSQL database: every coordinator
+  process, on any host, reaches them through the one URL it already has, so ``serve``
+  processes on separate machines (or separate instance directories) share nothing
+  else. ``put`` returns once the row is committed (PostgreSQL fsyncs its commit).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 _TRASH = ".trash-"
 _TMP = ".tmp-"
 _STALE_TMP_S = 600  # older than any write in progress: left by a process that died mid-write
 
 
-class BlobStore:
+class FileBlobs:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -55,6 +69,15 @@ class BlobStore:
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 
+    def sendable(self, sha256: str) -> Path | BinaryIO:
+        """What Flask's ``send_file`` serves the blob from: its file (sized, sent by the kernel)."""
+        return self.path(sha256)
+
+    @contextmanager
+    def as_file(self, sha256: str) -> Iterator[Path]:
+        """A path holding the blob's bytes, while the context lasts (another process reads it)."""
+        yield self.path(sha256)
+
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 
@@ -84,3 +107,106 @@ class BlobStore:
 
     def names(self) -> set[str]:
         return {p.name for p in self.root.glob("??/*") if not p.name.startswith((_TMP, _TRASH))}
+
+
+_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class DatabaseBlobs:
+    """Blobs as rows of a ``blobs`` table in the store's database, read through a cache
+    of recent ones (a blob never changes, so a cached copy is never stale: a cohort of
+    devices downloading one checkpoint reads it from the database once). ``legacy`` is
+    an instance's blob directory from before blobs moved into the database: still read,
+    never written."""
+
+    def __init__(self, database, legacy: Path | None = None, cache_bytes: int = _CACHE_BYTES):
+        self.database = database
+        self.legacy = FileBlobs(legacy) if legacy is not None and legacy.is_dir() else None
+        self._local = threading.local()
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache_bytes, self._cached = cache_bytes, 0
+        self._lock = threading.Lock()
+
+    def _execute(self, sql: str, params=()):
+        """On this thread's own connection (autocommit), opened again once if it broke."""
+        for attempt in (0, 1):
+            db = getattr(self._local, "db", None)
+            try:
+                if db is None:
+                    db = self._local.db = self.database.connect()
+                return db.execute(sql, params)
+            except self.database.errors:
+                self._local.db = None
+                if attempt:
+                    raise
+
+    def _remember(self, sha256: str, data: bytes) -> None:
+        if len(data) > self._cache_bytes // 8:
+            return
+        with self._lock:
+            if sha256 not in self._cache:
+                self._cache[sha256] = data
+                self._cached += len(data)
+            self._cache.move_to_end(sha256)
+            while self._cached > self._cache_bytes:
+                self._cached -= len(self._cache.popitem(last=False)[1])
+
+    def _forget(self, sha256: str) -> None:
+        with self._lock:
+            data = self._cache.pop(sha256, None)
+            self._cached -= len(data) if data is not None else 0
+
+    def put(self, data: bytes) -> str:
+        sha256 = hashlib.sha256(data).hexdigest()
+        self._execute("INSERT INTO blobs (sha256, data) VALUES (?, ?) ON CONFLICT (sha256) DO NOTHING", (sha256, data))
+        return sha256
+
+    def exists(self, sha256: str) -> bool:
+        found = self._execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)).fetchone() is not None
+        return found or (self.legacy is not None and self.legacy.exists(sha256))
+
+    def get(self, sha256: str) -> bytes:
+        with self._lock:
+            cached = self._cache.get(sha256)
+        if cached is not None:
+            return cached
+        row = self._execute("SELECT data FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            if self.legacy is not None and self.legacy.exists(sha256):
+                return self.legacy.get(sha256)
+            raise FileNotFoundError(f"no blob {sha256}")
+        data = bytes(row[0])
+        self._remember(sha256, data)
+        return data
+
+    def sendable(self, sha256: str) -> Path | BinaryIO:
+        return io.BytesIO(self.get(sha256))
+
+    @contextmanager
+    def as_file(self, sha256: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="edgefl-blob-") as tmp:
+            path = Path(tmp) / sha256
+            path.write_bytes(self.get(sha256))
+            yield path
+
+    def delete(self, sha256: str) -> None:
+        self._forget(sha256)
+        self._execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+        if self.legacy is not None:
+            self.legacy.delete(sha256)
+
+    def trash(self, sha256: str) -> None:
+        """A row is deleted at once: no file system work to put off."""
+        self.delete(sha256)
+
+    def empty_trash(self) -> None:
+        if self.legacy is not None:
+            self.legacy.empty_trash()
+
+    def remove_stale_temporaries(self) -> None:
+        if self.legacy is not None:
+            self.legacy.remove_stale_temporaries()
+
+    def names(self) -> set[str]:
+        names = {row[0] for row in self._execute("SELECT sha256 FROM blobs").fetchall()}
+        return names | (self.legacy.names() if self.legacy is not None else set())

@@ -1,9 +1,10 @@
 """The coordinator's durable state: SQL rows beside content-addressed blobs.
 
 Rows say what happened (devices, rounds, who was selected, which updates arrived, the
-checkpoint of each model version, metrics); blobs hold the bytes, in the instance
-directory. The rows are in the database the URL names (``coordinator.database``:
-SQLite in the instance directory by default, or PostgreSQL), in SQL both speak.
+checkpoint of each model version, metrics); blobs hold the bytes (``coordinator.blobs``:
+in the instance directory beside SQLite, in the database itself with PostgreSQL). The
+rows are in the database the URL names (``coordinator.database``: SQLite in the instance
+directory by default, or PostgreSQL), in SQL both speak.
 Timestamps are seconds since the epoch as DOUBLE PRECISION, byte counts BIGINT.
 """
 
@@ -13,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from coordinator.blobs import BlobStore
-from coordinator.database import Connection, open_database, write_transaction
+from coordinator.blobs import DatabaseBlobs, FileBlobs
+from coordinator.database import Connection, PostgreSQL, open_database, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -126,6 +127,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE rounds ADD COLUMN phase TEXT",
         "UPDATE rounds SET phase = 'collect'",
     ),
+    (  # 3: blobs in the database itself (PostgreSQL's stores keep them there: coordinator.blobs)
+        "CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, data {binary} NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -135,16 +139,22 @@ TABLES = ("run", "config_changes", "devices", "checkpoints", "rounds", "assignme
 
 
 class Store:
-    """Connections to the database, and the blob directory of one instance."""
+    """Connections to the database, and the blobs: in the instance directory beside
+    SQLite; in the database itself with PostgreSQL, so that coordinators on several
+    hosts share only its URL."""
 
     def __init__(self, instance_dir: Path | str, db_url: str | None = None):
         # Absolute: Flask resolves relative file paths against the app's package directory.
         self.instance_dir = Path(instance_dir).resolve()
         self.instance_dir.mkdir(parents=True, exist_ok=True)
         self.database = open_database(db_url or f"sqlite:///{self.instance_dir / 'edgefl.sqlite3'}")
-        self.blobs = BlobStore(self.instance_dir / "blobs")
         self.database.create(SCHEMA.format(identity=self.database.identity))
         self._migrate()
+        self.blobs: FileBlobs | DatabaseBlobs = (
+            DatabaseBlobs(self.database, legacy=self.instance_dir / "blobs")
+            if isinstance(self.database, PostgreSQL)
+            else FileBlobs(self.instance_dir / "blobs")
+        )
 
     def _migrate(self) -> None:
         """Bring the tables up to ``SCHEMA_VERSION``, under the write lock, so processes
@@ -159,7 +169,7 @@ class Store:
                 )
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    db.execute(statement.replace("{identity}", self.database.identity))
+                    db.execute(statement.replace("{identity}", self.database.identity).replace("{binary}", self.database.binary))
             if row is None:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif version < SCHEMA_VERSION:

@@ -287,7 +287,7 @@ def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path, uninterrupt
         needed |= {row[0] for row in db.execute("SELECT sha256 FROM artefacts")}  # the phone files served now
     acknowledged = {ack for device in devices for ack in device.acknowledged}
     assert len(acknowledged) == DEVICES * CONFIG.rounds and acknowledged == kept
-    blobs = {p.name for p in (coordinator.instance / "blobs").glob("??/*")}
+    blobs = Store(coordinator.instance, db_url).blobs.names()  # files, or rows of PostgreSQL's blobs table
     assert blobs == needed, "update blobs, or blobs a crash left behind, outlived their rounds"
     assert not [p for p in coordinator.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 

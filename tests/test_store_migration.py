@@ -9,6 +9,7 @@ from contextlib import closing
 
 import pytest
 
+from coordinator.blobs import FileBlobs
 from coordinator.store import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Store
 from tests.api_helpers import build_coordinator, register, take_task, update_body, upload
 
@@ -16,8 +17,15 @@ from tests.api_helpers import build_coordinator, register, take_task, update_bod
 def as_release_made_it(store: Store, version: int) -> None:
     """Undo the migrations after ``version``, leaving the tables (and rows) the release
     of that schema version had (0: the first release, before schema versions)."""
-    assert len(MIGRATIONS) == 2, "undo the new migration here too"
+    assert len(MIGRATIONS) == 3, "undo the new migration here too"
+    files = FileBlobs(store.instance_dir / "blobs")  # 3: where every earlier release kept the blobs
+    for sha256 in store.blobs.names():
+        files.put(store.blobs.get(sha256))
     with closing(store.connect()) as db, store.transaction(db):
+        db.execute("DROP TABLE blobs")
+        if version == 2:
+            db.execute("UPDATE schema_version SET version = 2")
+            return
         # 2: the devices' messages back into the updates table of the releases before
         db.execute("DROP VIEW updates")
         db.execute(
@@ -41,7 +49,7 @@ def as_release_made_it(store: Store, version: int) -> None:
         db.execute("DROP TABLE schema_version")
 
 
-@pytest.mark.parametrize("release", [0, 1], ids=["first-release", "previous-release"])
+@pytest.mark.parametrize("release", [0, 1, 2], ids=["first-release", "schema-1", "previous-release"])
 def test_an_instance_of_an_earlier_release_is_migrated_and_resumed(tmp_path, small_parts, db_url, release):
     from coordinator import create_app
     from coordinator.driver import RoundDriver
@@ -60,7 +68,7 @@ def test_an_instance_of_an_earlier_release_is_migrated_and_resumed(tmp_path, sma
     as_release_made_it(store, release)
     with closing(store.connect()) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(rounds)")] if db_url is None else None
-    assert columns is None or ("abandon_reason" in columns) == (release == 1) and "phase" not in columns
+    assert columns is None or ("abandon_reason" in columns) == (release >= 1) and ("phase" in columns) == (release == 2)
 
     upgraded = create_app({"INSTANCE": str(tmp_path / "instance"), "DB_URL": db_url, "TESTING": True})
     store = upgraded.extensions["edgefl.store"]

@@ -239,9 +239,14 @@ class ProcessTree:
     seen, its user+system time at its last sample (missing at most the last ``interval``
     of each process's life, and processes that lived less than that); ``cpu_s_rusage`` is
     ``RUSAGE_SELF`` + ``RUSAGE_CHILDREN`` + the last sample of any process still alive or
-    outside our tree, as a cross-check (in practice lower: after ``ray.shutdown()`` the
-    raylet goes first, and its orphaned workers are reaped by init). The sampling
-    thread's own CPU time (``monitor_cpu_s``) is left out of both.
+    outside our tree, as a cross-check (it comes out lower when, at ``ray.shutdown()``,
+    the raylet goes before its workers: they are re-parented and reaped by init, and the
+    last samples of the processes seen outside the tree cover them only partly). The
+    sampling thread's own CPU time (``monitor_cpu_s``) is left out of both.
+
+    Names are the kernel's (``comm``, 15 characters: ``ray::ClientAppA`` are the actors,
+    ``python`` Ray's autoscaler monitor, dashboard head (started even without the dashboard)
+    and log monitor) and ``driver`` for this process.
     """
 
     def __init__(self, marker: str, interval: float = 0.2) -> None:
@@ -325,6 +330,7 @@ class ProcessTree:
             total, by_name, alive = 0, {}, []
             for pid in ours:
                 _, start, state, ticks, rss, name = table[pid]
+                name = "driver" if pid == self.root else name
                 key = (pid, start)
                 self.ticks[key] = ticks
                 self.names[key] = name

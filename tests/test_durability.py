@@ -292,6 +292,57 @@ def test_sigkill_at_any_point_loses_no_acknowledged_update(tmp_path, uninterrupt
     assert not [p for p in coordinator.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
+def test_two_coordinators_on_separate_instances_share_only_the_database(tmp_path, uninterrupted, postgres):
+    """Two ``serve`` processes, each on an instance directory of its own, with one
+    PostgreSQL URL between them. Devices register and upload through either. The one
+    that holds the round-driver lease aggregates, reading updates the other one took.
+    It is SIGKILLed right after acknowledging an update; the other takes the lease over
+    and finishes the run. A third, started afterwards on an empty directory, serves a
+    device too. The final model is the uninterrupted run's, every round was committed
+    once, and no blob was written to an instance directory."""
+    db_url = postgres.new_database()
+    a, b, c = (Coordinator(tmp_path / name, db_url) for name in "abc")
+    try:
+        a.start()
+        deadline = time.monotonic() + 60
+        while "driving the rounds" not in a.log.read_text():  # a holds the lease before b exists
+            assert time.monotonic() < deadline, a.log.read_text()[-2000:]
+            time.sleep(0.05)
+        b.start()
+        devices = register(a.url)
+        d0, d1, d2 = devices
+        wait_round_open(b.url, 1)
+        d0.upload(a.url, *d0.train(a.url))
+        d1.upload(b.url, *d1.train(b.url))  # a aggregates an update that b acknowledged
+        d2.upload(a.url, *d2.train(b.url))  # a task from b, its checkpoint from b, the upload to a
+
+        wait_round_open(b.url, 2)
+        d0.upload(a.url, *d0.train(a.url))
+        a.kill()  # the lease holder, right after acknowledging d0's update
+        for device in (d1, d2):
+            device.upload(b.url, *device.train(b.url))
+        wait_round_open(b.url, 3)  # b took the lease over and aggregated d0's update from a
+        c.start()
+        d0.upload(c.url, *d0.train(c.url))
+        for device in (d1, d2):
+            device.upload(b.url, *device.train(b.url))
+        status = wait_finished(b.url)
+    finally:
+        for coordinator in (c, b, a):  # c first: b, stopping, hands the lease on
+            if coordinator.process is not None:
+                coordinator.stop()
+
+    assert status["model"]["sha256"] == uninterrupted, "an update was lost, doubled or folded twice"
+    assert "driving the rounds" in b.log.read_text() and "driving the rounds" not in c.log.read_text()
+    with closing(Store(tmp_path / "b" / "instance", db_url).connect()) as db:
+        rounds = [tuple(row) for row in db.execute("SELECT number, status FROM rounds ORDER BY id")]
+        versions = [row[0] for row in db.execute("SELECT version FROM checkpoints ORDER BY version")]
+    assert rounds == [(1, "committed"), (2, "committed"), (3, "committed")] and versions == [0, 1, 2, 3]
+    for coordinator in (a, b, c):
+        assert not [p for p in (coordinator.instance / "blobs").rglob("*") if p.is_file()]
+        assert not [p for p in coordinator.pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
 SECURE = RunConfig(**{**json.loads(CONFIG.to_json()), "aggregator": "secure", "rounds": 2, "secagg_phase_timeout_s": 600})
 
 

@@ -164,7 +164,10 @@ def _builder(reference: str) -> Callable:
 
 
 def _call_builder(reference: str, builder: Callable, shape: DataShape):
-    parameters = inspect.signature(builder).parameters
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a builtin or an object without a signature
+        raise ModelError(f"--model {reference}: is not a function that builds a model") from None
     given = {"input_shape": shape.input_shape, "num_classes": shape.num_classes}
     try:
         return builder(**{k: v for k, v in given.items() if k in parameters})

@@ -51,6 +51,8 @@ def flat_input():
 def not_a_model():
     return 42
 
+no_signature = max
+
 def softmax_layer():
     return tf.keras.Sequential([tf.keras.Input(shape=(28, 28, 1)), tf.keras.layers.Flatten(),
                                 tf.keras.layers.Dense(10), tf.keras.layers.Softmax()])
@@ -137,6 +139,7 @@ def test_a_keras_file_trains_exactly_as_the_built_in_it_was_saved_from(tmp_path)
         ("softmax_layer", "its last layer applies softmax"),
         ("subclassed", "the model has no input shape yet"),
         ("not_a_model", "gave a int, not a Keras model"),
+        ("no_signature", "is not a function that builds a model"),
         ("raises", "building the model failed: RuntimeError: my bug"),
         ("missing", "has no function missing"),
     ],

@@ -138,13 +138,15 @@ def checkin():
         try:
             seen = lobby.enter(device_id)  # None: this device is held already; answered at once
             if seen is not None:
+                held_since = time.monotonic()
                 try:
-                    deadline = time.monotonic() + _LONG_POLL_S
+                    deadline = held_since + _LONG_POLL_S
                     while answer.wanted_next and not lobby.closed and time.monotonic() < deadline:
                         seen = lobby.wait(seen, timeout=min(_RECHECK_S, deadline - time.monotonic()))
                         answer = ask()
                 finally:
                     lobby.leave(device_id)
+                answer.held_s = round(time.monotonic() - held_since, 3)
         finally:
             slots.release()
     if answer.status == "wait":  # spread over the population, so that the fleet does not come back all at once

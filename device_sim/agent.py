@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -99,6 +99,7 @@ class DeviceSummary:
     stopped_because: str = ""  # the coordinator's reason: run_finished or run_stopped
     dropouts: int = 0  # rounds it left before reporting (its profile's dropout, or it stopped being eligible)
     network_faults: int = 0  # requests its profile's network lost (the client's retries recovered them) or slowed
+    checkin_ms: list[float] = field(default_factory=list)  # each check-in's latency, less what the lobby held it
 
 
 def holdout_split(shard: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -156,6 +157,7 @@ class DeviceAgent:
         self._upload_body: bytes | None = None
         self._session: SecureSession | None = None
         self._times: dict[str, float] = {}
+        self._left_round: int | None = None  # the round it last dropped out of
 
     @property
     def done(self) -> bool:
@@ -203,11 +205,15 @@ class DeviceAgent:
         return min(self.fleet_started + self.behaviour.next_eligible(now - self.fleet_started), now + _IDLE_CHECK_S)
 
     def _drop_out(self, now: float, why: str) -> float:
-        """Leave the current round without reporting, as a phone taken off its charger does."""
-        log.info("device %d: drops out of round %d (%s)", self.index, self._task.round_number, why)
+        """Leave the current round without reporting, as a phone taken off its charger
+        does, and stay away until the round's deadline (its seat stays taken: checking in
+        again would hand it the same task)."""
+        task = self._task
+        log.info("device %d: drops out of round %d (%s)", self.index, task.round_number, why)
         self.summary.dropouts += 1
+        self._left_round = task.round_id
         self._session, self._upload_body, self.state = None, None, State.CHECK_IN
-        return now
+        return now + task.seconds_left - (time.monotonic() - self._times["task"])
 
     def _check_in(self, now: float, _learners: Learners) -> float | None:
         if not self._eligible(now):
@@ -220,7 +226,9 @@ class DeviceAgent:
                 raise
             log.warning("device %d: %s; asking again later", self.index, exc)  # a newer coordinator, say
             return now + (time.monotonic() - asked) + _BAD_ANSWER_RETRY_S
-        now += time.monotonic() - asked  # the coordinator may have held the check-in: retry_after counts from its answer
+        answered = time.monotonic() - asked
+        self.summary.checkin_ms.append(round(1000 * max(0.0, answered - (answer.held_s or 0.0)), 2))
+        now += answered  # the coordinator may have held the check-in: retry_after counts from its answer
         if answer.status == "finished":
             self.summary.stopped_because = answer.reason or "run_finished"
             log.info("device %d: the coordinator says the run is over (%s)", self.index, self.summary.stopped_because)
@@ -235,6 +243,8 @@ class DeviceAgent:
                 f"the coordinator asks for model {answer.task.model}; a Keras device builds the built-in models and"
                 f" only the model its operator gives it (--model {answer.task.model}), as building one runs its code",
             )
+        if answer.task.round_id == self._left_round:  # back before the round it left is over: not its round any more
+            return now + max(_BAD_ANSWER_RETRY_S, answer.task.seconds_left)
         self._task = answer.task
         self._times = {"task": time.monotonic()}
         training_file = self._training_file

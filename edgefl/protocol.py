@@ -106,6 +106,9 @@ class CheckinAnswer(Answer):
         " now (it missed recent rounds, or the round's seats are kept for devices that have reported before);"
         " run_finished, run_stopped: why there is no more work",
     )
+    held_s: float | None = Field(
+        None, description="Seconds the lobby held this check-in for the next round (the rest of its latency is service)"
+    )
 
     @property
     def wanted_next(self) -> bool:

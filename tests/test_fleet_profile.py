@@ -177,14 +177,31 @@ def test_a_device_that_drops_out_never_reports_and_comes_back_for_the_next_round
     kept = next(r for r in range(1, 50) if not behaviour.drops_out(0, 3, r))
     client = ScriptedClient([task(dropped), task(kept), FINISHED])
     agent = phone_agent(client, profile)
-    states = []
+    states, waits = [], []
     now = 1000.0
     while not agent.done:
         states.append(agent.state)
-        now = agent.step(now, TinyLearners()) or now
+        wake = agent.step(now, TinyLearners()) or now
+        waits.append(wake - now)
+        now = wake
     assert len(client.bodies) == 1  # only the kept round was uploaded
     assert agent.summary.dropouts == 1 and agent.summary.rounds_trained == 1
     assert states.count(State.TRAIN) == 2 and states.count(State.UPLOAD) == 1
+    dropped_at = states.index(State.TRAIN)
+    assert waits[dropped_at] == pytest.approx(60, abs=1)  # away until the round it left is over (its seconds_left)
+
+
+def test_a_device_back_before_the_round_it_left_is_over_does_not_take_it_again():
+    profile = FleetProfile(dropout=Dropout(rate=0.5))
+    behaviour = behaviour_of(profile, 0, 3)
+    dropped = next(r for r in range(1, 50) if behaviour.drops_out(0, 3, r))
+    client = ScriptedClient([task(dropped), task(dropped), FINISHED])
+    agent = phone_agent(client, profile)
+    agent.state = State.CHECK_IN
+    now = 1000.0
+    for _ in range(4):  # the task, its checkpoint, training (dropped), the same task again
+        now = agent.step(now, TinyLearners())
+    assert agent.state is State.CHECK_IN and agent.summary.dropouts == 1 and client.answers == [FINISHED]
 
 
 def test_a_slow_phone_on_a_thin_uplink_reports_later_by_its_own_factors(monkeypatch):

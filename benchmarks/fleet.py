@@ -7,9 +7,10 @@ batch 10, client SGD 0.05, FedAvg, 10 rounds, the global model evaluated on the 
 test images after every round. Both start from the same initial weights and train on
 the same shards.
 
-- edgefl: ``edgefl serve`` and ``edgefl devices --count 1000 --per-process 500`` (two
-  device host processes), through the real protocol on 127.0.0.1. Every device has its
-  own registration, token, shard, caches and check-ins.
+- edgefl: ``edgefl serve`` and ``edgefl devices --count 1000 --per-process 1000
+  --threads 2`` (one device host process with two training threads), through the real
+  protocol on 127.0.0.1. Every device has its own registration, token, shard, caches
+  and check-ins.
 - Flower 1.42: ``flwr.simulation.run_simulation`` on Ray, in a virtual environment of
   its own (``benchmarks/flower_env.py``: Flower does not fit TFF's pins), running
   ``benchmarks/flower_fleet.py``, whose client helpers live in that importable module.
@@ -139,7 +140,7 @@ def run_edgefl(config: RunConfig, args, *, profile: str = "", time_budget_s: flo
     """One run through ``edgefl serve`` + ``edgefl devices``; with ``time_budget_s``, stopped
     after that long (counting the rounds it completed) instead of at its last round."""
     work = Path(tempfile.mkdtemp(prefix="edgefl-fleet-"))
-    device_flags = ["--holdout", "0", "--per-process", str(args.per_process), "--threads", "1"]
+    device_flags = ["--holdout", "0", "--per-process", str(args.per_process), "--threads", str(args.threads)]
     if profile:
         device_flags += ["--profile", profile]
     admin_token = secrets.token_urlsafe(24)  # to stop a timed run as an operator would
@@ -256,7 +257,7 @@ def write_flower_data(path: Path, args, config: RunConfig) -> None:
 
 
 def run_flower(config: RunConfig, args) -> dict:
-    from benchmarks.flower_env import flower_python
+    from flower_env import flower_python  # beside this file, which is run as a script
 
     python = flower_python(args.flower_venv)
     work = Path(tempfile.mkdtemp(prefix="flower-fleet-"))
@@ -331,7 +332,8 @@ def main() -> int:
     parser.add_argument(
         "--over-selection", type=float, default=1.0, help="of the head-to-head run (Flower trains exactly the cohort)"
     )
-    parser.add_argument("--per-process", type=int, default=500, help="devices per device host process")
+    parser.add_argument("--per-process", type=int, default=1000, help="devices per device host process (default: one host)")
+    parser.add_argument("--threads", type=int, default=2, help="training threads per device host")
     parser.add_argument("--phone-seconds", type=float, default=120, help="time budget of each phone-behaviour run")
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument("--skip-phone", action="store_true")
@@ -340,7 +342,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
-        args.devices, args.cohort, args.rounds, args.per_process, args.phone_seconds = 200, 20, 3, 100, 40
+        args.devices, args.cohort, args.rounds, args.per_process, args.phone_seconds = 200, 20, 3, 200, 40
     config = workload(args)
     print(
         f"workload: {args.devices} devices x 60 Fashion-MNIST images, cohort {args.cohort}, cnn_small, E=1 B=10, {args.rounds} rounds",

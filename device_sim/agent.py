@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from device_sim.profile import DeviceBehaviour
-from edgefl import codecs, failpoints, wire
+from edgefl import codecs, failpoints
 from edgefl.client import CoordinatorClient, ProtocolError, TrainingModel
 from edgefl.datasets import Split
 from edgefl.learner import Learner
@@ -81,6 +81,8 @@ class Learners(Protocol):
     def keras(self, model: str) -> Learner: ...
 
     def litert(self, training_file: TrainingModel) -> Learner: ...
+
+    def decoded(self, sha256: str, data: bytes, learner: Learner) -> list: ...
 
 
 @dataclass
@@ -292,8 +294,8 @@ class DeviceAgent:
         if self.learner_s is None:
             self.learner_s = time.monotonic() - started
         sha, data, weights = self._checkpoint
-        if weights is None:  # decoded in the learner's order, once per checkpoint
-            weights, _ = wire.decode(data, learner.spec)
+        if weights is None:  # decoded in the learner's order, once per checkpoint and host
+            weights = learners.decoded(sha, data, learner)
             self._checkpoint = (sha, None, weights)
         self._times["downloaded"] = time.monotonic()
         result = learner.client_update(

@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -40,15 +41,15 @@ from device_sim.agent import DeviceAgent, holdout_split
 from device_sim.network import flaky_or_none
 from device_sim.profile import behaviour_of, load_profile
 from device_sim.settings import DeviceSettings
-from edgefl import logs
+from edgefl import logs, wire
 from edgefl.client import CoordinatorClient, CoordinatorUnreachable, ProtocolError, TrainingModel
-from edgefl.datasets import device_shards
+from edgefl.datasets import device_shards, load_dataset
 from edgefl.learner import Learner
 
 log = logging.getLogger("edgefl.device")
 
 SECRET_ENV = "EDGEFL_ENROLMENT_SECRET"  # to the hosts, not on their command lines
-_MAX_POLL_THREADS = 16  # as many held check-ins as a coordinator's WSGI threads hold
+_MAX_POLL_THREADS = 256  # as many held check-ins as a coordinator's lobby holds (serve --lobby, default 256)
 _MAX_TRANSFER_THREADS = 8  # registrations, downloads and uploads
 
 
@@ -65,6 +66,19 @@ class ThreadLearners:
         self.litert_threads = litert_threads
         self._local = threading.local()
         self._building = threading.Lock()
+        self._decoded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._decoding = threading.Lock()
+
+    def decoded(self, sha256: str, data: bytes, learner: Learner) -> list:
+        """A checkpoint's weights in ``learner``'s order, decoded once per host: every agent
+        trained on that checkpoint holds the same arrays (a thousand devices, one copy),
+        kept for as long as one of them does."""
+        key = (sha256, tuple(s.name for s in learner.spec))
+        with self._decoding:
+            weights = self._decoded.get(key)
+            if weights is None:
+                weights = self._decoded[key] = _Weights(wire.decode(data, learner.spec)[0])
+        return weights
 
     def _held(self) -> dict:
         if not hasattr(self._local, "learners"):
@@ -91,6 +105,10 @@ class ThreadLearners:
             with self._building:
                 held[key] = LiteRTLearner(training_file.data, threads=self.litert_threads)
         return held[key]
+
+
+class _Weights(list):
+    """A list of arrays that a weak dictionary may hold."""
 
 
 Outcome = BaseException | None  # why an agent failed, or None once it finished
@@ -203,6 +221,7 @@ def process_facts() -> dict:
 def build_agents(settings: DeviceSettings, indices: Sequence[int], *, enrolment_secret: str | None = None) -> list[DeviceAgent]:
     """One agent per index, with its shard of one shared load and partition."""
     shards = device_shards(settings.dataset, settings.partition, settings.num_devices, settings.seed, indices)
+    load_dataset.cache_clear()  # the shards are copies: the whole training split need not stay
     profile = load_profile(settings.profile) if settings.profile else None
     started = time.monotonic()  # the profile's clock: its day starts with the host
     agents = []

@@ -65,6 +65,9 @@ class TinyLearners:
         self.built.append(training_file.batch_size)
         return TinyLearner(training_file.batch_size)
 
+    def decoded(self, sha256, data, learner):
+        return wire.decode(data, learner.spec)[0]
+
 
 CHECKPOINT = wire.encode(["w"], [np.ones(3, np.float32)])
 SHA = hashlib.sha256(CHECKPOINT).hexdigest()
@@ -449,3 +452,19 @@ def test_a_keras_device_builds_no_model_code_its_operator_did_not_give_it():
     litert = agent_with(ScriptedClient([foreign, FINISHED]), runtime="litert")
     drive(litert, TinyLearners())
     assert trusting.summary.rounds_trained == litert.summary.rounds_trained == 1
+
+
+def test_a_host_decodes_a_checkpoint_once_for_all_its_agents():
+    """A thousand agents trained on one checkpoint hold one copy of its weights."""
+    import gc
+
+    from device_sim.host import ThreadLearners
+
+    learners, learner = ThreadLearners("digits"), TinyLearner()
+    first = learners.decoded(SHA, CHECKPOINT, learner)
+    assert learners.decoded(SHA, CHECKPOINT, learner) is first and np.allclose(first[0], 1.0)
+    other = wire.encode(["w"], [np.full(3, 2.0, np.float32)])
+    assert learners.decoded(hashlib.sha256(other).hexdigest(), other, learner)[0][0] == 2.0
+    del first
+    gc.collect()
+    assert not learners._decoded  # kept only while an agent holds it

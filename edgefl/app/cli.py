@@ -162,12 +162,14 @@ def _devices(args) -> int:
 def check_partition(dataset: str, partition: str, num_devices: int, seed: int) -> None:
     """What every device host will compute (the data and its partition), computed once
     here, so that a bad file or spec fails in one line before anything starts."""
-    from edgefl.datasets import device_shards
+    from edgefl.datasets import device_shards, load_dataset
 
     try:
         device_shards(dataset, partition, num_devices, seed, indices=())
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    finally:
+        load_dataset.cache_clear()  # this process trains nothing: the data need not stay in its memory
 
 
 def check_runtime(flag: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from edgefl.app.demo import per_core  # noqa: E402
 from edgefl.app.launcher import federation  # noqa: E402
 from edgefl.config import RunConfig  # noqa: E402
 from edgefl.datasets import load_dataset  # noqa: E402
@@ -49,7 +50,7 @@ def run_edgefl(config: RunConfig, devices: int, partition_spec: str, data_seed: 
             partition=partition_spec,
             data_seed=data_seed,
             serve_flags=["--no-publish"],
-            device_flags=["--holdout", "0"],
+            device_flags=["--holdout", "0", "--per-process", str(per_core(devices))],  # as the demo runs them
         ) as fed:
             status = fed.follow(
                 lambda e: print(f"  edgefl round {e.round}: accuracy {e.accuracy:.4f}, {e.seconds:.2f}s", flush=True)

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from device_sim.host import SECRET_ENV, summary_path
@@ -36,7 +37,9 @@ def host_log(log_dir: Path, indices: range) -> Path:
     return log_dir / f"devices-{indices[0]:04d}-{indices[-1]:04d}.log"
 
 
-def spawn_host(settings: DeviceSettings, indices: range, log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn_host(
+    settings: DeviceSettings, indices: range, log_dir: Path, env: dict[str, str] | None = None, *, held: bool = False
+) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -48,14 +51,23 @@ def spawn_host(settings: DeviceSettings, indices: range, log_dir: Path, env: dic
         "--summary-dir",
         str(log_dir),
         *command_line(settings),
+        *(["--held"] if held else []),
     ]
-    return start_logged(command, host_log(log_dir, indices), env=env)
+    return start_logged(command, host_log(log_dir, indices), env=env, stdin=subprocess.PIPE if held else subprocess.DEVNULL)
 
 
 def host_ranges(first_index: int, count: int, per_process: int) -> list[range]:
     """Consecutive devices, ``per_process`` to a host (the last may hold fewer)."""
     end = first_index + count
     return [range(start, min(start + per_process, end)) for start in range(first_index, end, per_process)]
+
+
+def _release(host: subprocess.Popen) -> None:
+    try:
+        host.stdin.write(b"go\n")
+        host.stdin.close()
+    except OSError:  # it has died meanwhile: its devices are reported as exited
+        pass
 
 
 def _finished_line(index: int, s: dict) -> str:
@@ -78,10 +90,16 @@ def run_fleet(
     per_process: int = 1,
     out=sys.stdout,
     enrolment_secret: str | None = None,
+    checks: Callable[[], None] | None = None,
 ) -> int:
     """Start every host, wait for all, print one line per device (and why they
     stopped); 0 if every device succeeded. Ctrl-C or SIGTERM stops every host and
-    raises KeyboardInterrupt once they are gone."""
+    raises KeyboardInterrupt once they are gone.
+
+    With ``checks``, the hosts start held: they import, load and shard their data
+    while ``checks`` runs (waiting for the coordinator, say), and no device contacts
+    the coordinator until it has returned; if it raises, the hosts are stopped and the
+    exception goes on. A cold fleet's start-up then overlaps the coordinator's."""
     log_dir.mkdir(parents=True, exist_ok=True)
     ranges = host_ranges(first_index, count, per_process)
     for index in range(first_index, first_index + count):  # a summary left by an earlier fleet is not this one's
@@ -101,7 +119,11 @@ def run_fleet(
     interrupted = False
     try:
         for indices in ranges:
-            hosts[indices] = spawn_host(settings, indices, log_dir, env)
+            hosts[indices] = spawn_host(settings, indices, log_dir, env, held=checks is not None)
+        if checks is not None:
+            checks()
+            for process in hosts.values():
+                _release(process)
         hosted = f"{len(ranges)} process{'es' if len(ranges) > 1 else ''}"
         started = f"{count} devices in {hosted}" if per_process > 1 else f"{count} device processes"
         print(f"started {started} (logs in {log_dir})", file=out, flush=True)

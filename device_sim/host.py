@@ -49,7 +49,7 @@ from edgefl.learner import Learner
 log = logging.getLogger("edgefl.device")
 
 SECRET_ENV = "EDGEFL_ENROLMENT_SECRET"  # to the hosts, not on their command lines
-_MAX_POLL_THREADS = 256  # as many held check-ins as a coordinator's lobby holds (serve --lobby, default 256)
+_MAX_POLL_THREADS = 64  # held check-ins per host: enough for a round's cohort to wait in the coordinator's lobby
 _MAX_TRANSFER_THREADS = 8  # registrations, downloads and uploads
 
 
@@ -266,6 +266,12 @@ def host_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-index", type=int, required=True, help="index of this host's first device")
     parser.add_argument("--count", type=int, default=1, help="devices in this host: --first-index onwards")
     parser.add_argument("--summary-dir", type=Path, help="where each device's device-XXXX.json summary is written")
+    parser.add_argument(
+        "--held",
+        action="store_true",
+        help="get ready (imports, data, shards), then wait for a line 'go' on stdin before any device contacts the"
+        " coordinator (end of input: exit)",
+    )
     device_settings.add_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure()  # at the level the fleet was given, inherited
@@ -287,6 +293,8 @@ def host_main(argv: list[str] | None = None) -> int:
         log.error("device host: %s", exc)
         return 2
     imported_s = process_age_s()
+    if args.held and sys.stdin.readline().strip() != "go":  # the fleet's checks failed, or it was stopped
+        return 0
 
     def record(agent: DeviceAgent, outcome: Outcome) -> None:
         if isinstance(outcome, (CoordinatorUnreachable, ProtocolError)):

@@ -78,11 +78,13 @@ class CoordinatorClient:
         give_up_after_s: float = 120.0,
         rng: random.Random | None = None,
         transport: requests.adapters.BaseAdapter | None = None,
+        backoff_cap_s: float = _BACKOFF_CAP_S,
     ):
         """``transport`` carries the requests instead of requests' own (a simulated
         phone network, whose ``faults`` it counts)."""
         self.base_url = base_url.rstrip("/")
         self.give_up_after_s = give_up_after_s
+        self.backoff_cap_s = backoff_cap_s
         self.token: str | None = None
         self.device_id: str | None = None
         self.traffic = Traffic()
@@ -121,7 +123,7 @@ class CoordinatorClient:
                 raise CoordinatorUnreachable(
                     f"{method} {self.base_url}{path} failed for {self.give_up_after_s:.0f}s (last: {problem})"
                 )
-            backoff = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt) * self._rng.random()
+            backoff = min(self.backoff_cap_s, _BACKOFF_BASE_S * 2**attempt) * self._rng.random()
             pause = min(wait if wait is not None else backoff, max(0.0, deadline - time.monotonic()))
             log.debug("%s %s failed (%s); retrying in %.2fs", method, path, problem, pause)
             time.sleep(pause)

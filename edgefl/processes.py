@@ -45,13 +45,15 @@ def raise_on_sigterm() -> None:
 
 
 def start_logged(
-    command: list[str], log_path: Path, sig: int = signal.SIGTERM, env: dict[str, str] | None = None
+    command: list[str],
+    log_path: Path,
+    sig: int = signal.SIGTERM,
+    env: dict[str, str] | None = None,
+    stdin: int = subprocess.DEVNULL,
 ) -> subprocess.Popen:
-    """Start ``command`` orphan-proof, stdin closed, stdout and stderr appended to ``log_path``."""
+    """Start ``command`` orphan-proof, stdin closed (or a pipe), stdout and stderr appended to ``log_path``."""
     with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
-            orphan_proof(command, sig), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env
-        )
+        return subprocess.Popen(orphan_proof(command, sig), stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
 
 def stop_process(process: subprocess.Popen | None, timeout_s: float = 30) -> None:

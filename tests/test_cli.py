@@ -73,6 +73,26 @@ def test_unreachable_coordinator_is_one_line(command):
     assert_one_line_error(result, contains="unreachable")
 
 
+def test_devices_get_ready_while_the_coordinator_is_awaited_and_stop_if_it_never_answers(tmp_path):
+    """With --dataset given, the hosts start at once (held: nothing contacts the
+    coordinator) while the fleet waits for the coordinator; when it never answers, the
+    error is one line and no host is left behind."""
+    import time
+
+    import psutil
+
+    started = time.monotonic()
+    result = edgefl(
+        "devices", "--count", "2", "--dataset", "digits", "--log-dir", str(tmp_path), "--wait-for-coordinator", "3",
+        "--coordinator", closed_port_url(),
+    )  # fmt: skip
+    assert_one_line_error(result, contains="unreachable")
+    assert 3 <= time.monotonic() - started
+    assert (tmp_path / "device-0000.log").exists()  # the host had started
+    survivors = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not survivors
+
+
 @pytest.mark.parametrize(
     "url, says",
     [

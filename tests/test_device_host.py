@@ -268,7 +268,9 @@ def test_the_host_runs_many_waiting_agents_on_a_few_threads():
     host = DeviceHost(agents, dataset="digits", threads=2, learners=TinyLearners(), on_done=on_done)
     outcomes = host.run()
     assert outcomes == {i: None for i in range(200)} and len(done) == 200
-    assert host.training_threads == 2 and peak[0] <= host.training_threads + host.poll_threads + host.transfer_threads <= 26
+    assert host.training_threads == 2 and peak[0] <= host.training_threads + host.poll_threads + host.transfer_threads < len(
+        agents
+    )
     deadline = time.monotonic() + 10
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -256,12 +256,9 @@ def counting_server():
     thread.join()
 
 
-def test_lost_requests_and_lost_answers_are_recovered_by_the_clients_own_retries(counting_server, monkeypatch):
-    import edgefl.client as client_module
-
-    monkeypatch.setattr(client_module, "_BACKOFF_CAP_S", 0.01)
+def test_lost_requests_and_lost_answers_are_recovered_by_the_clients_own_retries(counting_server):
     network = flaky_or_none(Network(failure_rate=0.5), seed=0, index=1)
-    client = CoordinatorClient(counting_server, transport=network, give_up_after_s=30)
+    client = CoordinatorClient(counting_server, transport=network, give_up_after_s=30, backoff_cap_s=0.01)
     for _ in range(40):
         assert client.status().run is None
     faults = network.faults

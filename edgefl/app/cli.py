@@ -138,25 +138,26 @@ def _devices(args) -> int:
     if dataset_given:
         check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
     secret = _read_secret(args.enrolment_secret_file, "--enrolment-secret-file")
-    status = _check_reachable(args.coordinator)
-    if not dataset_given:
+
+    def check_the_run(settings) -> None:
+        """What the coordinator's run asks of these devices, checked before any of them contacts it."""
+        status = _check_reachable(args.coordinator, args.wait_for_coordinator)
         if status.run is not None:
-            try:
-                settings = replace(settings, dataset=status.run.config.dataset)
-            except ValueError as exc:  # the run's data is not on this host
-                raise CliError(f"the run's dataset: {exc}") from None
-        check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
+            check_model_given(status.run.config.model, settings)
+            check_trainable_on_litert(status.run.config.model, settings.dataset, settings.runtimes)
+
+    fleet = dict(first_index=args.first_index, count=args.count, per_process=args.per_process, enrolment_secret=secret)
+    if dataset_given:  # the hosts can get ready (imports, data) while the coordinator is asked, or starts
+        return run_fleet(settings, args.log_dir, checks=lambda: check_the_run(settings), **fleet)
+    status = _check_reachable(args.coordinator, args.wait_for_coordinator)
     if status.run is not None:
-        check_model_given(status.run.config.model, settings)
-        check_trainable_on_litert(status.run.config.model, settings.dataset, settings.runtimes)
-    return run_fleet(
-        settings,
-        args.log_dir,
-        first_index=args.first_index,
-        count=args.count,
-        per_process=args.per_process,
-        enrolment_secret=secret,
-    )
+        try:
+            settings = replace(settings, dataset=status.run.config.dataset)
+        except ValueError as exc:  # the run's data is not on this host
+            raise CliError(f"the run's dataset: {exc}") from None
+    check_partition(settings.dataset, settings.partition, num_devices, settings.seed)
+    check_the_run(settings)
+    return run_fleet(settings, args.log_dir, **fleet)
 
 
 def check_partition(dataset: str, partition: str, num_devices: int, seed: int) -> None:
@@ -182,11 +183,11 @@ def check_runtime(flag: str) -> None:
         raise CliError(str(exc)) from None
 
 
-def _check_reachable(url: str):
-    """The coordinator's status, or CoordinatorUnreachable."""
+def _check_reachable(url: str, wait_s: float = 5.0):
+    """The coordinator's status, asked every quarter second for up to ``wait_s``; else CoordinatorUnreachable."""
     from edgefl.client import CoordinatorClient
 
-    return CoordinatorClient(url, give_up_after_s=5).status()
+    return CoordinatorClient(url, give_up_after_s=wait_s, backoff_cap_s=0.25).status()
 
 
 def check_model_given(model: str, settings) -> None:

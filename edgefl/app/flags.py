@@ -229,6 +229,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         default=0,
         help="index of the first device in the population (default 0)",
     )
+    devices.add_argument(
+        "--wait-for-coordinator",
+        type=bounded(float, 0, 86_400),
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the coordinator to answer before giving up (default 5); meanwhile the device"
+        " hosts import their runtime and load their data when --dataset is given",
+    )
     devices.add_argument("--log-dir", type=Path, default=Path("runs/devices"), help="per-device logs (default runs/devices)")
     devices.add_argument(
         "--enrolment-secret-file", type=Path, help="file holding the coordinator's enrolment secret, if it has one"

@@ -9,6 +9,7 @@ parent (PR_SET_PDEATHSIG) and are stopped on leaving the context, whatever happe
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,13 @@ from edgefl.processes import start_logged, stop_process
 from edgefl.protocol import RoundSummary, RunStatus
 
 _SERVER_START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (the coordinator binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def edgefl_command(*args: str) -> list[str]:
@@ -90,16 +98,22 @@ def federation(
     serve_flags: Sequence[str] = (),
     device_flags: Sequence[str] = (),
 ) -> Iterator[Federation]:
-    """Start a coordinator on a free port (and ``count`` devices), stop them on exit."""
+    """Start a coordinator on a free port and ``count`` devices, stop them on exit. The
+    devices start with the coordinator, not after it: their hosts import and load
+    their data while it starts, and are let go once it answers (``edgefl devices
+    --wait-for-coordinator``), so a cold fleet's start-up is not added to round 1."""
     instance, logs = out / "coordinator", out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server = fleet = None
     try:
         server_log = logs / "coordinator.log"
+        url = f"http://127.0.0.1:{free_port()}"
         server = start_logged(
-            edgefl_command("serve", "--instance", str(instance), "--port", "0", *command_line(config), *serve_flags), server_log
+            edgefl_command(
+                "serve", "--instance", str(instance), "--port", url.rsplit(":", 1)[1], *command_line(config), *serve_flags
+            ),
+            server_log,
         )
-        url = wait_for_server(instance, server, server_log)
         if start_devices:
             from device_sim.settings import DeviceSettings
             from device_sim.settings import command_line as device_command_line
@@ -120,10 +134,14 @@ def federation(
                     *device_command_line(devices),
                     "--log-dir",
                     str(logs / "devices"),
+                    "--wait-for-coordinator",
+                    str(_SERVER_START_TIMEOUT_S),
                     *device_flags,  # after the settings: a flag given twice takes its last value
                 ),
                 logs / "devices.log",
             )
+        if wait_for_server(instance, server, server_log) != url:
+            raise RuntimeError(f"the coordinator is not at {url}; see {server_log}")
         yield Federation(url, server, fleet)
     finally:
         stop_process(fleet)

@@ -5,6 +5,7 @@ never each other."""
 from __future__ import annotations
 
 import json
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 
@@ -100,3 +101,32 @@ def build_coordinator(
 def administered(tmp_path, small_parts, config, db_url=None):
     """An app started with the admin token, and its round driver with a started run."""
     return build_coordinator(tmp_path / "instance", small_parts, config, db_url=db_url, admin=True)
+
+
+class FlakyCoordinator(BaseHTTPRequestHandler):
+    """Answers 503 (with Retry-After) until ``failures`` run out, then the real answer."""
+
+    failures = 0
+    calls = 0
+
+    def do_GET(self):
+        cls = type(self)
+        cls.calls += 1
+        if cls.failures > 0:
+            cls.failures -= 1
+            self.send_response(503)
+            self.send_header("Retry-After", "0.1")
+            self.end_headers()
+            return
+        if self.path == "/v1/status":
+            body, status = json.dumps({"run": None}).encode(), 200
+        else:
+            body, status = json.dumps({"error": "unknown_checkpoint", "detail": "No such checkpoint."}).encode(), 404
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass

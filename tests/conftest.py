@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
+from http.server import ThreadingHTTPServer
 
 import psutil
 import pytest
+
+from tests.api_helpers import FlakyCoordinator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -114,3 +118,15 @@ def open_round(client, driver):
     assert driver.step()  # opens round 1
     headers = register(client)
     return headers, take_task(client, headers)
+
+
+@pytest.fixture
+def flaky_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyCoordinator)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FlakyCoordinator.failures, FlakyCoordinator.calls = 3, 0
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()

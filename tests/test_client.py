@@ -2,55 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from edgefl.client import CoordinatorClient, CoordinatorUnreachable, ProtocolError
-
-
-class FlakyCoordinator(BaseHTTPRequestHandler):
-    """Answers 503 (with Retry-After) until ``failures`` run out, then the real answer."""
-
-    failures = 0
-    calls = 0
-
-    def do_GET(self):
-        cls = type(self)
-        cls.calls += 1
-        if cls.failures > 0:
-            cls.failures -= 1
-            self.send_response(503)
-            self.send_header("Retry-After", "0.1")
-            self.end_headers()
-            return
-        if self.path == "/v1/status":
-            body, status = json.dumps({"run": None}).encode(), 200
-        else:
-            body, status = json.dumps({"error": "unknown_checkpoint", "detail": "No such checkpoint."}).encode(), 404
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def flaky_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyCoordinator)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    FlakyCoordinator.failures, FlakyCoordinator.calls = 3, 0
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+from tests.api_helpers import FlakyCoordinator
 
 
 def test_5xx_is_retried_until_it_succeeds(flaky_server):

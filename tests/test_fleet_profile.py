@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -31,7 +29,8 @@ from device_sim.profile import (
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig
 from edgefl.protocol import RunStatus
-from tests.test_device_host import FINISHED, WAIT, ScriptedClient, TinyLearners, shard, task
+from tests.api_helpers import FlakyCoordinator
+from tests.device_helpers import FINISHED, WAIT, ScriptedClient, TinyLearners, shard, task
 
 # --- the profile --------------------------------------------------------------------
 
@@ -228,43 +227,16 @@ def test_a_slow_phone_on_a_thin_uplink_reports_later_by_its_own_factors(monkeypa
 # --- the flaky network under the real client ---------------------------------------
 
 
-class CountingCoordinator(BaseHTTPRequestHandler):
-    seen = 0
-
-    def do_GET(self):
-        type(self).seen += 1
-        body = b'{"run": null}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def counting_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CountingCoordinator)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    CountingCoordinator.seen = 0
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
-def test_lost_requests_and_lost_answers_are_recovered_by_the_clients_own_retries(counting_server):
+def test_lost_requests_and_lost_answers_are_recovered_by_the_clients_own_retries(flaky_server):
+    FlakyCoordinator.failures = 0  # the server answers every request it gets
     network = flaky_or_none(Network(failure_rate=0.5), seed=0, index=1)
-    client = CoordinatorClient(counting_server, transport=network, give_up_after_s=30, backoff_cap_s=0.01)
+    client = CoordinatorClient(flaky_server, transport=network, give_up_after_s=30, backoff_cap_s=0.01)
     for _ in range(40):
         assert client.status().run is None
     faults = network.faults
     assert faults["lost_requests"] > 5 and faults["lost_answers"] > 5
     # The coordinator saw every request that was not lost on the way, answered or not.
-    assert CountingCoordinator.seen == 40 + faults["lost_answers"]
+    assert FlakyCoordinator.calls == 40 + faults["lost_answers"]
     assert client.network_faults == sum(faults.values())
 
 

@@ -301,24 +301,43 @@ def run_flower(config: RunConfig, args) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Accuracy and seconds per round, edgefl against Flower; and what the phone runs
+    completed in their time budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, sec) = plt.subplots(1, 2, figsize=(11, 4))
+    phone = result.get("phone", {})
+    fig, axes = plt.subplots(1, 3 if phone else 2, figsize=(16 if phone else 11, 4))
+    acc, sec = axes[0], axes[1]
     for name, run in (("edgefl", result["edgefl"]), ("Flower simulation", result.get("flower"))):
         if not run:
             continue
         rounds = range(1, len(run["accuracy"]) + 1)
         acc.plot(rounds, run["accuracy"], marker="o", label=name)
         sec.plot(rounds, run["round_seconds"], marker="o", label=name)
-    for name, run in result.get("phone", {}).items():
-        sec.plot(range(1, len(run["round_seconds"]) + 1), run["round_seconds"], linestyle="--", label=f"edgefl, {name}")
-    acc.set(title="Test accuracy (1,000 devices, cohort 100)", xlabel="round", ylabel="accuracy")
-    sec.set(title="Seconds per round", xlabel="round", ylabel="seconds", yscale="log")
+    devices = result["workload"]["devices"]
+    acc.set(
+        title=f"Test accuracy ({devices:,} devices, cohort {result['workload']['target_reports']})",
+        xlabel="round",
+        ylabel="accuracy",
+    )
+    sec.set(title="Seconds per round", xlabel="round", ylabel="seconds", ylim=(0, None))
     acc.legend()
-    sec.legend(fontsize=8)
+    sec.legend()
+    if phone:
+        bars = axes[2]
+        names = list(phone)
+        labels = [n.replace("30% dropout, ", "30% dropout\n") for n in names]
+        committed = [phone[n]["rounds_completed"] for n in names]
+        abandoned = [phone[n]["rounds_abandoned"] for n in names]
+        bars.bar(labels, committed, label="committed")
+        bars.bar(labels, abandoned, bottom=committed, label="abandoned")
+        budget = result["workload"].get("phone_seconds")
+        bars.set(title=f"Rounds in {budget:.0f} s with phones" if budget else "Rounds with phones", ylabel="rounds")
+        bars.tick_params(axis="x", labelsize=8)
+        bars.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -350,7 +369,13 @@ def main() -> int:
     )
 
     result: dict = {
-        "workload": {**json.loads(config.to_json()), "devices": args.devices, "per_process": args.per_process},
+        "workload": {
+            **json.loads(config.to_json()),
+            "devices": args.devices,
+            "per_process": args.per_process,
+            "threads": args.threads,
+            "phone_seconds": args.phone_seconds,
+        },
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
     print("edgefl (coordinator + device hosts):", flush=True)

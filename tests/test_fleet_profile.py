@@ -252,3 +252,38 @@ def test_a_profile_without_network_faults_leaves_requests_alone():
     assert flaky_or_none(Network(), 0, 0) is None
     assert flaky_or_none(Network(slow_rate=0.5, slow_s=0), 0, 0) is None
     assert isinstance(flaky_or_none(Network(slow_rate=0.5, slow_s=1), 0, 0), FlakyNetwork)
+
+
+# --- a fleet of phones against a live coordinator -----------------------------------
+
+
+@pytest.mark.e2e
+def test_a_fleet_of_phones_finishes_its_run_through_dropouts_lost_requests_and_idle_devices(tmp_path):
+    """200 devices in one host, on a profile with a 40-second day, dropout, a lossy and
+    slow network and thin uplinks. Over-selection and the deadline carry the rounds; every
+    device ends knowing the run is over (the idle ones through their status checks), and
+    nothing is left running."""
+    from edgefl.app.launcher import federation
+    from tests.processes import assert_all_gone, descendant_pids
+
+    profile = tmp_path / "phones.toml"
+    profile.write_text(
+        "[availability]\nday_s = 40\npeak = 0.9\ntrough = 0.3\n[dropout]\nrate = 0.2\n"
+        "[network]\nfailure_rate = 0.05\nslow_rate = 0.05\nslow_s = 0.2\n[upload]\nkbps_median = 4000\nkbps_sigma = 0.5\n"
+    )
+    config = RunConfig(
+        model="cnn_small", rounds=3, target_reports=20, min_reports=10, over_selection=1.5, round_timeout_s=20, client_lr=0.1
+    )
+    before = descendant_pids()
+    seen: dict[int, str] = {}
+    flags = ["--per-process", "200", "--profile", str(profile)]
+    with federation(tmp_path, config, count=200, partition="iid", data_seed=0, device_flags=flags) as fed:
+        status = fed.follow(lambda _entry: seen.update(descendant_pids(before)), timeout_s=600)
+        seen.update(descendant_pids(before))
+        assert fed.fleet.wait(timeout=120) == 0, (tmp_path / "logs" / "devices.log").read_text()[-3000:]
+    assert_all_gone(seen)
+    assert len(status.history) == 3 and all(h.reported >= config.min_reports for h in status.history)
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "logs" / "devices").glob("device-*.json")]
+    assert len(summaries) == 200 and all(s["stopped_because"] == "run_finished" for s in summaries)
+    assert sum(s["dropouts"] for s in summaries) > 0 and sum(s["network_faults"] for s in summaries) > 0
+    assert sum(s["rounds_trained"] for s in summaries) >= sum(h.reported for h in status.history)

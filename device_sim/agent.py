@@ -21,6 +21,11 @@ on its own data, by the same runtime). The coordinator aggregates the reports pe
 The task names the codec the update is encoded with (``edgefl.codecs``). In a secure
 round the device quantizes its update as TFF's ``SecureSumFactory`` would and takes part
 in SecAgg+ instead of uploading (``SecureSession``): the coordinator sees only masks.
+
+With a fleet profile (``device_sim.profile``) the agent behaves as its phone would: it
+checks in only while eligible (``IDLE`` otherwise), may drop out of a round it was
+selected for, computes more slowly and uploads at its uplink's pace; its host's
+network under the client may lose or slow its requests (``device_sim.network``).
 """
 
 from __future__ import annotations
@@ -246,7 +251,7 @@ class DeviceAgent:
                 f" only the model its operator gives it (--model {answer.task.model}), as building one runs its code",
             )
         if answer.task.round_id == self._left_round:  # back before the round it left is over: not its round any more
-            return now + max(_BAD_ANSWER_RETRY_S, answer.task.seconds_left)
+            return now + max(1.0, answer.task.seconds_left)
         self._task = answer.task
         self._times = {"task": time.monotonic()}
         training_file = self._training_file

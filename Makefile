@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/hostile.py
+	$(BIN)/python benchmarks/fleet.py
 
 # Re-resolve requirements.txt from requirements.in (see the overrides there).
 lock:
@@ -60,4 +61,4 @@ lock:
 	$(BIN)/uv pip compile requirements.in --override overrides.txt --python-version 3.11 --python-platform x86_64-manylinux_2_31 -o requirements.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .flower-venv runs .pytest_cache

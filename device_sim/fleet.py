@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from device_sim.host import SECRET_ENV, summary_path
+from device_sim.profile import describe, load_profile
 from device_sim.settings import DeviceSettings, command_line
 from edgefl.processes import start_logged, stop_process
 
@@ -126,7 +127,8 @@ def run_fleet(
                 _release(process)
         hosted = f"{len(ranges)} process{'es' if len(ranges) > 1 else ''}"
         started = f"{count} devices in {hosted}" if per_process > 1 else f"{count} device processes"
-        print(f"started {started} (logs in {log_dir})", file=out, flush=True)
+        behaving = f"; behaving as the profile says: {describe(load_profile(settings.profile))}" if settings.profile else ""
+        print(f"started {started} (logs in {log_dir}){behaving}", file=out, flush=True)
         pending = {index: indices for indices in ranges for index in indices}
         while pending:
             for index, indices in list(pending.items()):

@@ -103,7 +103,11 @@ def _table(cls: type, values: object, where: str) -> object:
         kind, rule = declarations[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProfileError(f"{where}.{key} must be a number")
-        if problem := rule.problem(float(value)):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past what a float holds
+            number = math.inf
+        if problem := rule.problem(number):
             raise ProfileError(f"{where}.{key} {problem}")
         checked[key] = kind(value)
     return cls(**checked)

@@ -57,6 +57,7 @@ def test_a_profile_says_only_what_it_changes_and_the_shipped_phone_turns_everyth
         ("[availability]\npeak = 0.2\ntrough = 0.5\n", "trough must not exceed availability.peak"),
         ("[availability]\nday_s = 0\n", "availability.day_s must be above 0"),
         ("[network]\nslow_s = nan\n", "network.slow_s must be a finite number"),
+        ("[network]\nslow_s = " + "9" * 400 + "\n", "network.slow_s must be a finite number"),
         ("[dropout\nrate = 0.1\n", "is not TOML"),
     ],
 )
@@ -287,3 +288,6 @@ def test_a_fleet_of_phones_finishes_its_run_through_dropouts_lost_requests_and_i
     assert len(summaries) == 200 and all(s["stopped_because"] == "run_finished" for s in summaries)
     assert sum(s["dropouts"] for s in summaries) > 0 and sum(s["network_faults"] for s in summaries) > 0
     assert sum(s["rounds_trained"] for s in summaries) >= sum(h.reported for h in status.history)
+    printed = (tmp_path / "logs" / "devices.log").read_text()
+    assert "behaving as the profile says: availability.day_s=40, availability.peak=0.9" in printed
+    assert " dropouts" in printed and " network faults" in printed

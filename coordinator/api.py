@@ -49,6 +49,10 @@ def get_db() -> Connection:
 
 @bp.teardown_app_request
 def _close_db(_exc) -> None:
+    _release_db()
+
+
+def _release_db() -> None:
     db = g.pop("db", None)
     if db is not None:
         db.close()
@@ -124,6 +128,7 @@ def checkin():
     require_run(db)
 
     def ask() -> CheckinAnswer:
+        db = get_db()
         with get_store().reading(db):
             answer = rounds.checkin(db, device_id, time.time(), rng, may_assign=False)
         if answer is None:  # to be selected: again under the write lock (the cohort may have filled)
@@ -138,20 +143,23 @@ def checkin():
         try:
             seen = lobby.enter(device_id)  # None: this device is held already; answered at once
             if seen is not None:
-                held_since = time.monotonic()
+                held = 0.0
                 try:
-                    deadline = held_since + _LONG_POLL_S
+                    deadline = time.monotonic() + _LONG_POLL_S
                     while answer.wanted_next and not lobby.closed and time.monotonic() < deadline:
+                        _release_db()  # a held check-in keeps no database connection (PostgreSQL has few)
+                        waited_since = time.monotonic()
                         seen = lobby.wait(seen, timeout=min(_RECHECK_S, deadline - time.monotonic()))
+                        held += time.monotonic() - waited_since
                         answer = ask()
                 finally:
                     lobby.leave(device_id)
-                answer.held_s = round(time.monotonic() - held_since, 3)
+                answer.held_s = round(held, 3)  # the waiting alone: the rest of the latency is service
         finally:
             slots.release()
     if answer.status == "wait":  # spread over the population, so that the fleet does not come back all at once
-        held = len(current_app.extensions["edgefl.lobby"].waiting())
-        outside = current_app.extensions["edgefl.population"].count(db) - held
+        in_lobby = len(current_app.extensions["edgefl.lobby"].waiting())
+        outside = current_app.extensions["edgefl.population"].count(get_db()) - in_lobby
         answer.retry_after = pace.steered_retry_s(
             answer.retry_after, outside=outside, checkins_per_s=current_app.config["CHECKIN_RATE"], rng=rng
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -113,32 +114,41 @@ _CACHE_BYTES = 256 * 1024 * 1024
 
 
 class DatabaseBlobs:
-    """Blobs as rows of a ``blobs`` table in the store's database, read through a cache
-    of recent ones (a blob never changes, so a cached copy is never stale: a cohort of
-    devices downloading one checkpoint reads it from the database once). ``legacy`` is
+    """Blobs as rows of a ``blobs`` table in the store's database, on a few pooled
+    connections, read through a cache of recent ones (a blob never changes, so a cached
+    copy is never stale: a cohort downloading one checkpoint mostly reads the cache). ``legacy`` is
     an instance's blob directory from before blobs moved into the database: still read,
     never written."""
 
-    def __init__(self, database, legacy: Path | None = None, cache_bytes: int = _CACHE_BYTES):
+    def __init__(self, database, legacy: Path | None = None, cache_bytes: int = _CACHE_BYTES, connections: int = 4):
         self.database = database
         self.legacy = FileBlobs(legacy) if legacy is not None and legacy.is_dir() else None
-        self._local = threading.local()
+        self._idle: queue.LifoQueue = queue.LifoQueue()  # open connections not in use
+        self._slots = threading.BoundedSemaphore(connections)  # at most this many, whatever the thread count
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_bytes, self._cached = cache_bytes, 0
         self._lock = threading.Lock()
 
-    def _execute(self, sql: str, params=()):
-        """On this thread's own connection (autocommit), opened again once if it broke."""
-        for attempt in (0, 1):
-            db = getattr(self._local, "db", None)
-            try:
-                if db is None:
-                    db = self._local.db = self.database.connect()
-                return db.execute(sql, params)
-            except self.database.errors:
-                self._local.db = None
-                if attempt:
-                    raise
+    def _rows(self, sql: str, params=()) -> list:
+        """The statement's rows (autocommit), on one of a few pooled connections; a
+        connection that broke is dropped and the statement tried once more on a new one."""
+        with self._slots:
+            for attempt in (0, 1):
+                try:
+                    db = self._idle.get_nowait()
+                except queue.Empty:
+                    db = self.database.connect()
+                try:
+                    cursor = db.execute(sql, params)
+                    rows = cursor.fetchall() if cursor.description else []
+                except self.database.errors:
+                    db.close()
+                    if attempt:
+                        raise
+                    continue
+                self._idle.put(db)
+                return rows
+        raise AssertionError("unreachable")
 
     def _remember(self, sha256: str, data: bytes) -> None:
         if len(data) > self._cache_bytes // 8:
@@ -158,11 +168,11 @@ class DatabaseBlobs:
 
     def put(self, data: bytes) -> str:
         sha256 = hashlib.sha256(data).hexdigest()
-        self._execute("INSERT INTO blobs (sha256, data) VALUES (?, ?) ON CONFLICT (sha256) DO NOTHING", (sha256, data))
+        self._rows("INSERT INTO blobs (sha256, data) VALUES (?, ?) ON CONFLICT (sha256) DO NOTHING", (sha256, data))
         return sha256
 
     def exists(self, sha256: str) -> bool:
-        found = self._execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)).fetchone() is not None
+        found = bool(self._rows("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)))
         return found or (self.legacy is not None and self.legacy.exists(sha256))
 
     def get(self, sha256: str) -> bytes:
@@ -170,12 +180,12 @@ class DatabaseBlobs:
             cached = self._cache.get(sha256)
         if cached is not None:
             return cached
-        row = self._execute("SELECT data FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
-        if row is None:
+        rows = self._rows("SELECT data FROM blobs WHERE sha256 = ?", (sha256,))
+        if not rows:
             if self.legacy is not None and self.legacy.exists(sha256):
                 return self.legacy.get(sha256)
             raise FileNotFoundError(f"no blob {sha256}")
-        data = bytes(row[0])
+        data = bytes(rows[0][0])
         self._remember(sha256, data)
         return data
 
@@ -191,7 +201,7 @@ class DatabaseBlobs:
 
     def delete(self, sha256: str) -> None:
         self._forget(sha256)
-        self._execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+        self._rows("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
         if self.legacy is not None:
             self.legacy.delete(sha256)
 
@@ -208,5 +218,5 @@ class DatabaseBlobs:
             self.legacy.remove_stale_temporaries()
 
     def names(self) -> set[str]:
-        names = {row[0] for row in self._execute("SELECT sha256 FROM blobs").fetchall()}
+        names = {row[0] for row in self._rows("SELECT sha256 FROM blobs")}
         return names | (self.legacy.names() if self.legacy is not None else set())

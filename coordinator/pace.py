@@ -19,14 +19,16 @@ import threading
 import time
 
 _POPULATION_TTL_S = 5.0
+MAX_STEERED_S = 300.0  # however many devices registered (strangers can register thousands), none waits longer
 
 
 def steered_retry_s(own_s: float, *, outside: int, checkins_per_s: float, rng: random.Random) -> float:
     """The later of the wait the round's state asks for (``own_s``, already jittered)
     and a draw whose mean spreads ``outside`` devices' next check-ins over
-    ``outside / checkins_per_s`` seconds (uniform in half to one and a half of it)."""
-    spread_s = max(0, outside) / checkins_per_s
-    return round(max(own_s, spread_s * (0.5 + rng.random())), 3)
+    ``outside / checkins_per_s`` seconds (uniform in half to one and a half of it),
+    at most ``MAX_STEERED_S``."""
+    spread_s = min(max(0, outside) / checkins_per_s, MAX_STEERED_S)
+    return round(max(own_s, min(spread_s * (0.5 + rng.random()), MAX_STEERED_S)), 3)
 
 
 class Population:

@@ -56,6 +56,7 @@ log = logging.getLogger("edgefl.device")
 _NO_TRAINING_FILE_RETRY_S = 1.0  # the coordinator is still building the file for the run's batch size
 _BAD_ANSWER_RETRY_S = 5.0  # an answer this device cannot read
 _IDLE_CHECK_S = 30.0  # how often an ineligible device's app asks whether the run is over
+_LEFT_ROUND_RETRY_S = 5.0  # a device that dropped out looks again this often until its round is over
 
 
 class State(StrEnum):
@@ -77,7 +78,7 @@ class State(StrEnum):
         queue behind held check-ins, or a round would wait for its own uploads."""
         if self is State.TRAIN:
             return "train"
-        return "poll" if self is State.CHECK_IN else "transfer"
+        return "poll" if self in (State.CHECK_IN, State.IDLE) else "transfer"
 
 
 class Learners(Protocol):
@@ -213,14 +214,20 @@ class DeviceAgent:
 
     def _drop_out(self, now: float, why: str) -> float:
         """Leave the current round without reporting, as a phone taken off its charger
-        does, and stay away until the round's deadline (its seat stays taken: checking in
-        again would hand it the same task)."""
+        does. Its seat stays taken, so until that round is over a check-in would hand it
+        the same task: it declines it (``_left_round``)."""
         task = self._task
         log.info("device %d: drops out of round %d (%s)", self.index, task.round_number, why)
         self.summary.dropouts += 1
         self._left_round = task.round_id
+        if self._checkpoint is not None and self._checkpoint[2] is None:  # never decoded: not worth its bytes
+            self._checkpoint = None
         self._session, self._upload_body, self.state = None, None, State.CHECK_IN
-        return now + task.seconds_left - (time.monotonic() - self._times["task"])
+        return now + min(_LEFT_ROUND_RETRY_S, self._round_left_s())
+
+    def _round_left_s(self) -> float:
+        """Seconds until the current task's round deadline, on this device's clock."""
+        return max(0.0, self._task.seconds_left - (time.monotonic() - self._times["task"]))
 
     def _check_in(self, now: float, _learners: Learners) -> float | None:
         if not self._eligible(now):
@@ -251,7 +258,7 @@ class DeviceAgent:
                 f" only the model its operator gives it (--model {answer.task.model}), as building one runs its code",
             )
         if answer.task.round_id == self._left_round:  # back before the round it left is over: not its round any more
-            return now + max(1.0, answer.task.seconds_left)
+            return now + min(_LEFT_ROUND_RETRY_S, max(1.0, answer.task.seconds_left))
         self._task = answer.task
         self._times = {"task": time.monotonic()}
         training_file = self._training_file
@@ -315,8 +322,8 @@ class DeviceAgent:
             seed=hash((self.seed, self.index, task.round_id)) & 0xFFFFFFFF,
         )
         self._times["trained"] = time.monotonic()
-        if self.behaviour is not None:  # a slower phone would still be computing
-            now += self.behaviour.extra_compute_s(self._times["trained"] - self._times["downloaded"])
+        if self.behaviour is not None:  # a slower phone would still be computing (past the deadline, it is late anyway)
+            now += min(self.behaviour.extra_compute_s(self._times["trained"] - self._times["downloaded"]), self._round_left_s())
         if task.secure is not None:  # TFF's client step on the device; the rest is SecAgg+'s
             bounds = task.secure
             leaves = secure_mean_inputs(learner.names, result.delta, result.num_examples, bounds.value_bound, bounds.weight_bound)
@@ -331,7 +338,8 @@ class DeviceAgent:
             np.random.default_rng([self.seed, self.index, task.round_id]),  # stochastic rounding's draws
         )
         self.state = State.UPLOAD
-        return now + (self.behaviour.upload_s(len(self._upload_body)) if self.behaviour else 0.0)  # its uplink's pace
+        uplink_s = self.behaviour.upload_s(len(self._upload_body)) if self.behaviour else 0.0
+        return now + min(uplink_s, self._round_left_s())  # its uplink's pace, the deadline at most
 
     def _secure(self, now: float, _learners: Learners) -> float:
         """One move in a secure round: send the keys, else look at the round's phase and

@@ -45,11 +45,12 @@ from edgefl import logs, wire
 from edgefl.client import CoordinatorClient, CoordinatorUnreachable, ProtocolError, TrainingModel
 from edgefl.datasets import device_shards, load_dataset
 from edgefl.learner import Learner
+from edgefl.models import DataShape
 
 log = logging.getLogger("edgefl.device")
 
 SECRET_ENV = "EDGEFL_ENROLMENT_SECRET"  # to the hosts, not on their command lines
-_MAX_POLL_THREADS = 64  # held check-ins per host: enough for a round's cohort to wait in the coordinator's lobby
+_MAX_POLL_THREADS = 128  # check-ins a host may have held at once: a cohort of 100 can wait in the lobby
 _MAX_TRANSFER_THREADS = 8  # registrations, downloads and uploads
 
 
@@ -221,6 +222,7 @@ def process_facts() -> dict:
 def build_agents(settings: DeviceSettings, indices: Sequence[int], *, enrolment_secret: str | None = None) -> list[DeviceAgent]:
     """One agent per index, with its shard of one shared load and partition."""
     shards = device_shards(settings.dataset, settings.partition, settings.num_devices, settings.seed, indices)
+    DataShape.of(settings.dataset)  # what a Keras model is built for, remembered before the data goes
     load_dataset.cache_clear()  # the shards are copies: the whole training split need not stay
     profile = load_profile(settings.profile) if settings.profile else None
     started = time.monotonic()  # the profile's clock: its day starts with the host

@@ -51,11 +51,17 @@ class DataShape:
     @classmethod
     def of(cls, dataset: str) -> DataShape:
         """The shape of a dataset reference's examples (from its test split, which the
-        coordinator loads anyway)."""
-        from edgefl.datasets import load_dataset
+        coordinator loads anyway); remembered, so a device host that let go of its data
+        does not read it again to build a model."""
+        return _data_shape(dataset)
 
-        data = load_dataset(dataset)
-        return cls(tuple(int(d) for d in data.test.x.shape[1:]), int(data.num_classes))
+
+@cache
+def _data_shape(dataset: str) -> DataShape:
+    from edgefl.datasets import load_dataset
+
+    data = load_dataset(dataset)
+    return DataShape(tuple(int(d) for d in data.test.x.shape[1:]), int(data.num_classes))
 
 
 def _cnn(tf, shape: DataShape):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,11 @@ def stop_process(process: subprocess.Popen | None, timeout_s: float = 30) -> Non
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a process that binds it a moment later (another
+    may take it meanwhile: the process then fails to start, and says so)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -9,8 +9,6 @@ from http.server import ThreadingHTTPServer
 import psutil
 import pytest
 
-from tests.api_helpers import FlakyCoordinator
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -122,6 +120,8 @@ def open_round(client, driver):
 
 @pytest.fixture
 def flaky_server():
+    from tests.api_helpers import FlakyCoordinator  # here: importing it imports TensorFlow, after the settings above
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyCoordinator)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -180,14 +180,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     serve.add_argument(
         "--lobby",
-        type=bounded(int, 0, 100_000),
+        type=bounded(int, 0, 4096),
         default=DEFAULT_LOBBY,
         help=f"check-ins a worker process may hold until the next round opens, each on a thread of its own; the next"
         f" round's cohort is chosen from them (default {DEFAULT_LOBBY})",
     )
     serve.add_argument(
         "--checkin-rate",
-        type=bounded(float, 0, 1e6, above_low=True),
+        type=bounded(float, 0.1, 1e6),
         default=DEFAULT_CHECKIN_RATE,
         help=f"pace steering: devices not held are told to come back so that they check in at about this many per"
         f" second in all (default {DEFAULT_CHECKIN_RATE:g})",

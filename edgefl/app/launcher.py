@@ -9,7 +9,6 @@ parent (PR_SET_PDEATHSIG) and are stopped on leaving the context, whatever happe
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,10 @@ from pathlib import Path
 
 from edgefl.client import CoordinatorClient
 from edgefl.config import RunConfig, command_line
-from edgefl.processes import start_logged, stop_process
+from edgefl.processes import free_port, start_logged, stop_process
 from edgefl.protocol import RoundSummary, RunStatus
 
 _SERVER_START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (the coordinator binds it a moment later)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def edgefl_command(*args: str) -> list[str]:

@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import atexit
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-from edgefl.processes import orphan_proof, stop_process
+from edgefl.processes import free_port, orphan_proof, stop_process
 
 _STARTUP_TIMEOUT_S = 60.0
 _GRPC_MAX_MESSAGE_BYTES = 2_000_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def worker_binary_path() -> Path:
@@ -66,7 +59,7 @@ class TffRuntime:
         import grpc
         import tensorflow_federated as tff
 
-        port = _free_port()
+        port = free_port()
         log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         try:
             self._process = subprocess.Popen(

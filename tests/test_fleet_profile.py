@@ -188,7 +188,7 @@ def test_a_device_that_drops_out_never_reports_and_comes_back_for_the_next_round
     assert agent.summary.dropouts == 1 and agent.summary.rounds_trained == 1
     assert states.count(State.TRAIN) == 2 and states.count(State.UPLOAD) == 1
     dropped_at = states.index(State.TRAIN)
-    assert waits[dropped_at] == pytest.approx(60, abs=1)  # away until the round it left is over (its seconds_left)
+    assert waits[dropped_at] == pytest.approx(5, abs=0.5)  # it looks again every 5 s until the round it left is over
 
 
 def test_a_device_back_before_the_round_it_left_is_over_does_not_take_it_again():

@@ -128,6 +128,7 @@ class DatabaseBlobs:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_bytes, self._cached = cache_bytes, 0
         self._lock = threading.Lock()
+        self._reading: dict[str, threading.Lock] = {}  # the blobs being read, one reader each
 
     def _rows(self, sql: str, params=()) -> list:
         """The statement's rows (autocommit), on one of a few pooled connections; a
@@ -178,8 +179,21 @@ class DatabaseBlobs:
     def get(self, sha256: str) -> bytes:
         with self._lock:
             cached = self._cache.get(sha256)
+            reading = self._reading.setdefault(sha256, threading.Lock()) if cached is None else None
         if cached is not None:
             return cached
+        with reading:  # one read per blob at a time: a cohort missing the cache together waits for it
+            with self._lock:
+                cached = self._cache.get(sha256)
+            if cached is not None:
+                return cached
+            try:
+                return self._read(sha256)
+            finally:
+                with self._lock:
+                    self._reading.pop(sha256, None)
+
+    def _read(self, sha256: str) -> bytes:
         rows = self._rows("SELECT data FROM blobs WHERE sha256 = ?", (sha256,))
         if not rows:
             if self.legacy is not None and self.legacy.exists(sha256):

@@ -34,8 +34,11 @@ def _tff_context_in_this_thread(request):
 
 
 @pytest.fixture(scope="session")
-def small_parts():
-    """A Keras learner and TFF server for cnn_small, traced once per session."""
+def small_parts(tff_runtime):
+    """A Keras learner and TFF server for cnn_small, traced once per session. With the
+    session's runtime installed first: were TFF's own default context used, it would
+    start a worker_binary of its own, and replacing that context later waits for that
+    worker to exit on SIGINT, which it may never do (a whole test run hung there)."""
     from coordinator.aggregation import FedAvgServer
     from edgefl.models import model_spec
     from edgefl.training import KerasLearner
